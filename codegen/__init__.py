@@ -1,0 +1,1 @@
+"""Code generation: IR -> kernel plan -> rendered Triton source -> cached, loaded modules."""

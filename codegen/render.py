@@ -1,0 +1,40 @@
+"""Render kernel templates with jinja2 (StrictUndefined: a missing variable is a bug, not a blank)."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jinja2
+
+
+def templates_dir() -> Path:
+    """The kernel templates, whether installed (``codegen.templates``) or in the source tree."""
+    try:
+        from importlib.resources import files
+        p = Path(str(files("codegen.templates")))
+        if any(p.glob("*.py.j2")):
+            return p
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parent.parent / "templates"
+
+
+@functools.lru_cache(maxsize=1)
+def environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def template_source(name: str) -> str:
+    return (templates_dir() / name).read_text()
+
+
+def render(name: str, **variables) -> str:
+    """Render ``templates/<name>`` (e.g. ``"window.py.j2"``) with validated variables."""
+    return environment().get_template(name).render(**variables)
