@@ -1,0 +1,136 @@
+"""Lower a checked Spec, bound to tensor shapes, to a kernel plan.
+
+A plan is data: which kernel families run, for which branch, with which
+compile-time constants. Rendering (codegen.render) and caching
+(codegen.cache) consume it; nothing here touches torch or triton.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from nsa_dsl.errors import SpecError
+from nsa_dsl.ir import Compress, Select, Spec, Window
+
+GENERATOR_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class Binding:
+    """The tensor shapes a spec is specialised for (Triton constexprs)."""
+    heads: int
+    kv_heads: int
+    qk_dim: int
+    v_dim: int
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """One rendered module: a kernel family specialised for one branch."""
+    name: str                                  # e.g. "compress_cmp": unique in a plan
+    branch: str                                # branch name, or "output"
+    family: str                                # compress | topk | select | window | combine
+    variables: tuple[tuple[str, object], ...]  # template variables, sorted
+
+    @property
+    def template(self) -> str:
+        return f"{self.family}.py.j2"
+
+    def vars(self) -> dict:
+        return dict(self.variables)
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: Spec
+    binding: Binding
+    kernels: tuple[KernelPlan, ...]
+
+    def kernel(self, name: str) -> KernelPlan:
+        for k in self.kernels:
+            if k.name == name:
+                return k
+        raise KeyError(name)
+
+    def canonical(self) -> str:
+        """Stable text of everything that determines the generated code."""
+        return json.dumps({
+            "generator": GENERATOR_VERSION,
+            "spec": self.spec.canonical(),
+            "binding": [self.binding.heads, self.binding.kv_heads,
+                        self.binding.qk_dim, self.binding.v_dim],
+            "kernels": [[k.name, k.family, [list(v) for v in k.variables]] for k in self.kernels],
+        }, sort_keys=True)
+
+    def describe(self) -> str:
+        b = self.binding
+        lines = [f"plan for {self.spec.name}: heads={b.heads} kv_heads={b.kv_heads} "
+                 f"(G={b.group}) qk_dim={b.qk_dim} v_dim={b.v_dim}"]
+        for k in self.kernels:
+            args = ", ".join(f"{n}={v}" for n, v in k.variables)
+            lines.append(f"  {k.name:<20} {k.template:<16} {args}")
+        return "\n".join(lines)
+
+
+def _kernel(name, branch, family, **variables) -> KernelPlan:
+    return KernelPlan(name, branch, family, tuple(sorted(variables.items())))
+
+
+def bind(spec: Spec, heads: int, kv_heads: int, qk_dim: int, v_dim: int) -> Binding:
+    """Check call-time shapes against the spec's declared fields and the kernels' limits."""
+    declared = {"heads": spec.heads, "kv_heads": spec.kv_heads,
+                "qk_dim": spec.qk_dim, "v_dim": spec.v_dim}
+    actual = {"heads": heads, "kv_heads": kv_heads, "qk_dim": qk_dim, "v_dim": v_dim}
+    for field, want in declared.items():
+        if want is not None and want != actual[field]:
+            raise SpecError("E602", f"spec '{spec.name}' declares {field} = {want}, "
+                            f"but the tensors have {field} = {actual[field]}",
+                            hint="pass tensors of the declared shape, or drop the field "
+                                 "from the spec to bind it at the first call")
+    if kv_heads < 1 or heads % kv_heads != 0:
+        raise SpecError("E603", f"query heads ({heads}) must be a multiple of kv heads ({kv_heads})",
+                        hint="q is [B, T, HQ, D] and k, v are [B, T, H, D] with HQ % H == 0")
+    if not 1 <= heads // kv_heads <= 64:
+        raise SpecError("E604", f"{heads // kv_heads} query heads per kv head; kernels support 1 to 64",
+                        hint="use more kv heads")
+    for field in ("qk_dim", "v_dim"):
+        d = actual[field]
+        if d % 16 or not 16 <= d <= 256:
+            raise SpecError("E605", f"{field} = {d}: kernels need a multiple of 16 between 16 and 256",
+                            hint="pad the head dimension to a multiple of 16")
+    return Binding(heads, kv_heads, qk_dim, v_dim)
+
+
+def lower(spec: Spec, binding: Binding) -> Plan:
+    """Which kernels run, in dependency order: compression, selection, window, combination."""
+    G, DQK, DV = binding.group, binding.qk_dim, binding.v_dim
+    kernels = []
+    for b in spec.of_kind("compress"):
+        kernels.append(_kernel(f"compress_{b.name}", b.name, "compress",
+                               G=G, DQK=DQK, DV=DV, L=b.block, STRIDE=b.stride))
+    for b in spec.of_kind("select"):
+        if b.score == "mean_pool":
+            L, STRIDE, SCORE = b.block, b.block, "mean_pool"
+        else:
+            src = spec.branch(b.score)
+            L, STRIDE, SCORE = src.block, src.stride, "cmp"
+        kernels.append(_kernel(f"topk_{b.name}", b.name, "topk",
+                               G=G, DQK=DQK, L=L, STRIDE=STRIDE, LS=b.block, TOPK=b.top_k,
+                               KEEP_FIRST=b.keep_first, KEEP_LAST=b.keep_last, SCORE=SCORE))
+        kernels.append(_kernel(f"select_{b.name}", b.name, "select",
+                               G=G, DQK=DQK, DV=DV, LS=b.block, TOPK=b.top_k))
+    for b in spec.of_kind("window"):
+        kernels.append(_kernel(f"window_{b.name}", b.name, "window",
+                               G=G, DQK=DQK, DV=DV, W=b.size, SINKS=b.sinks))
+    out = spec.output
+    kernels.append(_kernel("combine", "output", "combine",
+                           C=len(out.branches), DV=DV, GATED=out.kind == "gate"))
+    return Plan(spec, binding, tuple(kernels))
+
+
+__all__ = ["Binding", "KernelPlan", "Plan", "bind", "lower", "GENERATOR_VERSION",
+           "Compress", "Select", "Window"]

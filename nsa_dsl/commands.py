@@ -1,0 +1,142 @@
+"""The CLI's heavier subcommands (compile, demo, ...): they import torch and triton.
+
+Each returns ``(exit_code, text)``-free: they *return* lines to print through the
+``emit`` callback the CLI passes, so library code never prints itself.
+"""
+from __future__ import annotations
+
+import os
+import time
+from importlib.resources import files
+from pathlib import Path
+
+from .errors import SpecError
+
+
+def packaged_example(name: str = "nsa_paper.nsa") -> Path:
+    """A spec shipped with the package (examples/ in the source tree)."""
+    try:
+        p = Path(str(files("nsa_dsl.examples") / name))
+        if p.exists():
+            return p
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parent.parent / "examples" / name
+
+
+def _shape_args(args) -> dict:
+    return {k: getattr(args, k) for k in ("heads", "kv_heads", "qk_dim", "v_dim")
+            if getattr(args, k, None) is not None}
+
+
+def compile_cmd(args, emit=print) -> int:
+    import nsa_dsl
+    spec = nsa_dsl.load(args.file, getattr(args, "name", None))
+    op = nsa_dsl.compile(spec)
+    plan = op.plan(**_shape_args(args))
+    emit(plan.describe())
+    emit(f"cache entry: {op.cache.entry(plan)}")
+    if getattr(args, "emit", None):
+        for p in op.emit(args.emit, **_shape_args(args)):
+            emit(f"wrote {p}")
+    return 0
+
+
+def _rel(a, b) -> float:
+    import torch
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def demo_cmd(args, emit=print) -> int:
+    """Parse the packaged NSA spec, compile, run forward and backward, check against the reference."""
+    import torch
+
+    on_gpu = (getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    if not on_gpu:
+        if not torch.cuda.is_available() and "triton" in __import__("sys").modules \
+                and os.environ.get("TRITON_INTERPRET") != "1":
+            raise SpecError("E614", "triton was imported before the demo could select its CPU interpreter",
+                            hint="set TRITON_INTERPRET=1 in the environment")
+        os.environ["TRITON_INTERPRET"] = "1"   # kernels run on the CPU through Triton's interpreter
+    import nsa_dsl
+    from .reference import reference
+
+    path = Path(args.file) if getattr(args, "file", None) else packaged_example()
+    spec = nsa_dsl.load(path, getattr(args, "name", None))
+    device = "cuda" if on_gpu else "cpu"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    T = getattr(args, "seq_len", None) or (4096 if on_gpu else 160)
+    HQ = spec.heads or (64 if on_gpu else 16)
+    H = spec.kv_heads or (4 if on_gpu else 1)
+    if not on_gpu:  # keep the interpreter run under a minute
+        HQ, H = min(HQ, 16), max(1, min(H, 16) * min(HQ, 16) // HQ)
+        spec = _shrink(spec, HQ, H)
+    Dqk, Dv = spec.qk_dim or 128, spec.v_dim or 128
+    emit(f"spec      {path} :: {spec.name} ({', '.join(b.name + '=' + b.kind for b in spec.branches)}, "
+         f"output {spec.output.kind})")
+    emit(f"inputs    B=1 T={T} HQ={HQ} H={H} Dqk={Dqk} Dv={Dv} {str(dtype).replace('torch.', '')} on {device}"
+         + ("" if on_gpu else " (Triton interpreter)"))
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    q, k, v = rnd(1, T, HQ, Dqk), rnd(1, T, H, Dqk), rnd(1, T, H, Dv)
+    C = len(spec.output.branches)
+    gates = torch.rand(1, T, HQ, C, generator=g).to(device=device, dtype=dtype).requires_grad_() \
+        if spec.output.kind == "gate" else None
+    compressed = {}
+    from .op import mean_pool
+    for b in spec.of_kind("compress"):
+        if b.pool != "mean":  # a learned pool's output; the module owns the real one
+            compressed[b.name] = (mean_pool(k, b.block, b.stride), mean_pool(v, b.block, b.stride))
+    if compressed:
+        emit(f"note      learned pooling ({', '.join(compressed)}) is the module's job; the demo passes "
+             "mean-pooled keys as caller-supplied compressed keys")
+
+    t0 = time.perf_counter()
+    op = nsa_dsl.compile(spec)
+    o = op(q, k, v, gates, compressed=compressed or None)
+    t1 = time.perf_counter()
+    plan, _ = op._kernels(op.binding(heads=HQ, kv_heads=H, qk_dim=Dqk, v_dim=Dv))
+    emit(f"kernels   {len(plan.kernels)} generated modules in {op.cache.entry(plan)}")
+    for kp in plan.kernels:
+        emit(f"            {kp.name}.py  ({kp.template})")
+    do = torch.randn(o.shape, generator=g).to(device=device, dtype=dtype)
+    grads = torch.autograd.grad(o, [x for x in (q, k, v, gates) if x is not None], do)
+    if on_gpu:
+        torch.cuda.synchronize()
+    t2 = time.perf_counter()
+
+    def f64(x):
+        return None if x is None else x.detach().double().requires_grad_()
+    q64, k64, v64, g64 = f64(q), f64(k), f64(v), f64(gates)
+    c64 = {n: (mean_pool(k64, spec.branch(n).block, spec.branch(n).stride),
+               mean_pool(v64, spec.branch(n).block, spec.branch(n).stride)) for n in compressed}
+    _, aux = op(q.detach(), k.detach(), v.detach(), None if gates is None else gates.detach(),
+                compressed=compressed or None, return_aux=True)
+    selection = {n: i.long() for n, i in aux.indices.items()}
+    o_ref = reference(spec, q64, k64, v64, g64, compressed=c64 or None, selection=selection)
+    ref_grads = torch.autograd.grad(o_ref, [x for x in (q64, k64, v64, g64) if x is not None], do.double())
+    emit(f"forward   rel. error vs float64 reference: {_rel(o, o_ref):.2e}")
+    for name, a, b in zip(("dq", "dk", "dv", "dgates"), grads, ref_grads):
+        emit(f"backward  {name:<6} rel. error: {_rel(a, b):.2e}")
+    if on_gpu:
+        from triton.testing import do_bench
+        fwd_ms = do_bench(lambda: op(q, k, v, gates, compressed=compressed or None))
+        emit(f"timing    forward {fwd_ms:.3f} ms (do_bench median)")
+    else:
+        emit(f"timing    first forward (render + load + run) {t1 - t0:.1f} s; backward {t2 - t1:.1f} s "
+             "(interpreter: correctness, not speed)")
+    emit("source    op.source('all') prints the generated Triton; `nsa-dsl compile FILE --emit DIR` writes it")
+    worst = max([_rel(o, o_ref)] + [_rel(a, b) for a, b in zip(grads, ref_grads)])
+    tol = 2e-2 if on_gpu else 1e-4
+    emit(f"result    {'OK' if worst < tol else 'MISMATCH'} (worst rel. error {worst:.2e}, tolerance {tol:.0e})")
+    return 0 if worst < tol else 1
+
+
+def _shrink(spec, heads, kv_heads):
+    """The demo's CPU variant: fewer heads and smaller dims than declared, so the interpreter is quick."""
+    from dataclasses import replace
+    return replace(spec, heads=heads, kv_heads=kv_heads,
+                   qk_dim=min(spec.qk_dim or 64, 64), v_dim=min(spec.v_dim or 32, 32))

@@ -1,0 +1,189 @@
+"""The generated kernels as torch.library custom ops, with autograd and fake kernels.
+
+Kernels are specialised per spec and shapes, so the ops are generic: their first
+argument is a key naming a loaded generated module (``register_module``). A key
+is a plain string, so ``torch.compile(fullgraph=True)`` traces calls without
+graph breaks, and the fake implementations give it every output shape.
+
+No gradient flows through the choice of blocks (``idx``) or through the
+log-sum-exps, which are returned for inspection and for the scoring pass.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_MODULES: dict[str, ModuleType] = {}
+
+
+def register_module(key: str, module: ModuleType) -> str:
+    _MODULES[key] = module
+    return key
+
+
+def module(key: str) -> ModuleType:
+    try:
+        return _MODULES[key]
+    except KeyError:
+        raise RuntimeError(f"nsa-dsl: no generated kernel module is loaded under {key!r}; "
+                           "call the op from nsa_dsl.compile(spec) in this process first") from None
+
+
+def _o_lse(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    B, T, HQ, _ = q.shape
+    return q.new_empty(B, T, HQ, v.shape[-1]), q.new_empty(B, T, HQ, dtype=torch.float32)
+
+
+def _no_grad_outputs(ctx, *tensors):
+    ctx.mark_non_differentiable(*tensors)
+
+
+# -- attention branches: (o, lse) forward, (dq, dk, dv) backward --------------------------------
+
+@torch.library.custom_op("nsa_dsl::compress_fwd", mutates_args=())
+def compress_fwd(key: str, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    return module(key).fwd(q, k, v, scale)
+
+
+@torch.library.custom_op("nsa_dsl::compress_bwd", mutates_args=())
+def compress_bwd(key: str, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor,
+                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return module(key).bwd(q, k, v, o, lse, do, scale)
+
+
+@torch.library.custom_op("nsa_dsl::window_fwd", mutates_args=())
+def window_fwd(key: str, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    return module(key).fwd(q, k, v, scale)
+
+
+@torch.library.custom_op("nsa_dsl::window_bwd", mutates_args=())
+def window_bwd(key: str, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor,
+               scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return module(key).bwd(q, k, v, o, lse, do, scale)
+
+
+@torch.library.custom_op("nsa_dsl::select_fwd", mutates_args=())
+def select_fwd(key: str, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    return module(key).fwd(q, k, v, idx, scale)
+
+
+@torch.library.custom_op("nsa_dsl::select_bwd", mutates_args=())
+def select_bwd(key: str, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: Tensor,
+               do: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return module(key).bwd(q, k, v, idx, o, lse, do, scale)
+
+
+for _fwd in (compress_fwd, window_fwd):
+    _fwd.register_fake(lambda key, q, k, v, scale: _o_lse(q, v))
+select_fwd.register_fake(lambda key, q, k, v, idx, scale: _o_lse(q, v))
+
+
+def _grads_fake(key, q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+for _bwd in (compress_bwd, window_bwd, select_bwd):
+    _bwd.register_fake(_grads_fake)
+
+
+def _setup_qkv(ctx, inputs, output):
+    key, q, k, v, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.key, ctx.scale = key, scale
+    _no_grad_outputs(ctx, lse)
+
+
+def _backward_with(bwd_op):
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = bwd_op(ctx.key, q, k, v, o, lse, do.contiguous(), ctx.scale)
+        return None, dq, dk, dv, None
+    return backward
+
+
+compress_fwd.register_autograd(_backward_with(compress_bwd), setup_context=_setup_qkv)
+window_fwd.register_autograd(_backward_with(window_bwd), setup_context=_setup_qkv)
+
+
+def _setup_select(ctx, inputs, output):
+    key, q, k, v, idx, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, idx, o, lse)
+    ctx.key, ctx.scale = key, scale
+    _no_grad_outputs(ctx, lse)
+
+
+def _select_backward(ctx, do, dlse):
+    q, k, v, idx, o, lse = ctx.saved_tensors
+    dq, dk, dv = select_bwd(ctx.key, q, k, v, idx, o, lse, do.contiguous(), ctx.scale)
+    return None, dq, dk, dv, None, None
+
+
+select_fwd.register_autograd(_select_backward, setup_context=_setup_select)
+
+
+# -- block selection (no gradient) ------------------------------------------------------------
+
+@torch.library.custom_op("nsa_dsl::topk_cmp", mutates_args=())
+def topk_cmp(key: str, q: Tensor, k_cmp: Tensor, lse_cmp: Tensor, scale: float, top_k: int) -> Tensor:
+    return module(key).topk(q, k_cmp, lse_cmp, scale)
+
+
+@torch.library.custom_op("nsa_dsl::topk_mean_pool", mutates_args=())
+def topk_mean_pool(key: str, q: Tensor, k: Tensor, kv_heads: int, top_k: int) -> Tensor:
+    return module(key).topk_mean_pool(q, k)
+
+
+@topk_cmp.register_fake
+def _(key, q, k_cmp, lse_cmp, scale, top_k):
+    B, T = q.shape[:2]
+    return q.new_empty(B, T, k_cmp.shape[2], top_k, dtype=torch.int32)
+
+
+@topk_mean_pool.register_fake
+def _(key, q, k, kv_heads, top_k):
+    B, T = q.shape[:2]
+    return q.new_empty(B, T, kv_heads, top_k, dtype=torch.int32)
+
+
+# -- combination of branch outputs -------------------------------------------------------------
+
+@torch.library.custom_op("nsa_dsl::combine_fwd", mutates_args=())
+def combine_fwd(key: str, outs: list[Tensor], gates: Optional[Tensor]) -> Tensor:
+    return module(key).fwd(outs, gates)
+
+
+@torch.library.custom_op("nsa_dsl::combine_bwd", mutates_args=())
+def combine_bwd(key: str, outs: list[Tensor], gates: Optional[Tensor], do: Tensor) -> list[Tensor]:
+    d_outs, d_gates = module(key).bwd(outs, gates, do)
+    return list(d_outs) + ([d_gates] if d_gates is not None else [])
+
+
+@combine_fwd.register_fake
+def _(key, outs, gates):
+    return torch.empty_like(outs[0])
+
+
+@combine_bwd.register_fake
+def _(key, outs, gates, do):
+    return [torch.empty_like(o) for o in outs] + ([torch.empty_like(gates)] if gates is not None else [])
+
+
+def _setup_combine(ctx, inputs, output):
+    key, outs, gates = inputs
+    ctx.key, ctx.n, ctx.gated = key, len(outs), gates is not None
+    ctx.save_for_backward(*outs, *([gates] if gates is not None else []))
+
+
+def _combine_backward(ctx, do):
+    saved = ctx.saved_tensors
+    outs, gates = list(saved[:ctx.n]), (saved[ctx.n] if ctx.gated else None)
+    grads = combine_bwd(ctx.key, outs, gates, do.contiguous())
+    return None, grads[:ctx.n], (grads[ctx.n] if ctx.gated else None)
+
+
+combine_fwd.register_autograd(_combine_backward, setup_context=_setup_combine)

@@ -1,0 +1,266 @@
+"""``nsa_dsl.compile(spec)``: the generated kernels behind one PyTorch callable.
+
+The pipeline, once per spec and tensor shapes:
+    bind shapes -> lower to a plan -> render templates (or hit the cache) -> load -> run
+Each stage lives in ``codegen``; this module checks the caller's tensors,
+orchestrates the branches and returns outputs (and, on request, the selected blocks).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional, Union
+
+import torch
+from torch import Tensor
+
+from codegen.cache import KernelCache, cache_key
+from codegen.plan import Binding, Plan, bind, lower
+
+from . import kernel_ops as ops
+from .errors import SpecError
+from .ir import Compress, Select, Spec, Window
+
+TensorOrDict = Union[Tensor, Mapping[str, Tensor]]
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class Aux:
+    """What ``op(..., return_aux=True)`` returns beside the output, keyed by branch name."""
+    indices: dict    # select branches: [B, T, H, top_k] int32, ascending, -1 padded
+    lse: dict        # every branch: [B, T, HQ] float32 log-sum-exp, -inf with no keys
+    outputs: dict    # every branch: [B, T, HQ, Dv]
+
+
+def _err(code: str, message: str, hint: str | None = None) -> SpecError:
+    return SpecError(code, message, hint=hint)
+
+
+def mean_pool(k: Tensor, block: int, stride: int) -> Tensor:
+    """[B, T, H, D] -> [B, Nc, H, D]: compressed block i averages keys [i*stride, i*stride + block)."""
+    B, T, H, D = k.shape
+    if T < block:
+        return k.new_zeros(B, 0, H, D)
+    return k.unfold(1, block, stride).mean(-1)
+
+
+class CompiledOp:
+    """A spec compiled to kernels. Call it like ``nsa_dsl.reference``::
+
+        o = op(q, k, v, gates)
+        o, aux = op(q, {"cmp": k1, "slc": k2, "swa": k3}, {...}, gates, return_aux=True)
+        o = op(q, k, v, gates, compressed={"cmp": (k_cmp, v_cmp)})
+    """
+
+    def __init__(self, spec: Spec, cache: KernelCache | None = None):
+        self.spec = spec
+        self._cache = cache
+        self._keys: dict[Binding, tuple[Plan, dict[str, str]]] = {}
+
+    @property
+    def cache(self) -> KernelCache:
+        if self._cache is None:
+            self._cache = KernelCache()
+        return self._cache
+
+    def __repr__(self) -> str:
+        return f"CompiledOp({self.spec.name}: {', '.join(self.spec.branch_names)})"
+
+    # -- pipeline ------------------------------------------------------------------------------
+    def binding(self, heads=None, kv_heads=None, qk_dim=None, v_dim=None) -> Binding:
+        s = self.spec
+        heads, kv_heads = heads or s.heads, kv_heads or s.kv_heads
+        qk_dim, v_dim = qk_dim or s.qk_dim, v_dim or s.v_dim
+        if None in (heads, kv_heads, qk_dim, v_dim):
+            raise _err("E612", f"spec '{s.name}' does not declare all of heads, kv_heads, qk_dim, v_dim",
+                       hint="call the op once (shapes bind from the tensors) or pass them, "
+                            "e.g. op.plan(heads=16, kv_heads=1, qk_dim=64, v_dim=64)")
+        return bind(s, heads, kv_heads, qk_dim, v_dim)
+
+    def plan(self, **shapes) -> Plan:
+        return lower(self.spec, self.binding(**shapes))
+
+    def _kernels(self, binding: Binding) -> tuple[Plan, dict[str, str]]:
+        """Plan, render or load from the cache, register: kernel name -> op key."""
+        if binding not in self._keys:
+            plan = lower(self.spec, binding)
+            modules = self.cache.load(plan)
+            prefix = cache_key(plan)[:16]
+            keys = {name: ops.register_module(f"{prefix}/{name}", mod) for name, mod in modules.items()}
+            self._keys[binding] = (plan, keys)
+        return self._keys[binding]
+
+    def source(self, which: str = "all", **shapes) -> str:
+        """The generated Triton source: ``"all"`` (or ``"fwd"``/``"bwd"``: every module holds
+        both), or one kernel module by name, e.g. ``"window_swa"``."""
+        plan, _ = self._kernels(self.binding(**shapes))
+        entry = self.cache.entry(plan)
+        names = [k.name for k in plan.kernels]
+        if which not in ("all", "fwd", "bwd"):
+            if which not in names:
+                raise _err("E613", f"no generated kernel named {which!r}", hint=f"one of: {', '.join(names)}")
+            names = [which]
+        return "\n\n".join(f"# ===== {n}: {entry / (n + '.py')} =====\n" + (entry / f"{n}.py").read_text()
+                           for n in names)
+
+    def emit(self, directory, **shapes) -> list[Path]:
+        """Write the plan and every rendered module to ``directory``."""
+        plan, _ = self._kernels(self.binding(**shapes))
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        entry = self.cache.entry(plan)
+        written = []
+        for k in plan.kernels:
+            p = out / f"{k.name}.py"
+            p.write_text((entry / f"{k.name}.py").read_text())
+            written.append(p)
+        p = out / "plan.txt"
+        p.write_text(plan.describe() + "\n")
+        written.append(p)
+        return written
+
+    # -- the call ------------------------------------------------------------------------------
+    def __call__(self, q: Tensor, k: TensorOrDict, v: TensorOrDict, gates: Optional[Tensor] = None, *,
+                 compressed: Optional[Mapping[str, tuple[Tensor, Tensor]]] = None,
+                 scale: Optional[float] = None, return_aux: bool = False):
+        spec = self.spec
+        ks, vs = self._per_branch(k, "k"), self._per_branch(v, "v")
+        compressed = dict(compressed or {})
+        binding = self._check(q, ks, vs, gates, compressed)
+        plan, keys = self._kernels(binding)
+        scale = float(binding.qk_dim ** -0.5 if scale is None else scale)
+        q = _unit_last_stride(q)
+
+        outs, lses, idxs, kcmp = {}, {}, {}, {}
+        for b in spec.of_kind("compress"):
+            if b.name in compressed:
+                k_c, v_c = compressed[b.name]
+            else:
+                k_c = mean_pool(ks[b.name], b.block, b.stride)
+                v_c = mean_pool(vs[b.name], b.block, b.stride)
+            k_c, v_c = _unit_last_stride(k_c), _unit_last_stride(v_c)
+            kcmp[b.name] = k_c
+            outs[b.name], lses[b.name] = ops.compress_fwd(keys[f"compress_{b.name}"], q, k_c, v_c, scale)
+        for b in spec.of_kind("select"):
+            k_s, v_s = _unit_last_stride(ks[b.name]), _unit_last_stride(vs[b.name])
+            if b.score == "mean_pool":
+                idx = ops.topk_mean_pool(keys[f"topk_{b.name}"], q.detach(), k_s.detach(),
+                                         binding.kv_heads, b.top_k)
+            else:
+                idx = ops.topk_cmp(keys[f"topk_{b.name}"], q.detach(), kcmp[b.score].detach(),
+                                   lses[b.score].detach(), scale, b.top_k)
+            idxs[b.name] = idx
+            outs[b.name], lses[b.name] = ops.select_fwd(keys[f"select_{b.name}"], q, k_s, v_s, idx, scale)
+        for b in spec.of_kind("window"):
+            k_w, v_w = _unit_last_stride(ks[b.name]), _unit_last_stride(vs[b.name])
+            outs[b.name], lses[b.name] = ops.window_fwd(keys[f"window_{b.name}"], q, k_w, v_w, scale)
+
+        branch_outs = [outs[n] for n in spec.output.branches]
+        g = _unit_last_stride(gates) if spec.output.kind == "gate" else None
+        o = ops.combine_fwd(keys["combine"], branch_outs, g)
+        if return_aux:
+            return o, Aux(indices=idxs, lse=lses, outputs=outs)
+        return o
+
+    # -- input checks: expected versus actual, before any kernel runs -----------------------------
+    def _needs_raw_keys(self) -> tuple[str, ...]:
+        return tuple(b.name for b in self.spec.branches if b.kind != "compress" or b.pool == "mean")
+
+    def _per_branch(self, x: TensorOrDict, what: str) -> dict:
+        names = self.spec.branch_names
+        if isinstance(x, Tensor):
+            return {n: x for n in names}
+        if isinstance(x, Mapping):
+            unknown = set(x) - set(names)
+            if unknown:
+                raise _err("E608", f"{what} has keys for unknown branches {sorted(unknown)}",
+                           hint=f"the spec's branches are {', '.join(names)}")
+            return dict(x)
+        raise _err("E601", f"{what} must be a tensor or a dict of branch name -> tensor, "
+                           f"got {type(x).__name__}")
+
+    def _check(self, q, ks, vs, gates, compressed) -> Binding:
+        spec = self.spec
+        if not isinstance(q, Tensor) or q.dim() != 4:
+            raise _err("E601", f"q must be a 4-D tensor [B, T, HQ, Dqk], got "
+                               f"{tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__}")
+        B, T, HQ, Dqk = q.shape
+        if q.dtype not in _DTYPES:
+            raise _err("E606", f"q has dtype {q.dtype}; expected float16, bfloat16 or float32")
+        if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise _err("E607", "q is on the CPU; the generated kernels need a CUDA device",
+                       hint="move tensors to 'cuda', use nsa_dsl.reference on the CPU, "
+                            "or set TRITON_INTERPRET=1 (slow) before importing nsa_dsl")
+        H = Dv = None
+        for b in spec.branches:
+            if b.kind == "compress" and b.name in compressed:
+                pair = compressed[b.name]
+                if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                    raise _err("E610", f"compressed['{b.name}'] must be a pair (k_cmp, v_cmp)")
+                k_c, v_c = pair
+                Nc = max(0, (T - b.block) // b.stride + 1)
+                _expect(k_c, f"compressed['{b.name}'][0]", (B, Nc, None, Dqk), q)
+                _expect(v_c, f"compressed['{b.name}'][1]", (B, Nc, k_c.shape[2], None), q)
+                H, Dv = _agree(H, k_c.shape[2], Dv, v_c.shape[3], f"compressed['{b.name}']")
+                continue
+            if b.kind == "compress" and b.pool != "mean":
+                raise _err("E611", f"branch '{b.name}' pools with '{b.pool}', a learned pooling: "
+                                   "the op needs its compressed keys and values",
+                           hint=f"pass compressed={{'{b.name}': (k_cmp, v_cmp)}} "
+                                "(nsa_dsl.SparseAttention does this for you)")
+            if b.name not in ks or b.name not in vs:
+                raise _err("E608", f"no keys/values for branch '{b.name}'",
+                           hint="pass k and v as tensors shared by all branches, or dicts "
+                                f"with an entry for each of {', '.join(self._needs_raw_keys())}")
+            _expect(ks[b.name], f"k['{b.name}']" if len(ks) > 1 else "k", (B, T, None, Dqk), q)
+            _expect(vs[b.name], f"v['{b.name}']" if len(vs) > 1 else "v", (B, T, ks[b.name].shape[2], None), q)
+            H, Dv = _agree(H, ks[b.name].shape[2], Dv, vs[b.name].shape[3], b.name)
+        if spec.output.kind == "gate":
+            C = len(spec.output.branches)
+            if gates is None:
+                raise _err("E609", f"output = gate(...) needs gates [B, T, HQ, {C}]",
+                           hint=f"pass gate values for branches {', '.join(spec.output.branches)} in that order")
+            _expect(gates, "gates", (B, T, HQ, C), q)
+        elif gates is not None:
+            raise _err("E609", f"output = {spec.output.kind}(...) takes no gates, but gates were given",
+                       hint="drop the gates argument, or use output = gate(sigmoid, ...)")
+        return bind(spec, HQ, H, Dqk, Dv)
+
+
+def _expect(x, name: str, shape: tuple, q: Tensor) -> None:
+    if not isinstance(x, Tensor):
+        raise _err("E601", f"{name} must be a tensor, got {type(x).__name__}")
+    want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+    if x.dim() != len(shape) or any(s is not None and s != a for s, a in zip(shape, x.shape)):
+        raise _err("E601", f"{name} has shape {list(x.shape)}; expected {want}",
+                   hint="q is [B, T, HQ, Dqk], k [B, T, H, Dqk], v [B, T, H, Dv], gates [B, T, HQ, C]")
+    if x.dtype != q.dtype:
+        raise _err("E606", f"{name} has dtype {x.dtype} but q has {q.dtype}; all inputs share one dtype")
+    if x.device != q.device:
+        raise _err("E607", f"{name} is on {x.device} but q is on {q.device}")
+
+
+def _agree(H, h, Dv, dv, where: str):
+    if H is not None and h != H:
+        raise _err("E601", f"{where}: {h} kv heads, but another branch has {H}")
+    if Dv is not None and dv != Dv:
+        raise _err("E601", f"{where}: value dim {dv}, but another branch has {Dv}")
+    return h, dv
+
+
+def _unit_last_stride(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def compile(spec: Union[Spec, str, os.PathLike], *, cache_dir=None) -> CompiledOp:
+    """Compile a spec (a ``Spec``, or the path of a ``.nsa`` file with one block) to an op.
+
+    Kernels are generated lazily at the first call, when the tensor shapes bind the
+    spec's undeclared fields, and cached on disk (``$NSA_DSL_CACHE_DIR``).
+    """
+    if not isinstance(spec, Spec):
+        from . import load
+        spec = load(spec)
+    return CompiledOp(spec, KernelCache(Path(cache_dir)) if cache_dir else None)
