@@ -140,3 +140,60 @@ def _shrink(spec, heads, kv_heads):
     from dataclasses import replace
     return replace(spec, heads=heads, kv_heads=kv_heads,
                    qk_dim=min(spec.qk_dim or 64, 64), v_dim=min(spec.v_dim or 32, 32))
+
+
+def bench_cmd(args, emit=print) -> int:
+    """`nsa-dsl bench FILE`: the op against SDPA (cuDNN, flash) on one GPU, in one run."""
+    import json
+
+    import torch
+    if not torch.cuda.is_available():
+        raise SpecError("E615", "nsa-dsl bench needs a CUDA GPU", hint="run it on a GPU machine")
+    import nsa_dsl
+    from .bench import bench_spec, markdown_table
+
+    spec = nsa_dsl.load(args.file, getattr(args, "name", None))
+    lengths = [int(x) for x in str(getattr(args, "lengths", None) or "8192,16384,32768,65536").split(",")]
+    op = nsa_dsl.compile(spec)
+    from tqdm import tqdm
+    bar = tqdm(total=len(lengths), desc="bench", unit="length")
+    def progress(msg):
+        bar.set_postfix_str(msg)
+    rows = []
+    for T in lengths:
+        rows += bench_spec(op, [T], HQ=spec.heads or 64, H=spec.kv_heads or 4,
+                           Dqk=spec.qk_dim or 128, Dv=spec.v_dim or 128, progress=progress)
+        bar.update(1)
+    bar.close()
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "spec": str(args.file)}
+    emit(f"{meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  spec {args.file}")
+    emit(markdown_table(rows))
+    if getattr(args, "json", None):
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        emit(f"wrote {args.json}")
+    if getattr(args, "plot", None):
+        _plot(rows, args.plot)
+        emit(f"wrote {args.plot}")
+    return 0
+
+
+def _plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    Ts = [r["T"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("nsa_fwd_ms", "nsa fwd"), ("nsa_fwdbwd_ms", "nsa fwd+bwd"),
+                       ("cudnn_fwd_ms", "cuDNN fwd"), ("cudnn_fwdbwd_ms", "cuDNN fwd+bwd"),
+                       ("flash_fwd_ms", "flash fwd"), ("flash_fwdbwd_ms", "flash fwd+bwd")):
+        if all(key in r for r in rows):
+            a.plot(Ts, [r[key] for r in rows], marker="o", label=label)
+    a.set_xscale("log", base=2); a.set_yscale("log"); a.set_xlabel("T"); a.set_ylabel("ms"); a.legend()
+    for base, label in (("fwd", "forward"), ("fwdbwd", "forward+backward")):
+        if all(f"cudnn_{base}_ms" in r and f"nsa_{base}_ms" in r for r in rows):
+            b.plot(Ts, [r[f"cudnn_{base}_ms"] / r[f"nsa_{base}_ms"] for r in rows], marker="o", label=label)
+    b.axhline(1, color="gray", lw=0.5); b.set_xscale("log", base=2); b.set_xlabel("T")
+    b.set_ylabel("speedup over cuDNN"); b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
