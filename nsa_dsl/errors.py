@@ -45,9 +45,11 @@ class SpecError(ValueError):
     def source_line(self) -> str | None:
         if self.span is None or self.source is None:
             return None
-        lines = self.source.splitlines()
+        # split on "\n" only, as the lexer counts lines (splitlines() also
+        # breaks at \f, \x1c, \u2028, ... and would shift the caret's line)
+        lines = self.source.split("\n")
         if 1 <= self.span.line <= len(lines):
-            return lines[self.span.line - 1]
+            return lines[self.span.line - 1].rstrip("\r")
         return None
 
     def render(self) -> str:
