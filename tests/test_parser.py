@@ -69,8 +69,9 @@ def test_nsa_paper_mean_differs_only_in_pooling():
     root = Path(__file__).parents[1] / "examples"
     paper, mean = nsa_dsl.load(root / "nsa_paper.nsa"), nsa_dsl.load(root / "nsa_paper_mean.nsa")
     assert mean.branch("cmp").pool == "mean"
-    assert dataclasses.replace(mean, name=paper.name,
-                               branches=(dataclasses.replace(mean.branch("cmp"), pool="mlp"),
+    assert (mean.heads, mean.kv_heads, mean.qk_dim, mean.v_dim) == (None,) * 4
+    assert dataclasses.replace(mean, name=paper.name, heads=paper.heads, kv_heads=paper.kv_heads,
+                               qk_dim=paper.qk_dim, v_dim=paper.v_dim, branches=(dataclasses.replace(mean.branch("cmp"), pool="mlp"),
                                          *mean.branches[1:])) == paper
 
 
