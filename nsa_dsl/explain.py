@@ -1,0 +1,265 @@
+"""The text of ``nsa-dsl explain``: what a spec attends to and what it costs.
+
+``explain(spec)`` returns a plain-text report (no printing here: the CLI prints):
+the spec one line per branch, the keys each query attends per branch as formulas
+in ``t`` (and the overlap weights of a select branch scored by a compress branch),
+the cost model, and one table per sequence length (keys per query, forward FLOPs
+and K/V bytes per branch against dense causal attention), then a summary.
+
+The report is a list of :class:`Section`; ``explain_sections`` returns them so the
+CLI can append more (the codegen's "kernel plan") before ``format_report``::
+
+    sections = explain_sections(spec)
+    sections.append(Section("kernel plan", plan_text))
+    print(format_report(spec, sections))
+"""
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+from . import shapes as S
+from .ir import Compress, Select, Spec, Window
+
+__all__ = ["Section", "explain", "explain_sections", "format_report", "spec_lines",
+           "formula_lines", "cost_table", "summary_table", "DEFAULT_LENGTHS"]
+
+DEFAULT_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
+WIDTH = 96          # lines stay under this many columns
+_IND = "  "
+
+
+@dataclass(frozen=True)
+class Section:
+    """One titled part of the report; ``body`` is preformatted text (no trailing newline)."""
+    title: str
+    body: str
+
+
+# ---------------------------------------------------------------- pieces
+
+def _branch_call(b) -> str:
+    if isinstance(b, Compress):
+        return f"compress(block = {b.block}, stride = {b.stride}, pool = {b.pool})"
+    if isinstance(b, Select):
+        return (f"select(block = {b.block}, top_k = {b.top_k}, score = {b.score}, "
+                f"keep_first = {b.keep_first}, keep_last = {b.keep_last})")
+    if isinstance(b, Window):
+        return f"window(size = {b.size}" + (f", sinks = {b.sinks})" if b.sinks else ")")
+    return repr(b)
+
+
+def _output_text(spec: Spec) -> str:
+    o = spec.output
+    if o.kind == "branch":
+        return o.branches[0]
+    head = [o.activation] if o.activation else []
+    return f"{o.kind}({', '.join(head + list(o.branches))})"
+
+
+def spec_lines(spec: Spec, dims: S.Dims, given: Iterable[str] = ()) -> list[str]:
+    """The spec, one line per branch, and the dims the costs use (and where they came
+    from: ``given`` names the ones the caller passed)."""
+    w = max(len(b.name) for b in spec.branches) if spec.branches else 4
+    lines = [f"{_IND}branch {b.name:<{w}} = {_branch_call(b)}" for b in spec.branches]
+    lines.append(f"{_IND}output = {_output_text(spec)}" + ("" if spec.causal else "   (causal = false)"))
+    group = dims.heads // dims.kv_heads if dims.kv_heads else 0
+    lines.append(f"{_IND}heads {dims.heads}, kv_heads {dims.kv_heads} (group {group}), "
+                 f"qk_dim {dims.qk_dim}, v_dim {dims.v_dim}, {dims.dtype_bytes} bytes per element")
+    given = set(given)
+    names = ("heads", "kv_heads", "qk_dim", "v_dim")
+    src = [("declared in the spec", [n for n in names if n not in given and n not in dims.defaulted]),
+           ("given", [n for n in names if n in given]),
+           ("defaulted (64 heads, 4 kv heads, dims 128)", list(dims.defaulted))]
+    lines.append(f"{_IND}(" + "; ".join(f"{', '.join(ns)}: {what}" for what, ns in src if ns) + ")")
+    return lines
+
+
+def _txt(e) -> str:
+    return S.render(e, "text")
+
+
+def _put(lines: list, label: str, formula: str, width: int, notes: Sequence[str] = ()) -> None:
+    """``label  formula   note``, then further notes below the formula, all wrapped."""
+    head = f"{_IND}{label:<{width}}  "
+    pad = " " * len(head)
+    notes = list(notes)
+    line = head + formula
+    if notes and len(line) + 3 + len(notes[0]) <= WIDTH:
+        line += "   " + notes.pop(0)
+    if len(line) <= WIDTH:
+        lines.append(line)
+    else:
+        lines.append(head.rstrip())
+        lines.append(" " * (len(_IND) + 4) + formula)
+    for note in notes:
+        lines.extend(textwrap.wrap(note, WIDTH, initial_indent=pad, subsequent_indent=pad + "  "))
+
+
+def formula_lines(shapes: S.SpecShapes) -> list[str]:
+    """Keys attended by query t, per branch, as formulas (0 <= t < T)."""
+    labels = [b.name for b in shapes.branches] + ["dense"]
+    labels += [f"{b.name} score" for b in shapes.branches if b.score_keys != 0]
+    w = max(len(x) for x in labels)
+    lines: list[str] = []
+    for b in shapes.branches:
+        if isinstance(b, S.CompressShapes):
+            _put(lines, b.name, _txt(b.keys), w, [
+                "compressed keys",
+                f"block i pools keys {_txt(b.first_key)} .. {_txt(b.last_key)} and is seen "
+                f"from t = {_txt(b.last_key)}; T keys make {_txt(b.n_blocks)} blocks"])
+        elif isinstance(b, S.SelectShapes):
+            forced = " and ".join(f"{k} {w}" for k, w in ((b.keep_first, "first"),
+                                                           (b.keep_last, "last")) if k)
+            blocks = (f"selects {_txt(b.selected)} of the {_txt(b.eligible)} eligible blocks of "
+                      f"{b.block} keys ({forced + ' forced' if forced else 'none forced'}); "
+                      f"T keys make {_txt(b.n_blocks)} blocks")
+            if b.exact:
+                _put(lines, b.name, _txt(b.keys), w, [f"exact: {b.note}", blocks])
+            else:
+                _put(lines, b.name, "at most " + _txt(b.keys), w, [b.note])
+                _put(lines, "", "at least " + _txt(b.keys_min), w, ["(own block chosen)", blocks])
+        elif isinstance(b, S.WindowShapes):
+            note = (f"keys {_txt(b.first_key)} .. t" +
+                    (f", and sinks 0 .. {b.sinks - 1} left of them" if b.sinks else ""))
+            formula = _txt(b.keys) if not b.sinks else \
+                f"{_txt(S.window_keys(S.t, b.size))} + {_txt(b.sink_keys)}"
+            _put(lines, b.name, formula, w, [note])
+        else:
+            _put(lines, b.name, _txt(b.keys), w)
+    _put(lines, "dense", _txt(shapes.dense.keys), w, ["dense causal attention"])
+    for b in shapes.branches:
+        if b.score_keys != 0:
+            src = (f"scoring pass of {b.name}: compressed keys of {b.score}, QK only"
+                   if b.score != "mean_pool" else
+                   f"scoring pass of {b.name}: mean-pooled complete blocks, QK only")
+            _put(lines, f"{b.name} score", _txt(b.score_keys), w, [src])
+    return lines
+
+
+def weight_lines(shapes: S.SpecShapes) -> list[str]:
+    """The overlap weights of every select branch scored by a compress branch."""
+    lines: list[str] = []
+    for b in shapes.branches:
+        if not isinstance(b, S.SelectShapes) or b.score == "mean_pool":
+            continue
+        lines.append(f"{_IND}{b.name}: s[t, g, j] = sum over heads h of g, sum over i of "
+                     f"w(i, j) * p_{b.score}[t, h, i]")
+        if b.weight is None:
+            lines.append(f"{_IND}  (no integer weights: stride does not divide both blocks)")
+            continue
+        lines.append(f"{_IND}  w(i, j) = {_txt(b.weight)}")
+        prof = " ".join(str(x) for x in b.weight_profile())
+        lines.append(f"{_IND}  non-zero for i = {_txt(b.weight_lo)} .. {_txt(b.weight_hi)}: "
+                     f"weights {prof}")
+    return lines
+
+
+def _num(x: float) -> str:
+    return f"{x:.2e}".replace("e+", "e")
+
+
+def _ratio(dense: float, sparse: float) -> str:
+    if sparse <= 0:
+        return "n/a"
+    r = dense / sparse
+    return f"{r:.1f}x fewer" if r >= 1 else f"{1 / r:.1f}x more"
+
+
+def cost_table(c: S.Cost, shapes: Optional[S.SpecShapes] = None) -> list[str]:
+    """One length (the caller titles it): a row per pass (a select's scoring pass
+    apart), total, dense, and the ratio to dense."""
+    inexact = {b.name for b in shapes.branches if not b.exact} if shapes else set()
+    w = max([14] + [len(r.name) + 3 for r in c.rows])
+    lines = [f"{_IND}{'pass':<{w}}{'keys/query':>12}{'keys at':>10}{'FLOP':>11}{'share':>7}"
+             f"{'K/V bytes':>12}",
+             f"{_IND}{'':<{w}}{'(average)':>12}{'t = T-1':>10}"]
+
+    def row(r: S.CostRow, share: bool = True) -> str:
+        name = r.name + ("*" if r.name in inexact else "")
+        pct = f"{100 * r.flops / c.total.flops:>6.1f}%" if share and c.total.flops else " " * 7
+        return (f"{_IND}{name:<{w}}{r.keys_avg:>12.1f}{r.keys_last:>10d}{_num(r.flops):>11}"
+                f"{pct}{_num(r.bytes):>12}")
+
+    for r in c.rows:
+        lines.append(row(r))
+    lines.append(row(c.total, share=False))
+    lines.append(row(dataclasses.replace(c.dense, name="dense causal"), share=False))
+    lines.append(f"{_IND}vs dense causal: {_ratio(c.dense.flops, c.total.flops)} FLOP, "
+                 f"{_ratio(c.dense.bytes, c.total.bytes)} K/V bytes")
+    if inexact:
+        lines.append(f"{_IND}* upper bound (keep_last = 0: which blocks, so how many keys, "
+                     f"depends on the data)")
+    return lines
+
+
+def summary_table(costs: Sequence[S.Cost]) -> list[str]:
+    """One line per length: totals against dense causal attention."""
+    lines = [f"{_IND}{'T':>7}{'keys/query':>12}{'FLOP':>11}{'dense FLOP':>12}{'vs dense':>14}"
+             f"{'K/V bytes':>12}{'dense bytes':>13}"]
+    for c in costs:
+        lines.append(f"{_IND}{c.T:>7}{c.total.keys_avg:>12.1f}{_num(c.total.flops):>11}"
+                     f"{_num(c.dense.flops):>12}{_ratio(c.dense.flops, c.total.flops):>14}"
+                     f"{_num(c.total.bytes):>12}{_num(c.dense.bytes):>13}")
+    return lines
+
+
+_MODEL = """\
+  keys: what each query attends, per branch (a key attended by two branches counts twice);
+    compress counts compressed keys. Averages are over t = 0 .. T-1.
+  FLOP (forward, all query heads): 2*qk_dim per score and 2*v_dim per value for every key;
+    a select branch adds its scoring pass (2*qk_dim per key scored). Pooling and gating
+    are not counted.
+  K/V bytes: each (query position, kv head) program reads the K and V rows of the keys it
+    attends, no reuse across positions (the scoring pass reads K only). Dense causal
+    attention is costed the same way (T*(T + 1)/2 keys), so bytes scale as FLOP here."""
+
+
+# ---------------------------------------------------------------- the report
+
+def explain_sections(spec: Spec, lengths: Iterable[int] = DEFAULT_LENGTHS, heads=None,
+                     qk_dim=None, v_dim=None, *, kv_heads=None,
+                     dtype_bytes: int = S.DEFAULT_DTYPE_BYTES) -> list[Section]:
+    """The report's sections, in order, for the CLI to extend."""
+    dims = S.Dims.of(spec, heads=heads, kv_heads=kv_heads, qk_dim=qk_dim, v_dim=v_dim,
+                     dtype_bytes=dtype_bytes)
+    shapes = S.spec_shapes(spec)
+    given = [n for n, v in (("heads", heads), ("kv_heads", kv_heads), ("qk_dim", qk_dim),
+                            ("v_dim", v_dim)) if v is not None]
+    sections = [Section("spec", "\n".join(spec_lines(spec, dims, given))),
+                Section("keys attended by query t (0 <= t < T)", "\n".join(formula_lines(shapes)))]
+    wl = weight_lines(shapes)
+    if wl:
+        sections.append(Section("selection scores", "\n".join(wl)))
+    sections.append(Section("cost model", _MODEL))
+    costs = [S.cost(shapes, int(n), dims) for n in lengths]
+    for c in costs:
+        sections.append(Section(f"T = {c.T} (forward)", "\n".join(cost_table(c, shapes))))
+    if len(costs) > 1:
+        sections.append(Section("summary (forward, all heads)", "\n".join(summary_table(costs))))
+    return sections
+
+
+def format_report(spec: Spec, sections: Iterable[Section]) -> str:
+    """Join sections under a title line."""
+    out = [f"nsa-dsl explain: attention {spec.name}"]
+    for s in sections:
+        out += ["", s.title, s.body]
+    return "\n".join(out) + "\n"
+
+
+def explain(spec: Spec, lengths: Iterable[int] = DEFAULT_LENGTHS, heads: Optional[int] = None,
+            qk_dim: Optional[int] = None, v_dim: Optional[int] = None, *,
+            kv_heads: Optional[int] = None, dtype_bytes: int = S.DEFAULT_DTYPE_BYTES,
+            extra_sections: Iterable[Section] = ()) -> str:
+    """A readable plain-text report of ``spec``: formulas, keys, FLOPs, bytes vs dense.
+
+    Head counts and dims: the arguments, else the spec's declared ones, else 64 heads,
+    4 kv heads, head dims 128 (the header says which). ``extra_sections`` are appended
+    (the CLI's kernel plan).
+    """
+    sections = explain_sections(spec, lengths, heads, qk_dim, v_dim, kv_heads=kv_heads,
+                                dtype_bytes=dtype_bytes)
+    return format_report(spec, [*sections, *extra_sections])
