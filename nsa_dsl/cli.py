@@ -74,7 +74,12 @@ def _check(args) -> int:
 def _explain(args) -> int:
     spec = _load_spec(args.file, args.name)
     explain = _lazy("nsa_dsl.explain", "explain")
-    _out(explain.explain(spec, args.lengths))
+    plan = _lazy("codegen.plan", "explain")   # plain data: no torch, no triton
+    dims = explain.S.Dims.of(spec)
+    binding = plan.bind(spec, dims.heads, dims.kv_heads, dims.qk_dim, dims.v_dim)
+    kernel_plan = explain.Section(
+        "kernel plan", "\n".join("  " + line for line in plan.lower(spec, binding).describe().splitlines()))
+    _out(explain.explain(spec, args.lengths, extra_sections=[kernel_plan]))
     return EXIT_OK
 
 
