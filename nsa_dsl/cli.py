@@ -75,7 +75,7 @@ def _explain(args) -> int:
     spec = _load_spec(args.file, args.name)
     explain = _lazy("nsa_dsl.explain", "explain")
     plan = _lazy("codegen.plan", "explain")   # plain data: no torch, no triton
-    dims = explain.S.Dims.of(spec)
+    dims = _lazy("nsa_dsl.shapes", "explain").Dims.of(spec)
     binding = plan.bind(spec, dims.heads, dims.kv_heads, dims.qk_dim, dims.v_dim)
     kernel_plan = explain.Section(
         "kernel plan", "\n".join("  " + line for line in plan.lower(spec, binding).describe().splitlines()))

@@ -84,13 +84,16 @@ def test_help_lists_every_command(capsys):
 
 @pytest.fixture
 def fake_explain(monkeypatch):
+    import nsa_dsl.explain as real_explain
     calls = []
     mod = types.ModuleType("nsa_dsl.explain")
 
-    def explain(spec, lengths):
+    def explain(spec, lengths, extra_sections=()):
         calls.append((spec, lengths))
+        assert [s.title for s in extra_sections] == ["kernel plan"]
         return f"explained {spec.name} at {lengths}"
     mod.explain = explain
+    mod.Section = real_explain.Section
     monkeypatch.setitem(sys.modules, "nsa_dsl.explain", mod)
     return calls
 
