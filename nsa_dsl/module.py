@@ -1,0 +1,417 @@
+"""``SparseAttention``: a spec as an ``nn.Module`` that drops into a model.
+
+    layer = nsa_dsl.SparseAttention("examples/nsa_paper.nsa", hidden_size=2048)
+    y = layer(x)                      # x, y: [B, T, hidden_size]
+
+The layer owns every learned piece around the attention op (DESIGN.md section 4):
+
+    x --q_proj-------------------------------> q [B, T, HQ, Dqk] --rotary--+
+    x --k_proj / v_proj (shared or per branch)-> k, v [B, T, H, D] --rotary(k)-+--> op --> o --o_proj--> y
+                  compress pool = linear|mlp:  k_pool / v_pool -> k_cmp, v_cmp -+     ^
+    x --gate_proj--sigmoid--> gates [B, T, HQ, C]  (output = gate(sigmoid, ...)) -------+
+
+The op is ``nsa_dsl.reference`` (pure PyTorch) or ``nsa_dsl.compile(spec)``
+(generated Triton kernels); both take the same arguments, and
+:meth:`SparseAttention._attention` is the one place either is called.
+
+Errors (all :class:`~nsa_dsl.errors.SpecError`, which is a ``ValueError``):
+
+| code | meaning |
+|---|---|
+| E701 | a shape argument conflicts with the value the spec declares |
+| E702 | a shape is neither declared by the spec nor passed (or cannot be derived) |
+| E703 | a bad constructor argument (sizes, ``backend``, ``spec`` type) |
+| E704 | ``x`` has the wrong number of dims or the wrong hidden size |
+| E705 | ``x`` has a dtype or device other than the layer's parameters |
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .errors import SpecError
+from .ir import Compress, Spec, SpecFile
+
+BACKENDS = ("auto", "reference", "kernels")
+LEARNED_POOLS = ("linear", "mlp")
+
+Rotary = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Learned compression (pool = linear | mlp)
+# ----------------------------------------------------------------------------------------------
+
+def split_blocks(x: torch.Tensor, block: int, stride: int) -> torch.Tensor:
+    """``[B, T, H, D] -> [B, Nc, H, block, D]``: block ``i`` holds positions ``[i*stride, i*stride + block)``.
+
+    ``Nc = (T - block) // stride + 1``, 0 when ``T < block`` (an empty tensor that is still
+    part of the autograd graph, so parameters downstream get zero gradients rather than none).
+    """
+    B, T, H, D = x.shape
+    if T < block:
+        return x[:, :0].unsqueeze(3).expand(B, 0, H, block, D)
+    return x.unfold(1, block, stride).permute(0, 1, 2, 4, 3)   # unfold puts the window last
+
+
+class LearnedPool(nn.Module):
+    """Compress blocks of keys (or values) of one head dim: ``[B, T, H, D] -> [B, Nc, H, D]``.
+
+    Each block of ``block`` positions (every ``stride``) gets a learned intra-block position
+    embedding ``[block, D]`` added, is flattened to ``block * D`` and mapped back to ``D`` by
+    ``Linear`` (``kind = "linear"``) or ``Linear - GELU - Linear`` (``kind = "mlp"``, width
+    ``hidden``). Weights are shared by all heads, as in the public NSA implementations.
+
+    Init: the position embedding starts at zero (as lucidrains' native-sparse-attention-pytorch
+    does). The ``linear`` pool starts as exactly mean pooling (weight ``[I/l, ..., I/l]``, no
+    bias: a key bias shifts every block's score by the same ``q . b`` and cancels in the
+    softmax), so a learned-linear layer begins where a ``pool = mean`` layer is. The ``mlp``
+    pool keeps PyTorch's default ``Linear`` init.
+    """
+
+    def __init__(self, kind: str, block: int, stride: int, dim: int, hidden: int,
+                 device=None, dtype=None):
+        super().__init__()
+        if kind not in LEARNED_POOLS:
+            raise ValueError(f"pool kind must be one of {LEARNED_POOLS}, got {kind!r}")
+        fk = {"device": device, "dtype": dtype}
+        self.kind, self.block, self.stride, self.dim = kind, block, stride, dim
+        self.pos = nn.Parameter(torch.zeros(block, dim, **fk))
+        if kind == "linear":
+            self.net = nn.Linear(block * dim, dim, bias=False, **fk)
+        else:
+            self.net = nn.Sequential(nn.Linear(block * dim, hidden, **fk), nn.GELU(),
+                                     nn.Linear(hidden, dim, **fk))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.pos)
+        if self.kind == "linear":
+            with torch.no_grad():   # [D, l*D] = [I/l, I/l, ...]: the mean of the block
+                eye = torch.eye(self.dim, device=self.pos.device, dtype=self.pos.dtype)
+                self.net.weight.copy_(eye.repeat(1, self.block) / self.block)
+        else:
+            for layer in (self.net[0], self.net[2]):
+                layer.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = split_blocks(x, self.block, self.stride) + self.pos   # [B, Nc, H, l, D]
+        return self.net(blocks.flatten(-2))                           # [B, Nc, H, D]
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, block={self.block}, stride={self.stride}, dim={self.dim}"
+
+
+def _branch_dict(modules: dict[str, nn.Module]) -> nn.ModuleDict:
+    """A ModuleDict keyed by branch name.
+
+    Inserted through ``_modules`` because ``ModuleDict.__setitem__`` refuses keys that name
+    an attribute of ``nn.Module`` (a branch called ``eval`` or ``to`` is a valid spec);
+    indexing, iteration, ``state_dict`` and ``.to()`` all go through ``_modules``.
+    """
+    d = nn.ModuleDict()
+    for name, m in modules.items():
+        d._modules[name] = m
+    return d
+
+
+# ----------------------------------------------------------------------------------------------
+# The layer
+# ----------------------------------------------------------------------------------------------
+
+def _as_spec(spec) -> Spec:
+    """A Spec, a SpecFile with one block, a path to a ``.nsa`` file, or spec text."""
+    if isinstance(spec, Spec):
+        return spec
+    if isinstance(spec, SpecFile):
+        from . import _pick
+        return _pick(spec, None)
+    if isinstance(spec, os.PathLike):
+        from . import load
+        return load(spec)
+    if isinstance(spec, str):
+        from . import load, parse
+        # Spec text always has a `{`; a path to a spec file never needs one.
+        if "{" in spec:
+            return parse(spec)
+        return load(spec)
+    raise SpecError("E703", f"spec must be a Spec, a path to a .nsa file or spec text, "
+                            f"got {type(spec).__name__}")
+
+
+def _resolve(spec: Spec, field: str, given: Optional[int], default: Optional[int],
+             why_default: str) -> int:
+    """One shape field: the spec's value, else the argument, else a default; conflicts raise."""
+    declared = getattr(spec, field)
+    spans = dict(spec.field_spans)
+    if declared is not None:
+        if given is not None and given != declared:
+            raise SpecError(
+                "E701", f"{field}: spec '{spec.name}' declares {field} = {declared}, "
+                        f"but {field}={given} was passed to SparseAttention",
+                span=spans.get(field), source=spec.source or None,
+                hint=f"drop the {field}= argument, or pass {field}={declared}")
+        return declared
+    if given is not None:
+        value = given
+    elif default is not None:
+        value = default
+    else:
+        raise SpecError("E702", f"{field}: spec '{spec.name}' does not declare {field} and no "
+                                f"{field}= was passed to SparseAttention{why_default}",
+                        hint=f"pass {field}=N, or declare `{field} = N` in the spec")
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise SpecError("E703", f"{field} must be a positive integer, got {value!r}")
+    return value
+
+
+class SparseAttention(nn.Module):
+    """Sparse attention layer for ``spec``: ``forward(x [B, T, hidden_size]) -> [B, T, hidden_size]``.
+
+    Args:
+        spec: a :class:`~nsa_dsl.ir.Spec`, a path to a ``.nsa`` file, or spec text
+            (a file with several blocks: use :meth:`from_file` with ``name=``).
+        hidden_size: width of ``x`` and of the output.
+        heads, kv_heads, qk_dim, v_dim: shape fields the spec does not declare (a value the
+            spec declares may be repeated, not changed). ``heads`` is required when the spec
+            does not declare it; ``kv_heads`` defaults to ``heads``, ``qk_dim`` to
+            ``hidden_size // heads``, ``v_dim`` to ``qk_dim``.
+        separate_kv: one key and one value projection per branch (the paper gives its three
+            branches independent K/V; they reach the op as dicts branch -> tensor). Default:
+            one ``k_proj`` / ``v_proj`` shared by all branches.
+        bias: bias in the q/k/v/output projections.
+        rotary: ``rotary(q, k, positions) -> (q, k)`` applied to ``q [B, T, HQ, Dqk]`` and the
+            raw keys ``k [B, T, H', Dqk]`` before attention; ``positions`` is
+            ``arange(T)``. With ``separate_kv`` the keys of every branch are concatenated
+            along the head dim for one call (rotary acts per head, so this is the same as one
+            call per branch). Compressed keys are pooled from *rotated* keys, as the public
+            NSA implementations do. An ``nn.Module`` rotary is registered as a submodule.
+        backend: ``"reference"`` (``nsa_dsl.reference``), ``"kernels"``
+            (``nsa_dsl.compile(spec)``, built on the first kernel call and cached on the
+            layer), or ``"auto"``: kernels for CUDA inputs, the reference otherwise, because
+            on a CPU the kernels run through Triton's interpreter, which is orders of
+            magnitude slower than the PyTorch reference.
+        scale: softmax scale, ``qk_dim ** -0.5`` when None.
+        pool_hidden: width of the ``pool = mlp`` hidden layer (default ``hidden_size``).
+        device, dtype: of every parameter.
+
+    Parameters (``state_dict`` names): ``q_proj``, ``k_proj``, ``v_proj`` (``nn.Linear``, or
+    ``nn.ModuleDict`` branch -> ``nn.Linear`` with ``separate_kv``), ``k_pool`` / ``v_pool``
+    (branch -> :class:`LearnedPool`, for compress branches with ``pool = linear | mlp``),
+    ``gate_proj`` (``output = gate(...)`` only), ``o_proj``.
+
+    Gate init: ``gate_proj`` has zero weight and bias ``logit(1 / max(C, 2))``, so at init
+    every gate is ``1/C`` (``C`` branches; 1/2 for a single gated branch, where 1 would need an
+    infinite bias) whatever the input: the layer starts as the plain average of its branch
+    outputs. That keeps the output on the scale of one attention output for any number of
+    branches (a gate of 0.5 each would scale it by ``C/2``), gives no branch a random head
+    start, and keeps the sigmoid away from saturation (its slope ``g(1-g)`` is far from 0),
+    so the gate weights get a useful gradient ``x * dL/dlogit`` from the first step.
+    """
+
+    def __init__(self, spec: Union[Spec, str, os.PathLike], hidden_size: int, *,
+                 heads: Optional[int] = None, kv_heads: Optional[int] = None,
+                 qk_dim: Optional[int] = None, v_dim: Optional[int] = None,
+                 separate_kv: bool = False, bias: bool = False,
+                 rotary: Optional[Rotary] = None, backend: str = "auto",
+                 scale: Optional[float] = None, pool_hidden: Optional[int] = None,
+                 device=None, dtype=None):
+        super().__init__()
+        spec = _as_spec(spec)
+        if not isinstance(hidden_size, int) or isinstance(hidden_size, bool) or hidden_size <= 0:
+            raise SpecError("E703", f"hidden_size must be a positive integer, got {hidden_size!r}")
+        if backend not in BACKENDS:
+            raise SpecError("E703", f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        if rotary is not None and not callable(rotary):
+            raise SpecError("E703", f"rotary must be callable (q, k, positions) -> (q, k), "
+                                    f"got {type(rotary).__name__}")
+
+        HQ = _resolve(spec, "heads", heads, None, "")
+        H = _resolve(spec, "kv_heads", kv_heads, HQ, "")
+        if HQ % H != 0:
+            raise SpecError("E701", f"heads = {HQ} is not a multiple of kv_heads = {H}",
+                            hint="query head h reads kv head h // (heads // kv_heads)")
+        dqk_default = hidden_size // HQ if hidden_size % HQ == 0 else None
+        Dqk = _resolve(spec, "qk_dim", qk_dim, dqk_default,
+                       f" (the default hidden_size // heads needs heads = {HQ} to divide "
+                       f"hidden_size = {hidden_size})")
+        Dv = _resolve(spec, "v_dim", v_dim, Dqk, "")
+
+        self.spec = spec
+        self.hidden_size = hidden_size
+        self.heads, self.kv_heads, self.qk_dim, self.v_dim = HQ, H, Dqk, Dv
+        self.separate_kv = bool(separate_kv)
+        self.backend = backend
+        self.scale = scale
+        self.rotary = rotary
+        self._compiled_op = None   # nsa_dsl.compile(spec), built on the first kernel call
+
+        fk = {"device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(hidden_size, HQ * Dqk, bias=bias, **fk)
+        if self.separate_kv:
+            names = spec.branch_names
+            self.k_proj = _branch_dict({n: nn.Linear(hidden_size, H * Dqk, bias=bias, **fk) for n in names})
+            self.v_proj = _branch_dict({n: nn.Linear(hidden_size, H * Dv, bias=bias, **fk) for n in names})
+        else:
+            self.k_proj = nn.Linear(hidden_size, H * Dqk, bias=bias, **fk)
+            self.v_proj = nn.Linear(hidden_size, H * Dv, bias=bias, **fk)
+
+        learned = [b for b in spec.of_kind("compress") if b.pool in LEARNED_POOLS]
+        width = pool_hidden if pool_hidden is not None else hidden_size
+        self.k_pool = _branch_dict({b.name: LearnedPool(b.pool, b.block, b.stride, Dqk, width, **fk)
+                                    for b in learned})
+        self.v_pool = _branch_dict({b.name: LearnedPool(b.pool, b.block, b.stride, Dv, width, **fk)
+                                    for b in learned})
+
+        self.num_gates = len(spec.output.branches)
+        if spec.output.kind == "gate":
+            if spec.output.activation != "sigmoid":
+                raise SpecError("E703", f"SparseAttention supports gate(sigmoid, ...) outputs; "
+                                        f"spec '{spec.name}' uses {spec.output.activation!r}")
+            self.gate_proj = nn.Linear(hidden_size, HQ * self.num_gates, bias=True, **fk)
+        else:
+            self.gate_proj = None
+        self.o_proj = nn.Linear(HQ * Dv, hidden_size, bias=bias, **fk)
+        self.reset_gate()
+
+    # -- construction helpers ---------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: Union[str, os.PathLike], hidden_size: int, name: Optional[str] = None,
+                  **kw) -> "SparseAttention":
+        """``SparseAttention(nsa_dsl.load(path, name), hidden_size, **kw)``."""
+        from . import load
+        return cls(load(path, name), hidden_size, **kw)
+
+    @property
+    def gate_init(self) -> float:
+        """Every gate's value at init: ``1 / max(C, 2)`` (see the class docstring)."""
+        return 1.0 / max(self.num_gates, 2)
+
+    def reset_gate(self) -> None:
+        """Zero weight, bias ``logit(gate_init)``: every gate starts at ``gate_init``."""
+        if self.gate_proj is None:
+            return
+        p = self.gate_init
+        nn.init.zeros_(self.gate_proj.weight)
+        nn.init.constant_(self.gate_proj.bias, math.log(p / (1.0 - p)))
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, *, return_aux: bool = False):
+        """``x [B, T, hidden_size] -> y [B, T, hidden_size]``; with ``return_aux``, ``(y, aux)``
+        where ``aux`` is the op's (selected block indices, per-branch lse and outputs)."""
+        self._check_input(x)
+        B, T, _ = x.shape
+        HQ, H, Dqk, Dv = self.heads, self.kv_heads, self.qk_dim, self.v_dim
+
+        q = self.q_proj(x).view(B, T, HQ, Dqk)
+        if self.separate_kv:
+            k = {n: p(x).view(B, T, H, Dqk) for n, p in self.k_proj.items()}
+            v = {n: p(x).view(B, T, H, Dv) for n, p in self.v_proj.items()}
+        else:
+            k = self.k_proj(x).view(B, T, H, Dqk)
+            v = self.v_proj(x).view(B, T, H, Dv)
+        if self.rotary is not None:
+            q, k = self._rotate(q, k, T)
+
+        compressed = None
+        if len(self.k_pool) > 0:   # learned pooling of the (rotated) keys and the values
+            compressed = {n: (self.k_pool[n](self._of_branch(k, n)), self.v_pool[n](self._of_branch(v, n)))
+                          for n in self.k_pool.keys()}
+
+        gates = None
+        if self.gate_proj is not None:
+            gates = torch.sigmoid(self.gate_proj(x)).view(B, T, HQ, self.num_gates)
+
+        out = self._attention(q, k, v, gates, compressed, return_aux)
+        o, aux = out if return_aux else (out, None)
+        y = self.o_proj(o.reshape(B, T, HQ * Dv))
+        return (y, aux) if return_aux else y
+
+    def _attention(self, q, k, v, gates, compressed, return_aux):
+        """The one call of the attention op: ``nsa_dsl.reference`` or the compiled kernels."""
+        op = self._op_for(q)
+        return op(q, k, v, gates, compressed=compressed, scale=self.scale, return_aux=return_aux)
+
+    def _op_for(self, q: torch.Tensor):
+        use_kernels = self.backend == "kernels" or (self.backend == "auto" and q.is_cuda)
+        if use_kernels:
+            if self._compiled_op is None:
+                from . import compile as compile_spec
+                self._compiled_op = compile_spec(self.spec)
+            return self._compiled_op
+        from .reference import reference
+        return functools.partial(reference, self.spec)
+
+    @staticmethod
+    def _of_branch(t, name: str) -> torch.Tensor:
+        return t[name] if isinstance(t, dict) else t
+
+    def _rotate(self, q, k, T: int):
+        positions = torch.arange(T, device=q.device)
+        if not isinstance(k, dict):
+            return self.rotary(q, k, positions)
+        names = list(k)
+        q, k_all = self.rotary(q, torch.cat([k[n] for n in names], dim=2), positions)
+        return q, dict(zip(names, k_all.split(self.kv_heads, dim=2)))
+
+    def _check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise SpecError("E704", f"x: expected a tensor [B, T, hidden_size={self.hidden_size}], "
+                                    f"got {type(x).__name__}")
+        if x.dim() != 3:
+            raise SpecError("E704", f"x: expected 3 dims [B, T, hidden_size={self.hidden_size}], "
+                                    f"got {x.dim()} dims {list(x.shape)}")
+        if x.shape[-1] != self.hidden_size:
+            raise SpecError("E704", f"x: expected hidden size {self.hidden_size} (last dim), "
+                                    f"got {x.shape[-1]} (x is {list(x.shape)})")
+        w = self.q_proj.weight
+        if x.device != w.device:
+            raise SpecError("E705", f"x is on {x.device} but the layer's parameters are on {w.device}",
+                            hint=f"move one of them: x.to('{w.device}') or layer.to('{x.device}')")
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise SpecError("E705", f"x has dtype {x.dtype} but the layer's parameters are {w.dtype}",
+                            hint=f"cast one of them (x.to({w.dtype}) or layer.to({x.dtype})), "
+                                 f"or run under torch.autocast")
+
+    # -- misc -------------------------------------------------------------------------------
+
+    def __getstate__(self):
+        # The compiled op holds loaded kernel modules: not copied or pickled, rebuilt on demand.
+        state = self.__dict__.copy()
+        state["_compiled_op"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        parts = []
+        for b in s.branches:
+            if b.kind == "compress":
+                parts.append(f"{b.name}=compress(block={b.block}, stride={b.stride}, pool={b.pool})")
+            elif b.kind == "select":
+                parts.append(f"{b.name}=select(block={b.block}, top_k={b.top_k}, score={b.score}, "
+                             f"keep_first={b.keep_first}, keep_last={b.keep_last})")
+            else:
+                parts.append(f"{b.name}=window(size={b.size}, sinks={b.sinks})")
+        o = s.output
+        if o.kind == "gate":
+            out = f"gate({o.activation}, {', '.join(o.branches)})"
+        elif o.kind == "sum":
+            out = f"sum({', '.join(o.branches)})"
+        else:
+            out = o.branches[0]
+        lines = [f"spec={s.name}, hidden_size={self.hidden_size}, heads={self.heads}, "
+                 f"kv_heads={self.kv_heads}, qk_dim={self.qk_dim}, v_dim={self.v_dim}, "
+                 f"backend={self.backend}" + (", separate_kv=True" if self.separate_kv else "")
+                 + (f", scale={self.scale}" if self.scale is not None else ""),
+                 "branches: " + "; ".join(parts),
+                 f"output={out}"]
+        return "\n".join(lines)
