@@ -31,7 +31,7 @@ attention nowin {
     kv_heads = 2
     head_dim = 16
     branch cmp = compress(block = 16, stride = 16)
-    branch slc = select(block = 32, top_k = 2, score = cmp)
+    branch slc = select(block = 32, top_k = 3, score = cmp)
     output = sum(cmp, slc)
 }
 """
