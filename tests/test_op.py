@@ -38,15 +38,15 @@ SPECS = {
 }
 
 SHAPES = [  # (B, T, HQ, H, Dqk, Dv)
-    pytest.param(1, 1, 3, 1, 32, 16, id="B1-T1-H1-G3"),
-    pytest.param(2, 15, 4, 4, 16, 32, id="B2-T15-H4-G1"),
-    pytest.param(1, 100, 16, 1, 32, 16, id="B1-T100-H1-G16"),
-    pytest.param(1, 300, 8, 2, 16, 16, id="B1-T300-H2-G4"),
+    pytest.param((1, 1, 3, 1, 32, 16), id="B1-T1-H1-G3"),
+    pytest.param((2, 15, 4, 4, 16, 32), id="B2-T15-H4-G1"),
+    pytest.param((1, 100, 16, 1, 32, 16), id="B1-T100-H1-G16"),
+    pytest.param((1, 300, 8, 2, 16, 16), id="B1-T300-H2-G4"),
 ]
 
 
 def rel(a, b):
-    a, b = a.double(), b.double()
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
     n = b.norm()
     return float((a - b).norm() / n) if n > 0 else float((a - b).norm())
 
