@@ -1,0 +1,230 @@
+"""Selection-attention kernels (templates/select.py.j2) against the float64 reference.
+
+CPU: the kernels run through Triton's interpreter (float32 at 1e-5, a float16 set at 5e-3).
+GPU (``pytest -m gpu``): bf16 / fp16 at longer lengths.
+Every launcher output is NaN-filled before the kernels run (NSA_DSL_NAN_FILL=1, conftest).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codegen.render import render
+from kernel_utils import load_family, rand, rel_err
+from nsa_dsl.reference import select_attention, select_blocks_mean_pool
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def random_idx(B, T, H, LS, TOPK, *, seed=0, forced=True, drop=0.3, device="cpu"):
+    """A random valid selection [B, T, H, TOPK] int32: eligible blocks only (j * LS <= t),
+    distinct, ascending, -1 padded at the end. ``forced``: block 0 and t's own block always in
+    (as keep_first = keep_last = 1 make them); ``drop``: chance to leave out an unforced pick,
+    so rows hold fewer than the possible blocks (-1 padding) even at long T."""
+    g = torch.Generator().manual_seed(seed)
+    NB = -(-T // LS)
+    t = torch.arange(T)[:, None]
+    j = torch.arange(NB)[None, :]
+    score = torch.rand(B, T, H, NB, generator=g)
+    score = torch.where((j * LS <= t)[None, :, None, :], score, -1.0)
+    if forced:
+        score = torch.where(((j == 0) | (j == t // LS))[None, :, None, :], 2.0, score)
+    top, pick = score.topk(min(TOPK, NB), -1)
+    keep = (top >= 0) & ~((torch.rand(top.shape, generator=g) < drop) & (top < 2))
+    pick = torch.where(keep, pick, NB).sort(-1).values
+    pick = torch.where(pick == NB, -1, pick)
+    pick = torch.nn.functional.pad(pick, (0, TOPK - pick.shape[-1]), value=-1)
+    return pick.to(torch.int32).to(device)
+
+
+def make_idx(kind, q, k, LS, TOPK, seed):
+    B, T, H = k.shape[:3]
+    if kind == "random":
+        return random_idx(B, T, H, LS, TOPK, seed=seed, forced=False, device=q.device)
+    if kind == "forced":          # block 0 and the own block chosen by everyone
+        return random_idx(B, T, H, LS, TOPK, seed=seed, forced=True, device=q.device)
+    if kind == "meanpool":        # the reference's own choice (keep_first=1, keep_last=2 when room)
+        kl = min(2, TOPK - 1)
+        return select_blocks_mean_pool(q.double(), k.double(), LS, TOPK, min(1, TOPK - kl), kl)
+    raise ValueError(kind)
+
+
+def run_case(B, T, H, G, DQK, DV, LS, TOPK, dtype, *, idx_kind="random", config=None,
+             device="cpu", seed=0, idx=None):
+    """Kernel (fwd + bwd in ``dtype``) and reference (float64, autograd); returns rel errors."""
+    mod = load_family("select.py.j2", G=G, DQK=DQK, DV=DV, LS=LS, TOPK=TOPK)
+    q = rand((B, T, H * G, DQK), seed=seed + 1, device=device)
+    k = rand((B, T, H, DQK), seed=seed + 2, device=device)
+    v = rand((B, T, H, DV), seed=seed + 3, device=device)
+    do = rand((B, T, H * G, DV), seed=seed + 4, device=device)
+    if idx is None:
+        idx = make_idx(idx_kind, q, k, LS, TOPK, seed)
+    scale = DQK ** -0.5
+    qx, kx, vx, dox = (x.to(dtype) for x in (q, k, v, do))
+    o, lse = mod.fwd(qx, kx, vx, idx, scale, config=config)
+    dq, dk, dv = mod.bwd(qx, kx, vx, idx, o, lse, dox, scale, config=config)
+
+    def reference(dt):
+        qr, kr, vr = (x.to(dt).detach().requires_grad_() for x in (qx, kx, vx))
+        ro, rlse = select_attention(qr, kr, vr, idx, LS, scale)
+        ro.backward(dox.to(dt))
+        return ro, rlse, qr.grad, kr.grad, vr.grad
+
+    ref = reference(torch.float64)
+    assert o.dtype == dtype and dq.dtype == dtype and dk.dtype == dtype and dv.dtype == dtype
+    assert lse.dtype == torch.float32
+    for x in (o, dq, dk, dv):
+        assert torch.isfinite(x).all()
+    errs = [rel_err(x, r) for x, r in zip((o, lse, dq, dk, dv), ref)]
+    return errs, ref, reference, (o, lse, dq, dk, dv)
+
+
+NAMES = ("o", "lse", "dq", "dk", "dv")
+
+
+def _assert_close(errs, tol):
+    bad = {n: e for n, e in zip(NAMES, errs) if not e < tol}
+    assert not bad, f"relative errors above {tol}: {bad} (all: {dict(zip(NAMES, errs))})"
+
+
+def _p(B, T, H, G, DQK, DV, LS, TOPK, idx_kind, config=None, marks=()):
+    cid = f"B{B}-T{T}-H{H}-G{G}-D{DQK}x{DV}-LS{LS}-K{TOPK}-{idx_kind}"
+    if config:
+        cid += "-" + "-".join(f"{k}{v}" for k, v in sorted(config.items()))
+    return pytest.param(B, T, H, G, DQK, DV, LS, TOPK, idx_kind, config, id=cid, marks=marks)
+
+
+FP32_CASES = [
+    _p(1, 1, 1, 1, 16, 32, 16, 2, "random"),
+    _p(2, 15, 2, 3, 32, 16, 16, 4, "random"),                    # one block: -1 padding everywhere
+    _p(1, 100, 2, 4, 64, 32, 32, 3, "random"),
+    _p(1, 100, 1, 16, 48, 80, 48, 2, "forced"),                  # LS not a power of two, D padded
+    _p(1, 100, 1, 16, 32, 32, 32, 3, "random", dict(R=1, RQ=1)),  # one position per program: idx as is
+    _p(1, 100, 1, 3, 32, 16, 16, 4, "random", dict(R=8, RQ=16, CHUNK=8)),  # long lists in chunks
+    _p(1, 300, 1, 1, 32, 48, 16, 5, "meanpool"),
+    _p(1, 300, 1, 3, 64, 64, 64, 3, "forced", dict(R=4, RQ=4, CHUNK=32)),   # minimal rows
+    _p(1, 300, 1, 4, 16, 32, 100, 2, "random"),                  # LS = 100: two tiles, masked end
+    _p(1, 15, 1, 64, 16, 16, 16, 1, "forced"),                   # G = 64: BM = 64, TOPK = 1
+    _p(1, 40, 1, 2, 192, 128, 16, 3, "meanpool"),                # wide heads, BDK = 256
+]
+
+
+@pytest.mark.parametrize("B,T,H,G,DQK,DV,LS,TOPK,idx_kind,config", FP32_CASES)
+def test_select_fp32(B, T, H, G, DQK, DV, LS, TOPK, idx_kind, config):
+    errs, *_ = run_case(B, T, H, G, DQK, DV, LS, TOPK, torch.float32, idx_kind=idx_kind, config=config)
+    _assert_close(errs, 1e-5)
+
+
+@pytest.mark.parametrize("B,T,H,G,DQK,DV,LS,TOPK,idx_kind,config", [
+    _p(1, 100, 2, 3, 32, 64, 16, 3, "forced"),
+    _p(2, 100, 1, 16, 64, 32, 32, 2, "meanpool"),
+])
+def test_select_fp16(B, T, H, G, DQK, DV, LS, TOPK, idx_kind, config):
+    errs, *_ = run_case(B, T, H, G, DQK, DV, LS, TOPK, torch.float16, idx_kind=idx_kind, config=config)
+    _assert_close(errs, 5e-3)
+
+
+def test_select_rows_without_keys():
+    """Rows with no block (-1 only) or only a block after t: o = 0, lse = -inf, finite gradients."""
+    B, T, H, G, D, LS, K = 1, 40, 2, 3, 32, 16, 3
+    idx = torch.full((B, T, H, K), -1, dtype=torch.int32)
+    idx[:, ::3, 0, 0] = 0
+    idx[:, 5:, 1, 0] = 2               # keys from 32 on: nothing for t < 32
+    errs, ref, _, (o, lse, *_) = run_case(B, T, H, G, D, D, LS, K, torch.float32, idx=idx,
+                                          config=dict(R=8, RQ=8, CHUNK=8))
+    _assert_close(errs, 1e-5)
+    no_key = torch.isinf(ref[1])
+    assert no_key.any() and torch.equal(torch.isinf(lse), no_key)
+    assert (o[no_key] == 0).all()
+
+
+def test_select_strided_inputs():
+    """q, k, v as views into packed projections (unit stride in the last dim only)."""
+    B, T, H, G, DQK, DV, LS, K = 1, 50, 2, 2, 32, 16, 16, 2
+    mod = load_family("select.py.j2", G=G, DQK=DQK, DV=DV, LS=LS, TOPK=K)
+    packed = rand((B, T, H * G * DQK + H * DQK + H * DV), seed=5)
+    q = packed[..., :H * G * DQK].unflatten(-1, (H * G, DQK))
+    k = packed[..., H * G * DQK:H * G * DQK + H * DQK].unflatten(-1, (H, DQK))
+    v = packed[..., H * G * DQK + H * DQK:].unflatten(-1, (H, DV))
+    do = rand((B, T, H * G, DV), seed=6)
+    idx = random_idx(B, T, H, LS, K, seed=3)
+    o, lse = mod.fwd(q, k, v, idx, 0.3)
+    dq, dk, dv = mod.bwd(q, k, v, idx, o, lse, do, 0.3)
+    qr, kr, vr = (x.double().detach().requires_grad_() for x in (q, k, v))
+    ro, rl = select_attention(qr, kr, vr, idx, LS, 0.3)
+    ro.backward(do.double())
+    _assert_close([rel_err(a, b) for a, b in zip((o, lse, dq, dk, dv), (ro, rl, qr.grad, kr.grad, vr.grad))], 1e-5)
+
+
+def test_select_inverse_index():
+    """invert(): for each (b, kv head, block) exactly the positions that chose it, ascending."""
+    B, T, H, LS, K = 2, 70, 3, 16, 3
+    mod = load_family("select.py.j2", G=1, DQK=16, DV=16, LS=LS, TOPK=K)
+    idx = random_idx(B, T, H, LS, K, seed=1)
+    pos, off, item_list, item_chunk, n_chunks = mod.invert(idx, chunk=8)
+    NB = -(-T // LS)
+    for b in range(B):
+        for h in range(H):
+            for j in range(NB):
+                l = (b * H + h) * NB + j
+                want = (idx[b, :, h] == j).any(-1).nonzero().flatten()
+                got = pos[off[l]:off[l + 1]].long()
+                assert torch.equal(got, want), (b, h, j)
+                assert n_chunks[l] == max(1, -(-want.numel() // 8))
+    real = item_list < B * H * NB
+    pairs = sorted(zip(item_list[real].tolist(), item_chunk[real].tolist()))
+    assert pairs == [(l, c) for l in range(B * H * NB) for c in range(int(n_chunks[l]))]
+
+
+def test_select_block_lists():
+    """block_lists(): R = 1 is idx itself; R > 1 the ascending union of the R positions."""
+    B, T, H, LS, K, R = 2, 45, 2, 16, 2, 4
+    mod = load_family("select.py.j2", G=1, DQK=16, DV=16, LS=LS, TOPK=K)
+    idx = random_idx(B, T, H, LS, K, seed=2)
+    blk, rk = mod.block_lists(idx, 1)
+    assert rk == K and torch.equal(blk, idx.permute(0, 2, 1, 3))
+    blk, rk = mod.block_lists(idx, R)
+    assert rk == R * K and blk.shape == (B, H, -(-T // R), R * K)
+    for b in range(B):
+        for h in range(H):
+            for p in range(blk.shape[2]):
+                want = sorted(set(idx[b, p * R:(p + 1) * R, h].flatten().tolist()) - {-1})
+                got = blk[b, h, p].tolist()
+                assert got == want + [-1] * (R * K - len(want))
+
+
+def test_select_render_specializes():
+    """Jinja decides what exists: no block-end mask when BN divides LS, no head-dim masks for
+    power-of-two dims; LS = 48 gets the mask, D = 48 gets the dim masks."""
+    plain = render("select.py.j2", G=16, DQK=64, DV=64, LS=64, TOPK=16)
+    assert "(i_j + 1) * LS" not in plain and "m_dk" not in plain and "m_dv" not in plain
+    assert "o_g < G" not in plain                                       # G is a power of two
+    assert "BN = 64" in plain and "NT = 1" in plain
+    odd = render("select.py.j2", G=3, DQK=48, DV=80, LS=48, TOPK=3)
+    assert "(i_j + 1) * LS" in odd and "m_dk = " in odd and "m_dv = " in odd and "o_g < G" in odd
+    assert "for i_n in range(NT)" not in odd                            # 48 fits one tile
+    long = render("select.py.j2", G=4, DQK=64, DV=64, LS=128, TOPK=4)
+    assert "BN = 64" in long and "NT = 2" in long and "for i_n in range(NT)" in long
+    assert "(i_j + 1) * LS" not in long
+
+
+# ----------------------------------------------------------------------------- GPU
+
+def _gpu_case(T, H, G, DQK, DV, LS, TOPK, dtype, idx_kind):
+    errs, ref, reference, _ = run_case(1, T, H, G, DQK, DV, LS, TOPK, dtype, idx_kind=idx_kind, device="cuda")
+    low = reference(dtype)                       # the reference in the same precision
+    ref_errs = [rel_err(x, r) for x, r in zip(low, ref)]
+    for n, e, re in zip(NAMES, errs, ref_errs):
+        assert e < max(5e-3, 2 * re), f"{n}: kernel {e:.2e}, {dtype} reference {re:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("T,H,G,DQK,DV,LS,TOPK,idx_kind", [
+    pytest.param(4096, 2, 16, 128, 128, 64, 16, "meanpool", id="T4096-H2-G16-D128-LS64-K16"),
+    pytest.param(4096, 1, 16, 192, 128, 64, 16, "forced", id="T4096-H1-G16-D192x128-LS64-K16"),
+    pytest.param(2000, 2, 3, 64, 48, 48, 8, "random", id="T2000-H2-G3-D64x48-LS48-K8"),
+    pytest.param(4096, 1, 1, 64, 64, 32, 16, "forced", id="T4096-H1-G1-D64-LS32-K16"),
+])
+def test_select_gpu(T, H, G, DQK, DV, LS, TOPK, idx_kind, dtype):
+    _gpu_case(T, H, G, DQK, DV, LS, TOPK, dtype, idx_kind)
