@@ -176,14 +176,17 @@ def _(key, outs, gates, do):
 def _setup_combine(ctx, inputs, output):
     key, outs, gates = inputs
     ctx.key, ctx.n, ctx.gated = key, len(outs), gates is not None
-    ctx.save_for_backward(*outs, *([gates] if gates is not None else []))
+    if gates is not None:
+        ctx.save_for_backward(*outs, gates)
 
 
 def _combine_backward(ctx, do):
+    if not ctx.gated:  # a plain sum passes the gradient through unchanged
+        return None, [do] * ctx.n, None
     saved = ctx.saved_tensors
-    outs, gates = list(saved[:ctx.n]), (saved[ctx.n] if ctx.gated else None)
+    outs, gates = list(saved[:ctx.n]), saved[ctx.n]
     grads = combine_bwd(ctx.key, outs, gates, do.contiguous())
-    return None, grads[:ctx.n], (grads[ctx.n] if ctx.gated else None)
+    return None, grads[:ctx.n], grads[ctx.n]
 
 
 combine_fwd.register_autograd(_combine_backward, setup_context=_setup_combine)
