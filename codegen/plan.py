@@ -7,6 +7,7 @@ compile-time constants. Rendering (codegen.render) and caching
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from nsa_dsl.errors import SpecError
@@ -76,7 +77,21 @@ class Plan:
         return "\n".join(lines)
 
 
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+_WORDS = {"cmp", "mean_pool"}    # the only strings a template variable may hold
+
+
 def _kernel(name, branch, family, **variables) -> KernelPlan:
+    """Only validated numbers and words from a fixed vocabulary reach a template."""
+    if not _IDENTIFIER.match(branch):
+        raise SpecError("E116", f"branch name {branch!r} is not an identifier",
+                        hint="names are letters, digits and '_', starting with a letter or '_'")
+    for key, value in variables.items():
+        ok = (isinstance(value, bool) or (type(value) is int and 0 <= value <= 1 << 20)
+              or (isinstance(value, str) and value in _WORDS))
+        if not ok:
+            raise SpecError("E216", f"branch '{branch}': {key} = {value!r} is not a valid value",
+                            hint="build specs with nsa_dsl.parse or nsa_dsl.load, which check every value")
     return KernelPlan(name, branch, family, tuple(sorted(variables.items())))
 
 
