@@ -22,6 +22,18 @@ from nsa_dsl.reference import Aux, reference
 import brute  # tests/brute.py
 
 S = Span.unknown()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The brute force runs thousands of tiny ops: one thread is faster, and stays fast on a
+    loaded machine (idle OpenMP threads spin)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 F64 = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-10)
 
@@ -559,7 +571,8 @@ def test_paper_spec_speed():
     start, start_cpu = time.perf_counter(), time.process_time()
     o, aux = reference(spec, q, k, v, gates, return_aux=True)
     wall = time.perf_counter() - start
-    # On a shared machine wall time measures the neighbours: also accept the CPU time per thread.
+    # On a shared machine wall time measures the neighbours: also accept the CPU time per thread
+    # (one thread here, see _one_thread).
     elapsed = min(wall, (time.process_time() - start_cpu) / torch.get_num_threads())
     assert o.shape == (B, T, H * G, D) and torch.isfinite(o).all()
     idx = aux.indices["slc"]
@@ -570,10 +583,10 @@ def test_paper_spec_speed():
 
 def test_gradgradcheck_small(monkeypatch):
     """Second derivatives (through the chunked recomputation) agree with finite differences."""
-    monkeypatch.setattr(R, "_QUERY_CHUNK", 4)
+    monkeypatch.setattr(R, "_QUERY_CHUNK", 3)
     spec = make_spec([cmp(block=4, stride=2), slc(block=4, top_k=2, keep_first=1, keep_last=1),
                       swa(size=3, sinks=1)], "gate", ["cmp", "slc", "swa"])
-    leaves = make_inputs(spec, 1, 9, 1, 2, 4, 3)
+    leaves = make_inputs(spec, 1, 7, 1, 2, 3, 2)
     names = list(leaves)
 
     def f(*xs):
