@@ -72,7 +72,7 @@ def cache_dir() -> Path:
 def cache_key(plan: Plan) -> str:
     h = hashlib.sha256()
     h.update(plan.canonical().encode())
-    for template in sorted({k.template for k in plan.kernels}):
+    for template in sorted({k.template for k in plan.kernels}) + _render.partials():   # + included pieces
         h.update(template.encode())
         h.update(_render.template_source(template).encode())
     h.update(_versions().encode())

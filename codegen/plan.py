@@ -67,10 +67,16 @@ class Plan:
             "kernels": [[k.name, k.family, [list(v) for v in k.variables]] for k in self.kernels],
         }, sort_keys=True)
 
+    @property
+    def varlen(self) -> bool:
+        """Kernels for packed variable-length sequences (``cu_seqlens``)."""
+        return any(k.vars().get("VARLEN", False) for k in self.kernels)
+
     def describe(self) -> str:
         b = self.binding
         lines = [f"plan for {self.spec.name}: heads={b.heads} kv_heads={b.kv_heads} "
-                 f"(G={b.group}) qk_dim={b.qk_dim} v_dim={b.v_dim}"]
+                 f"(G={b.group}) qk_dim={b.qk_dim} v_dim={b.v_dim}"
+                 + (" packed sequences (varlen)" if self.varlen else "")]
         for k in self.kernels:
             args = ", ".join(f"{n}={v}" for n, v in k.variables)
             lines.append(f"  {k.name:<20} {k.template:<16} {args}")
@@ -120,13 +126,19 @@ def bind(spec: Spec, heads: int, kv_heads: int, qk_dim: int, v_dim: int) -> Bind
     return Binding(heads, kv_heads, qk_dim, v_dim)
 
 
-def lower(spec: Spec, binding: Binding) -> Plan:
-    """Which kernels run, in dependency order: compression, selection, window, combination."""
+def lower(spec: Spec, binding: Binding, varlen: bool = False) -> Plan:
+    """Which kernels run, in dependency order: compression, selection, window, combination.
+
+    ``varlen=True``: kernels for packed variable-length sequences (``cu_seqlens``); the attention
+    families get the template variable ``VARLEN = True`` (a plan without it renders no varlen
+    code, and the variable is part of the cache key). Combination needs no variant.
+    """
     G, DQK, DV = binding.group, binding.qk_dim, binding.v_dim
+    seq = {"VARLEN": True} if varlen else {}
     kernels = []
     for b in spec.of_kind("compress"):
         kernels.append(_kernel(f"compress_{b.name}", b.name, "compress",
-                               G=G, DQK=DQK, DV=DV, L=b.block, STRIDE=b.stride))
+                               G=G, DQK=DQK, DV=DV, L=b.block, STRIDE=b.stride, **seq))
     for b in spec.of_kind("select"):
         if b.score == "mean_pool":
             L, STRIDE, SCORE = b.block, b.block, "mean_pool"
@@ -135,17 +147,47 @@ def lower(spec: Spec, binding: Binding) -> Plan:
             L, STRIDE, SCORE = src.block, src.stride, "cmp"
         kernels.append(_kernel(f"topk_{b.name}", b.name, "topk",
                                G=G, DQK=DQK, L=L, STRIDE=STRIDE, LS=b.block, TOPK=b.top_k,
-                               KEEP_FIRST=b.keep_first, KEEP_LAST=b.keep_last, SCORE=SCORE))
+                               KEEP_FIRST=b.keep_first, KEEP_LAST=b.keep_last, SCORE=SCORE, **seq))
         kernels.append(_kernel(f"select_{b.name}", b.name, "select",
-                               G=G, DQK=DQK, DV=DV, LS=b.block, TOPK=b.top_k))
+                               G=G, DQK=DQK, DV=DV, LS=b.block, TOPK=b.top_k, **seq))
     for b in spec.of_kind("window"):
         kernels.append(_kernel(f"window_{b.name}", b.name, "window",
-                               G=G, DQK=DQK, DV=DV, W=b.size, SINKS=b.sinks))
+                               G=G, DQK=DQK, DV=DV, W=b.size, SINKS=b.sinks, **seq))
     out = spec.output
     kernels.append(_kernel("combine", "output", "combine",
                            C=len(out.branches), DV=DV, GATED=out.kind == "gate"))
     return Plan(spec, binding, tuple(kernels))
 
 
-__all__ = ["Binding", "KernelPlan", "Plan", "bind", "lower", "GENERATOR_VERSION",
+def lower_decode(spec: Spec, binding: Binding) -> Plan:
+    """The decoding / chunked-prefill plan: one kernel module (``templates/decode.py.j2``) that
+    computes every branch of ``spec`` for new tokens over a KV cache (``nsa_dsl.decode``).
+
+    Template variables name branches by kind and index, never by spec text: ``CMP`` holds
+    ``(block, stride)`` per compress branch, ``SEL`` ``(block, top_k, keep_first, keep_last,
+    score, src)`` per select branch (``score`` is ``"cmp"`` with ``src`` indexing ``CMP``, or
+    ``"mean_pool"`` with ``src = 0``), ``WIN`` ``(size, sinks)`` per window branch, ``OUT`` the
+    output's branches as indices into the list compress, then select, then window branches.
+    Every leaf of these tuples passes the same check as a scalar variable (``_kernel``).
+    """
+    cmps, sels, wins = spec.of_kind("compress"), spec.of_kind("select"), spec.of_kind("window")
+    order = [b.name for b in cmps] + [b.name for b in sels] + [b.name for b in wins]
+    c_index = {b.name: i for i, b in enumerate(cmps)}
+    variables = dict(
+        G=binding.group, DQK=binding.qk_dim, DV=binding.v_dim, GATED=spec.output.kind == "gate",
+        CMP=tuple((b.block, b.stride) for b in cmps),
+        SEL=tuple((b.block, b.top_k, b.keep_first, b.keep_last, "mean_pool", 0) if b.score == "mean_pool"
+                  else (b.block, b.top_k, b.keep_first, b.keep_last, "cmp", c_index[b.score]) for b in sels),
+        WIN=tuple((b.size, b.sinks) for b in wins),
+        OUT=tuple(order.index(n) for n in spec.output.branches))
+    leaves = {}
+    for key, value in variables.items():
+        items = [x for t in value for x in (t if isinstance(t, tuple) else (t,))] if isinstance(value, tuple) else [value]
+        leaves.update({f"{key}_{i}": x for i, x in enumerate(items)})
+    _kernel("decode", "decode", "decode", **leaves)     # validates every leaf
+    kernel = KernelPlan("decode", "decode", "decode", tuple(sorted(variables.items())))
+    return Plan(spec, binding, (kernel,))
+
+
+__all__ = ["Binding", "KernelPlan", "Plan", "bind", "lower", "lower_decode", "GENERATOR_VERSION",
            "Compress", "Select", "Window"]

@@ -204,3 +204,30 @@ def _plot(rows, path):
     b.set_ylabel("speedup over cuDNN"); b.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def show_cmd(args, emit=print) -> int:
+    """`nsa-dsl show FILE --seq-len T [--out PNG] [--from-model CKPT]`: a PNG of the keys each
+    query attends, per branch (logic in nsa_dsl.show)."""
+    import nsa_dsl
+    from . import show
+
+    spec = nsa_dsl.load(args.file, getattr(args, "name", None))
+    T = int(args.seq_len)
+    show._import_pyplot()                 # a missing matplotlib fails before any work
+    marks = None
+    if getattr(args, "from_model", None):
+        indices, note, marks = show.model_selection(spec, T, args.from_model,
+                                                    layer=getattr(args, "layer", None) or 0)
+    elif spec.of_kind("select"):
+        indices, note = show.random_selection(spec, T)
+    else:
+        indices, note = None, "static pattern"
+    masks = show.attention_masks(spec, T, indices, size=show.DEFAULT_SIZE)
+    stats = show.keys_per_query(spec, T, indices)
+    out = getattr(args, "out", None) or f"show_{spec.name}_T{T}.png"
+    title = (f"{spec.name}: keys attended per query, T = {T} (dense causal: {(T + 1) / 2:.1f} keys "
+             f"per query on average)\n{note}" + ("\ncircles: each answer's query (row) and the value it must retrieve (column)" if marks else ""))
+    path = show.render_png(spec, masks, T, out, title=title, stats=stats, marks=marks)
+    emit(f"wrote {path}")
+    return 0

@@ -7,6 +7,11 @@ graph breaks, and the fake implementations give it every output shape.
 
 No gradient flows through the choice of blocks (``idx``) or through the
 log-sum-exps, which are returned for inspection and for the scoring pass.
+
+Packed variable-length batches: every attention and top-k op takes an optional
+``cu_seqlens [N + 1]`` int32 (``B = 1``), passed to the launchers of a module generated
+with ``VARLEN`` (``codegen.plan.lower(..., varlen=True)``); it gets no gradient, and the
+output shapes are the same as without it.
 """
 from __future__ import annotations
 
@@ -43,42 +48,50 @@ def _no_grad_outputs(ctx, *tensors):
 
 # -- attention branches: (o, lse) forward, (dq, dk, dv) backward --------------------------------
 
+def _seq(cu_seqlens: Optional[Tensor]) -> dict:
+    """Launcher keyword for packed sequences (none without them: the plain launchers' call)."""
+    return {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+
+
 @torch.library.custom_op("nsa_dsl::compress_fwd", mutates_args=())
-def compress_fwd(key: str, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    return module(key).fwd(q, k, v, scale)
+def compress_fwd(key: str, q: Tensor, k: Tensor, v: Tensor, scale: float,
+                 cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    return module(key).fwd(q, k, v, scale, **_seq(cu_seqlens))
 
 
 @torch.library.custom_op("nsa_dsl::compress_bwd", mutates_args=())
 def compress_bwd(key: str, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor,
-                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    return module(key).bwd(q, k, v, o, lse, do, scale)
+                 scale: float, cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    return module(key).bwd(q, k, v, o, lse, do, scale, **_seq(cu_seqlens))
 
 
 @torch.library.custom_op("nsa_dsl::window_fwd", mutates_args=())
-def window_fwd(key: str, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    return module(key).fwd(q, k, v, scale)
+def window_fwd(key: str, q: Tensor, k: Tensor, v: Tensor, scale: float,
+               cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    return module(key).fwd(q, k, v, scale, **_seq(cu_seqlens))
 
 
 @torch.library.custom_op("nsa_dsl::window_bwd", mutates_args=())
 def window_bwd(key: str, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor,
-               scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    return module(key).bwd(q, k, v, o, lse, do, scale)
+               scale: float, cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    return module(key).bwd(q, k, v, o, lse, do, scale, **_seq(cu_seqlens))
 
 
 @torch.library.custom_op("nsa_dsl::select_fwd", mutates_args=())
-def select_fwd(key: str, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    return module(key).fwd(q, k, v, idx, scale)
+def select_fwd(key: str, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float,
+               cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    return module(key).fwd(q, k, v, idx, scale, **_seq(cu_seqlens))
 
 
 @torch.library.custom_op("nsa_dsl::select_bwd", mutates_args=())
 def select_bwd(key: str, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: Tensor,
-               do: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    return module(key).bwd(q, k, v, idx, o, lse, do, scale)
+               do: Tensor, scale: float, cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    return module(key).bwd(q, k, v, idx, o, lse, do, scale, **_seq(cu_seqlens))
 
 
 for _fwd in (compress_fwd, window_fwd):
-    _fwd.register_fake(lambda key, q, k, v, scale: _o_lse(q, v))
-select_fwd.register_fake(lambda key, q, k, v, idx, scale: _o_lse(q, v))
+    _fwd.register_fake(lambda key, q, k, v, scale, cu_seqlens=None: _o_lse(q, v))
+select_fwd.register_fake(lambda key, q, k, v, idx, scale, cu_seqlens=None: _o_lse(q, v))
 
 
 def _grads_fake(key, q, k, v, *rest):
@@ -90,18 +103,18 @@ for _bwd in (compress_bwd, window_bwd, select_bwd):
 
 
 def _setup_qkv(ctx, inputs, output):
-    key, q, k, v, scale = inputs
+    key, q, k, v, scale, cu_seqlens = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
     ctx.key, ctx.scale = key, scale
     _no_grad_outputs(ctx, lse)
 
 
 def _backward_with(bwd_op):
     def backward(ctx, do, dlse):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = bwd_op(ctx.key, q, k, v, o, lse, do.contiguous(), ctx.scale)
-        return None, dq, dk, dv, None
+        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = bwd_op(ctx.key, q, k, v, o, lse, do.contiguous(), ctx.scale, cu_seqlens)
+        return None, dq, dk, dv, None, None
     return backward
 
 
@@ -110,17 +123,17 @@ window_fwd.register_autograd(_backward_with(window_bwd), setup_context=_setup_qk
 
 
 def _setup_select(ctx, inputs, output):
-    key, q, k, v, idx, scale = inputs
+    key, q, k, v, idx, scale, cu_seqlens = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, idx, o, lse)
+    ctx.save_for_backward(q, k, v, idx, o, lse, cu_seqlens)
     ctx.key, ctx.scale = key, scale
     _no_grad_outputs(ctx, lse)
 
 
 def _select_backward(ctx, do, dlse):
-    q, k, v, idx, o, lse = ctx.saved_tensors
-    dq, dk, dv = select_bwd(ctx.key, q, k, v, idx, o, lse, do.contiguous(), ctx.scale)
-    return None, dq, dk, dv, None, None
+    q, k, v, idx, o, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = select_bwd(ctx.key, q, k, v, idx, o, lse, do.contiguous(), ctx.scale, cu_seqlens)
+    return None, dq, dk, dv, None, None, None
 
 
 select_fwd.register_autograd(_select_backward, setup_context=_setup_select)
@@ -129,23 +142,25 @@ select_fwd.register_autograd(_select_backward, setup_context=_setup_select)
 # -- block selection (no gradient) ------------------------------------------------------------
 
 @torch.library.custom_op("nsa_dsl::topk_cmp", mutates_args=())
-def topk_cmp(key: str, q: Tensor, k_cmp: Tensor, lse_cmp: Tensor, scale: float, top_k: int) -> Tensor:
-    return module(key).topk(q, k_cmp, lse_cmp, scale)
+def topk_cmp(key: str, q: Tensor, k_cmp: Tensor, lse_cmp: Tensor, scale: float, top_k: int,
+             cu_seqlens: Optional[Tensor] = None) -> Tensor:
+    return module(key).topk(q, k_cmp, lse_cmp, scale, **_seq(cu_seqlens))
 
 
 @torch.library.custom_op("nsa_dsl::topk_mean_pool", mutates_args=())
-def topk_mean_pool(key: str, q: Tensor, k: Tensor, kv_heads: int, top_k: int) -> Tensor:
-    return module(key).topk_mean_pool(q, k)
+def topk_mean_pool(key: str, q: Tensor, k: Tensor, kv_heads: int, top_k: int,
+                   cu_seqlens: Optional[Tensor] = None) -> Tensor:
+    return module(key).topk_mean_pool(q, k, **_seq(cu_seqlens))
 
 
 @topk_cmp.register_fake
-def _(key, q, k_cmp, lse_cmp, scale, top_k):
+def _(key, q, k_cmp, lse_cmp, scale, top_k, cu_seqlens=None):
     B, T = q.shape[:2]
     return q.new_empty(B, T, k_cmp.shape[2], top_k, dtype=torch.int32)
 
 
 @topk_mean_pool.register_fake
-def _(key, q, k, kv_heads, top_k):
+def _(key, q, k, kv_heads, top_k, cu_seqlens=None):
     B, T = q.shape[:2]
     return q.new_empty(B, T, kv_heads, top_k, dtype=torch.int32)
 

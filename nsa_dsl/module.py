@@ -23,6 +23,8 @@ Errors (all :class:`~nsa_dsl.errors.SpecError`, which is a ``ValueError``):
 | E703 | a bad constructor argument (sizes, ``backend``, ``spec`` type) |
 | E704 | ``x`` has the wrong number of dims or the wrong hidden size |
 | E705 | ``x`` has a dtype or device other than the layer's parameters |
+| E706 | ``cu_seqlens`` together with ``cache`` (packed prefill into a KV cache is not supported) |
+| E620-E625 | a bad ``cu_seqlens`` (see ``nsa_dsl.varlen``) |
 """
 from __future__ import annotations
 
@@ -101,9 +103,16 @@ class LearnedPool(nn.Module):
             for layer in (self.net[0], self.net[2]):
                 layer.reset_parameters()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        blocks = split_blocks(x, self.block, self.stride) + self.pos   # [B, Nc, H, l, D]
-        return self.net(blocks.flatten(-2))                           # [B, Nc, H, D]
+    def forward(self, x: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+        """``cu_seqlens`` (a tensor or a list of ints): packed sequences, ``x [1, T, H, D]`` ->
+        ``[1, sum Nc_s, H, D]``, each sequence's blocks in turn (``nsa_dsl.varlen``)."""
+        if cu_seqlens is None:
+            blocks = split_blocks(x, self.block, self.stride)          # [B, Nc, H, l, D]
+        else:
+            from .varlen import split_blocks as split_packed
+            cu = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
+            blocks = split_packed(x, cu, self.block, self.stride)      # [1, sum Nc_s, H, l, D]
+        return self.net((blocks + self.pos).flatten(-2))               # [B, Nc, H, D]
 
     def extra_repr(self) -> str:
         return f"{self.kind}, block={self.block}, stride={self.stride}, dim={self.dim}"
@@ -189,7 +198,8 @@ class SparseAttention(nn.Module):
         bias: bias in the q/k/v/output projections.
         rotary: ``rotary(q, k, positions) -> (q, k)`` applied to ``q [B, T, HQ, Dqk]`` and the
             raw keys ``k [B, T, H', Dqk]`` before attention; ``positions`` is
-            ``arange(T)``. With ``separate_kv`` the keys of every branch are concatenated
+            ``arange(T)`` (with ``cu_seqlens``: each row's position in its own sequence,
+            restarting at 0). With ``separate_kv`` the keys of every branch are concatenated
             along the head dim for one call (rotary acts per head, so this is the same as one
             call per branch). Compressed keys are pooled from *rotated* keys, as the public
             NSA implementations do. An ``nn.Module`` rotary is registered as a submodule.
@@ -303,13 +313,38 @@ class SparseAttention(nn.Module):
         nn.init.zeros_(self.gate_proj.weight)
         nn.init.constant_(self.gate_proj.bias, math.log(p / (1.0 - p)))
 
+    def new_cache(self, batch_size: int, max_len: int, *, dtype=None, device=None):
+        """A KV cache (``nsa_dsl.decode.NSACache``) for ``batch_size`` sequences of up to
+        ``max_len`` tokens, for ``layer(x_chunk, cache=cache)``; the layer's dtype and device
+        unless given."""
+        from .decode import new_cache
+        return new_cache(self, batch_size, max_len, dtype=dtype, device=device)
+
     # -- forward ----------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, *, return_aux: bool = False):
+    def forward(self, x: torch.Tensor, *, return_aux: bool = False, cache=None,
+                cu_seqlens: Optional[torch.Tensor] = None):
         """``x [B, T, hidden_size] -> y [B, T, hidden_size]``; with ``return_aux``, ``(y, aux)``
-        where ``aux`` is the op's (selected block indices, per-branch lse and outputs)."""
+        where ``aux`` is the op's (selected block indices, per-branch lse and outputs).
+        With ``cache`` (``layer.new_cache(...)``), ``x`` is the next chunk of each sequence
+        (a prompt, a piece of one, or one token): it is appended and its outputs returned
+        (``nsa_dsl.decode.forward_cached``).
+        With ``cu_seqlens [N + 1]`` (int32/int64, on x's device), ``x [1, T, hidden_size]``
+        packs N sequences (rows ``[cu[s], cu[s + 1])``), each computed as if alone: rotary
+        positions restart at 0 and learned pooling runs per sequence (``nsa_dsl.varlen``)."""
+        if cache is not None:
+            if cu_seqlens is not None:
+                raise SpecError("E706", "cu_seqlens and cache were both given; packed sequences "
+                                        "run without a KV cache",
+                                hint="prefill each sequence into the cache with its own call")
+            from .decode import forward_cached
+            return forward_cached(self, x, cache, return_aux=return_aux)
         self._check_input(x)
         B, T, _ = x.shape
+        cu = None                                      # packed sequences' offsets, on the host
+        if cu_seqlens is not None:
+            from .varlen import check_cu_seqlens
+            cu = check_cu_seqlens(cu_seqlens, x, "x")
         HQ, H, Dqk, Dv = self.heads, self.kv_heads, self.qk_dim, self.v_dim
 
         q = self.q_proj(x).view(B, T, HQ, Dqk)
@@ -320,26 +355,27 @@ class SparseAttention(nn.Module):
             k = self.k_proj(x).view(B, T, H, Dqk)
             v = self.v_proj(x).view(B, T, H, Dv)
         if self.rotary is not None:
-            q, k = self._rotate(q, k, T)
+            q, k = self._rotate(q, k, T, cu)
 
         compressed = None
         if len(self.k_pool) > 0:   # learned pooling of the (rotated) keys and the values
-            compressed = {n: (self.k_pool[n](self._of_branch(k, n)), self.v_pool[n](self._of_branch(v, n)))
+            compressed = {n: (self.k_pool[n](self._of_branch(k, n), cu), self.v_pool[n](self._of_branch(v, n), cu))
                           for n in self.k_pool.keys()}
 
         gates = None
         if self.gate_proj is not None:
             gates = torch.sigmoid(self.gate_proj(x)).view(B, T, HQ, self.num_gates)
 
-        out = self._attention(q, k, v, gates, compressed, return_aux)
+        out = self._attention(q, k, v, gates, compressed, return_aux, cu_seqlens)
         o, aux = out if return_aux else (out, None)
         y = self.o_proj(o.reshape(B, T, HQ * Dv))
         return (y, aux) if return_aux else y
 
-    def _attention(self, q, k, v, gates, compressed, return_aux):
+    def _attention(self, q, k, v, gates, compressed, return_aux, cu_seqlens=None):
         """The one call of the attention op: ``nsa_dsl.reference`` or the compiled kernels."""
         op = self._op_for(q)
-        return op(q, k, v, gates, compressed=compressed, scale=self.scale, return_aux=return_aux)
+        packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+        return op(q, k, v, gates, compressed=compressed, scale=self.scale, return_aux=return_aux, **packed)
 
     def _op_for(self, q: torch.Tensor):
         use_kernels = self.backend == "kernels" or (self.backend == "auto" and q.is_cuda)
@@ -355,8 +391,12 @@ class SparseAttention(nn.Module):
     def _of_branch(t, name: str) -> torch.Tensor:
         return t[name] if isinstance(t, dict) else t
 
-    def _rotate(self, q, k, T: int):
-        positions = torch.arange(T, device=q.device)
+    def _rotate(self, q, k, T: int, cu=None):
+        if cu is None:
+            positions = torch.arange(T, device=q.device)
+        else:                                          # packed: restart at 0 in each sequence
+            from .varlen import positions as packed_positions
+            positions = packed_positions(cu, q.device)
         if not isinstance(k, dict):
             return self.rotary(q, k, positions)
         names = list(k)

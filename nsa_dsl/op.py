@@ -19,6 +19,7 @@ from codegen.cache import KernelCache, cache_key
 from codegen.plan import Binding, Plan, bind, lower
 
 from . import kernel_ops as ops
+from . import varlen as _varlen
 from .errors import SpecError
 from .ir import Compress, Select, Spec, Window
 
@@ -29,7 +30,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @dataclass(frozen=True)
 class Aux:
     """What ``op(..., return_aux=True)`` returns beside the output, keyed by branch name."""
-    indices: dict    # select branches: [B, T, H, top_k] int32, ascending, -1 padded
+    indices: dict    # select branches: [B, T, H, top_k] int32, ascending, -1 padded (per-sequence
+                     # block numbers with cu_seqlens)
     lse: dict        # every branch: [B, T, HQ] float32 log-sum-exp, -inf with no keys
     outputs: dict    # every branch: [B, T, HQ, Dv]
 
@@ -52,12 +54,16 @@ class CompiledOp:
         o = op(q, k, v, gates)
         o, aux = op(q, {"cmp": k1, "slc": k2, "swa": k3}, {...}, gates, return_aux=True)
         o = op(q, k, v, gates, compressed={"cmp": (k_cmp, v_cmp)})
+        o = op(q, k, v, gates, cu_seqlens=cu)   # packed sequences: q [1, T, HQ, D], cu [N + 1]
+
+    Packed variable-length batches (``cu_seqlens``, see ``nsa_dsl.varlen``) run kernels
+    generated with ``VARLEN``: a second plan per binding, built on the first such call.
     """
 
     def __init__(self, spec: Spec, cache: KernelCache | None = None):
         self.spec = spec
         self._cache = cache
-        self._keys: dict[Binding, tuple[Plan, dict[str, str]]] = {}
+        self._keys: dict[tuple[Binding, bool], tuple[Plan, dict[str, str]]] = {}
 
     @property
     def cache(self) -> KernelCache:
@@ -79,23 +85,24 @@ class CompiledOp:
                             "e.g. op.plan(heads=16, kv_heads=1, qk_dim=64, v_dim=64)")
         return bind(s, heads, kv_heads, qk_dim, v_dim)
 
-    def plan(self, **shapes) -> Plan:
-        return lower(self.spec, self.binding(**shapes))
+    def plan(self, *, varlen: bool = False, **shapes) -> Plan:
+        return lower(self.spec, self.binding(**shapes), varlen=varlen)
 
-    def _kernels(self, binding: Binding) -> tuple[Plan, dict[str, str]]:
+    def _kernels(self, binding: Binding, varlen: bool = False) -> tuple[Plan, dict[str, str]]:
         """Plan, render or load from the cache, register: kernel name -> op key."""
-        if binding not in self._keys:
-            plan = lower(self.spec, binding)
+        if (binding, varlen) not in self._keys:
+            plan = lower(self.spec, binding, varlen=varlen)
             modules = self.cache.load(plan)
             prefix = cache_key(plan)[:16]
             keys = {name: ops.register_module(f"{prefix}/{name}", mod) for name, mod in modules.items()}
-            self._keys[binding] = (plan, keys)
-        return self._keys[binding]
+            self._keys[(binding, varlen)] = (plan, keys)
+        return self._keys[(binding, varlen)]
 
-    def source(self, which: str = "all", **shapes) -> str:
+    def source(self, which: str = "all", *, varlen: bool = False, **shapes) -> str:
         """The generated Triton source: ``"all"`` (or ``"fwd"``/``"bwd"``: every module holds
-        both), or one kernel module by name, e.g. ``"window_swa"``."""
-        plan, _ = self._kernels(self.binding(**shapes))
+        both), or one kernel module by name, e.g. ``"window_swa"``. ``varlen=True``: the
+        kernels for packed sequences (``cu_seqlens``)."""
+        plan, _ = self._kernels(self.binding(**shapes), varlen)
         entry = self.cache.entry(plan)
         names = [k.name for k in plan.kernels]
         if which not in ("all", "fwd", "bwd"):
@@ -105,9 +112,9 @@ class CompiledOp:
         return "\n\n".join(f"# ===== {n}: {entry / (n + '.py')} =====\n" + (entry / f"{n}.py").read_text()
                            for n in names)
 
-    def emit(self, directory, **shapes) -> list[Path]:
+    def emit(self, directory, *, varlen: bool = False, **shapes) -> list[Path]:
         """Write the plan and every rendered module to ``directory``."""
-        plan, _ = self._kernels(self.binding(**shapes))
+        plan, _ = self._kernels(self.binding(**shapes), varlen)
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         entry = self.cache.entry(plan)
@@ -124,38 +131,52 @@ class CompiledOp:
     # -- the call ------------------------------------------------------------------------------
     def __call__(self, q: Tensor, k: TensorOrDict, v: TensorOrDict, gates: Optional[Tensor] = None, *,
                  compressed: Optional[Mapping[str, tuple[Tensor, Tensor]]] = None,
-                 scale: Optional[float] = None, return_aux: bool = False):
+                 scale: Optional[float] = None, return_aux: bool = False,
+                 cu_seqlens: Optional[Tensor] = None):
+        """``cu_seqlens [N + 1]`` (int32 or int64, on q's device): packed variable-length
+        sequences with ``B = 1``, each computed as if alone (``nsa_dsl.varlen``); compressed
+        keys / values then hold each sequence's blocks in turn, ``[1, sum Nc_s, H, D]``."""
         spec = self.spec
         ks, vs = self._per_branch(k, "k"), self._per_branch(v, "v")
         compressed = dict(compressed or {})
-        binding = self._check(q, ks, vs, gates, compressed)
-        plan, keys = self._kernels(binding)
+        cu = None                                   # the packed sequences' offsets, on the host
+        if cu_seqlens is not None:
+            if not isinstance(q, Tensor) or q.dim() != 4:
+                raise _err("E601", "q must be a 4-D tensor [1, T, HQ, Dqk] with cu_seqlens")
+            cu = _varlen.check_cu_seqlens(cu_seqlens, q)
+            cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
+        binding = self._check(q, ks, vs, gates, compressed, cu)
+        plan, keys = self._kernels(binding, cu is not None)
         scale = float(binding.qk_dim ** -0.5 if scale is None else scale)
         q = _unit_last_stride(q)
+        seq = () if cu is None else (cu_seqlens,)  # the ops' last argument, with packed sequences
 
         outs, lses, idxs, kcmp = {}, {}, {}, {}
         for b in spec.of_kind("compress"):
             if b.name in compressed:
                 k_c, v_c = compressed[b.name]
+            elif cu is not None:                    # each sequence's blocks, packed
+                k_c = _varlen.mean_pool(ks[b.name], cu, b.block, b.stride)
+                v_c = _varlen.mean_pool(vs[b.name], cu, b.block, b.stride)
             else:
                 k_c = mean_pool(ks[b.name], b.block, b.stride)
                 v_c = mean_pool(vs[b.name], b.block, b.stride)
             k_c, v_c = _unit_last_stride(k_c), _unit_last_stride(v_c)
             kcmp[b.name] = k_c
-            outs[b.name], lses[b.name] = ops.compress_fwd(keys[f"compress_{b.name}"], q, k_c, v_c, scale)
+            outs[b.name], lses[b.name] = ops.compress_fwd(keys[f"compress_{b.name}"], q, k_c, v_c, scale, *seq)
         for b in spec.of_kind("select"):
             k_s, v_s = _unit_last_stride(ks[b.name]), _unit_last_stride(vs[b.name])
             if b.score == "mean_pool":
                 idx = ops.topk_mean_pool(keys[f"topk_{b.name}"], q.detach(), k_s.detach(),
-                                         binding.kv_heads, b.top_k)
+                                         binding.kv_heads, b.top_k, *seq)
             else:
                 idx = ops.topk_cmp(keys[f"topk_{b.name}"], q.detach(), kcmp[b.score].detach(),
-                                   lses[b.score].detach(), scale, b.top_k)
+                                   lses[b.score].detach(), scale, b.top_k, *seq)
             idxs[b.name] = idx
-            outs[b.name], lses[b.name] = ops.select_fwd(keys[f"select_{b.name}"], q, k_s, v_s, idx, scale)
+            outs[b.name], lses[b.name] = ops.select_fwd(keys[f"select_{b.name}"], q, k_s, v_s, idx, scale, *seq)
         for b in spec.of_kind("window"):
             k_w, v_w = _unit_last_stride(ks[b.name]), _unit_last_stride(vs[b.name])
-            outs[b.name], lses[b.name] = ops.window_fwd(keys[f"window_{b.name}"], q, k_w, v_w, scale)
+            outs[b.name], lses[b.name] = ops.window_fwd(keys[f"window_{b.name}"], q, k_w, v_w, scale, *seq)
 
         branch_outs = [outs[n] for n in spec.output.branches]
         g = _unit_last_stride(gates) if spec.output.kind == "gate" else None
@@ -181,7 +202,7 @@ class CompiledOp:
         raise _err("E601", f"{what} must be a tensor or a dict of branch name -> tensor, "
                            f"got {type(x).__name__}")
 
-    def _check(self, q, ks, vs, gates, compressed) -> Binding:
+    def _check(self, q, ks, vs, gates, compressed, cu=None) -> Binding:
         spec = self.spec
         if not isinstance(q, Tensor) or q.dim() != 4:
             raise _err("E601", f"q must be a 4-D tensor [B, T, HQ, Dqk], got "
@@ -200,7 +221,10 @@ class CompiledOp:
                 if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
                     raise _err("E610", f"compressed['{b.name}'] must be a pair (k_cmp, v_cmp)")
                 k_c, v_c = pair
-                Nc = max(0, (T - b.block) // b.stride + 1)
+                if cu is None:
+                    Nc = max(0, (T - b.block) // b.stride + 1)
+                else:                               # packed: each sequence's blocks in turn
+                    Nc = _varlen.compressed_cu_seqlens(cu, b.block, b.stride)[-1]
                 _expect(k_c, f"compressed['{b.name}'][0]", (B, Nc, None, Dqk), q)
                 _expect(v_c, f"compressed['{b.name}'][1]", (B, Nc, k_c.shape[2], None), q)
                 H, Dv = _agree(H, k_c.shape[2], Dv, v_c.shape[3], f"compressed['{b.name}']")

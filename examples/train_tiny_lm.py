@@ -1,0 +1,560 @@
+"""Train a tiny decoder-only language model whose attention layers are nsa_dsl.SparseAttention.
+
+The task needs long-range retrieval and comes with no download: multi-query associative
+recall. Each sequence is random filler tokens with ``--pairs`` pairs ``KEY_i VALUE_i``
+scattered in it, all of them farther back than the sliding window reaches. The
+sequence ends with ``SEP`` and ``--queries`` of those keys, each followed by its value:
+
+    f f K3 V9 f f f ... f K7 V2 f ... f f | SEP K7 [V2] K3 [V9] ...
+                                                     ^^^^     ^^^^  the answers (loss, accuracy)
+
+Only the answers are scored; chance is 1 / n_values (1 / pairs once the model learns to
+copy some value from the context). The window cannot see the pairs, so the answers
+must come from the compressed and the selected blocks.
+
+    python examples/train_tiny_lm.py                      # 40 steps on the CPU (reference attention)
+    python examples/train_tiny_lm.py --compare            # same steps again with full SDPA attention
+    python examples/train_tiny_lm.py --device cuda --steps 2000 --compare --seq-len 1024
+    python examples/train_tiny_lm.py --save tiny.pt       # also writes tiny.nsa, the spec; then:
+    nsa-dsl show tiny.nsa --seq-len 256 --from-model tiny.pt
+    torchrun --nproc-per-node 2 examples/train_tiny_lm.py --device cuda --ddp    # or --fsdp (FSDP2)
+
+On a CPU, SparseAttention's backend "auto" runs nsa_dsl.reference (pure PyTorch); on CUDA
+it runs the generated Triton kernels, and the script reports tokens per second against
+the same model with SDPA attention.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # the repository root on sys.path when the script runs from a source checkout
+    import nsa_dsl
+except ModuleNotFoundError:  # pragma: no cover
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import nsa_dsl
+
+CHECKPOINT_FORMAT = "nsa-dsl/train_tiny_lm"
+CHECKPOINT_VERSION = 1
+
+# The NSA pattern of the paper with blocks and window scaled down for short sequences:
+# compression l = 16, d = 8; selection l' = 16, 4 blocks (the first and the query's own
+# forced); a 32-key window. At T = 256 a query reads at most 31 + 64 + 32 keys of 256.
+TINY_SPEC = """\
+attention tiny_nsa {
+    causal = true
+    branch cmp = compress(block = 16, stride = 8, pool = mean)
+    branch slc = select(block = 16, top_k = 4, score = cmp, keep_first = 1, keep_last = 1)
+    branch swa = window(size = 32)
+    output = gate(sigmoid, cmp, slc, swa)
+}
+"""
+
+
+# ---------------------------------------------------------------------------------- config
+
+@dataclass
+class Config:
+    seq_len: int = 256
+    layers: int = 2
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int = 1
+    n_keys: int = 32
+    n_values: int = 32
+    n_filler: int = 64
+    pairs: int = 8
+    queries: int = 8
+    min_gap: int = 0          # 0: the spec's widest window (pairs lie beyond it)
+
+    # token ids: PAD, SEP, then keys, values, filler
+    @property
+    def key0(self) -> int:
+        return 2
+
+    @property
+    def value0(self) -> int:
+        return 2 + self.n_keys
+
+    @property
+    def filler0(self) -> int:
+        return 2 + self.n_keys + self.n_values
+
+    @property
+    def vocab(self) -> int:
+        return 2 + self.n_keys + self.n_values + self.n_filler
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+SEP = 1
+
+
+def spec_gap(spec) -> int:
+    """The widest window of ``spec`` (0 without one): pairs must lie farther back."""
+    return max([b.size for b in spec.of_kind("window")] + [0])
+
+
+# ------------------------------------------------------------------------------------ task
+
+def make_batch(cfg: Config, batch: int, generator: torch.Generator, seq_len: Optional[int] = None,
+               min_gap: Optional[int] = None):
+    """``(tokens [B, T] int64, targets [B, T] int64)``: targets are -100 except at the answers.
+
+    The targets are shifted already: ``targets[:, t]`` is the token the model must predict at
+    position ``t`` (the value following the query key at ``t``).
+    """
+    T = seq_len or cfg.seq_len
+    gap = cfg.min_gap if min_gap is None else min_gap
+    tail = 1 + 2 * cfg.queries                      # SEP K V K V ...
+    region = T - tail - gap                         # pairs start in [0, region - 1)
+    slots = (region - 1) // 2                       # pairs at even positions never overlap
+    if cfg.queries > cfg.pairs or cfg.pairs > min(cfg.n_keys, slots):
+        raise ValueError(f"seq_len {T} is too short for {cfg.pairs} pairs beyond a gap of {gap} "
+                         f"(or pairs > n_keys, or queries > pairs)")
+    g = generator
+    tokens = torch.randint(cfg.filler0, cfg.vocab, (batch, T), generator=g)
+    targets = torch.full((batch, T), -100, dtype=torch.long)
+    for b in range(batch):
+        keys = torch.randperm(cfg.n_keys, generator=g)[:cfg.pairs]
+        values = torch.randint(0, cfg.n_values, (cfg.pairs,), generator=g)
+        starts = 2 * torch.randperm(slots, generator=g)[:cfg.pairs]
+        tokens[b, starts] = cfg.key0 + keys
+        tokens[b, starts + 1] = cfg.value0 + values
+        asked = torch.randperm(cfg.pairs, generator=g)[:cfg.queries]
+        pos = T - tail
+        tokens[b, pos] = SEP
+        for i, a in enumerate(asked.tolist()):
+            kpos = pos + 1 + 2 * i
+            tokens[b, kpos] = cfg.key0 + keys[a]
+            tokens[b, kpos + 1] = cfg.value0 + values[a]
+            targets[b, kpos] = cfg.value0 + values[a]
+    return tokens, targets
+
+
+# ----------------------------------------------------------------------------------- model
+
+class Rotary(nn.Module):
+    """Rotary position embedding, ``(q [B, T, HQ, D], k [B, T, H, D], positions) -> (q, k)``."""
+
+    def __init__(self, dim: int, base: float = 10000.0):
+        super().__init__()
+        self.dim, self.base = dim, base
+
+    def forward(self, q, k, positions):
+        half = self.dim // 2
+        inv = self.base ** (-torch.arange(half, device=q.device, dtype=torch.float32) / half)
+        ang = positions.to(torch.float32)[:, None] * inv[None, :]            # [T, D/2]
+        cos, sin = ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]
+
+        def rot(x):
+            x1, x2 = x.float()[..., :half], x.float()[..., half:2 * half]
+            out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x.float()[..., 2 * half:]], -1)
+            return out.to(x.dtype)
+        return rot(q), rot(k)
+
+
+class SDPAAttention(nn.Module):
+    """Full causal attention with the projections of SparseAttention (the baseline)."""
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, rotary: Rotary):
+        super().__init__()
+        self.heads, self.kv_heads, self.dim = heads, kv_heads, hidden // heads
+        self.q_proj = nn.Linear(hidden, heads * self.dim, bias=False)
+        self.k_proj = nn.Linear(hidden, kv_heads * self.dim, bias=False)
+        self.v_proj = nn.Linear(hidden, kv_heads * self.dim, bias=False)
+        self.o_proj = nn.Linear(heads * self.dim, hidden, bias=False)
+        self.rotary = rotary
+
+    def forward(self, x, return_aux: bool = False):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.dim)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.dim)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.dim)
+        q, k = self.rotary(q, k, torch.arange(T, device=x.device))
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, enable_gqa=self.heads != self.kv_heads)
+        y = self.o_proj(o.transpose(1, 2).reshape(B, T, self.heads * self.dim))
+        return (y, None) if return_aux else y
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, spec, attn: str):
+        super().__init__()
+        rotary = Rotary(cfg.hidden // cfg.heads)
+        self.ln1 = nn.LayerNorm(cfg.hidden)
+        if attn == "nsa":
+            self.attn = nsa_dsl.SparseAttention(spec, cfg.hidden, heads=cfg.heads, kv_heads=cfg.kv_heads,
+                                                rotary=rotary)
+        else:
+            self.attn = SDPAAttention(cfg.hidden, cfg.heads, cfg.kv_heads, rotary)
+        self.ln2 = nn.LayerNorm(cfg.hidden)
+        self.mlp = nn.Sequential(nn.Linear(cfg.hidden, 4 * cfg.hidden), nn.GELU(),
+                                 nn.Linear(4 * cfg.hidden, cfg.hidden))
+
+    def forward(self, x, return_aux: bool = False):
+        a, aux = self.attn(self.ln1(x), return_aux=True) if return_aux else (self.attn(self.ln1(x)), None)
+        x = x + a
+        x = x + self.mlp(self.ln2(x))
+        return (x, aux) if return_aux else x
+
+
+class TinyLM(nn.Module):
+    """Embedding, ``layers`` pre-norm blocks (attention + MLP), final norm, tied output head."""
+
+    def __init__(self, cfg: Config, spec, attn: str = "nsa"):
+        super().__init__()
+        if attn not in ("nsa", "sdpa"):
+            raise ValueError(f"attn must be 'nsa' or 'sdpa', got {attn!r}")
+        self.cfg, self.spec, self.attn_kind = cfg, spec, attn
+        self.embed = nn.Embedding(cfg.vocab, cfg.hidden)
+        self.blocks = nn.ModuleList(Block(cfg, spec, attn) for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(cfg.hidden)
+        nn.init.normal_(self.embed.weight, std=0.02)
+
+    def forward(self, tokens, return_aux: bool = False):
+        """``tokens [B, T] -> logits [B, T, vocab]``; with ``return_aux`` also one aux per layer
+        (``SparseAttention``'s: selected blocks, per-branch lse and outputs; None for SDPA)."""
+        x = self.embed(tokens)
+        auxes = []
+        for blk in self.blocks:
+            if return_aux:
+                x, aux = blk(x, return_aux=True)
+                auxes.append(aux)
+            else:
+                x = blk(x)
+        logits = self.norm(x) @ self.embed.weight.t()
+        return (logits, auxes) if return_aux else logits
+
+
+def answer_loss(logits, targets):
+    """Mean cross entropy over the answer positions; ``(loss, correct, count)``."""
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    tgt = targets.reshape(-1)
+    loss = F.cross_entropy(flat, tgt, ignore_index=-100)
+    mask = tgt != -100
+    correct = (flat.argmax(-1)[mask] == tgt[mask]).sum()
+    return loss, correct, mask.sum()
+
+
+# ------------------------------------------------------------------------------ checkpoint
+
+def save_checkpoint(path: str, model: TinyLM, state_dict: dict, extra: dict) -> None:
+    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                "config": asdict(model.cfg), "attn": model.attn_kind,
+                "spec_source": model.spec.source or TINY_SPEC, "spec_name": model.spec.name,
+                "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+                **extra}, path)
+
+
+def load_checkpoint(path: str, map_location="cpu"):
+    """``(model, checkpoint dict)``: a TinyLM with the saved weights, in eval mode."""
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a checkpoint written by train_tiny_lm.py")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {ckpt.get('version')}, this script reads "
+                         f"version {CHECKPOINT_VERSION}")
+    spec = nsa_dsl.parse(ckpt["spec_source"], ckpt.get("spec_name"))
+    model = TinyLM(Config.from_dict(ckpt["config"]), spec, ckpt["attn"])
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    return model, ckpt
+
+
+# -------------------------------------------------------------------------------- training
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    active: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _setup_dist(args) -> Dist:
+    if not (args.ddp or args.fsdp):
+        return Dist()
+    import torch.distributed as dist
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise SystemExit("--ddp/--fsdp need torchrun (or RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT "
+                         "in the environment): torchrun --nproc-per-node N examples/train_tiny_lm.py --ddp")
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if args.device == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, True)
+
+
+def _wrap(model: TinyLM, args, d: Dist, device):
+    if args.fsdp:
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch < 2.6
+            from torch.distributed._composable.fsdp import fully_shard
+        for blk in model.blocks:
+            fully_shard(blk)
+        fully_shard(model)
+        return model
+    if args.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def _full_state_dict(model, wrapped, args) -> dict:
+    if args.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict()
+
+
+def _all_sum(values, d: Dist, device):
+    t = torch.tensor([float(x) for x in values], dtype=torch.float64, device=device)
+    if d.active:
+        import torch.distributed as dist
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(cfg: Config, spec, attn: str, args, d: Dist, log=print) -> dict:
+    """Train one model; returns ``{"losses": [(step, loss)], "accuracy", "tokens_per_s", ...}``."""
+    device = torch.device(args.device, d.local_rank) if args.device == "cuda" else torch.device("cpu")
+    torch.manual_seed(args.seed)                       # same init on every rank and for both models
+    model = TinyLM(cfg, spec, attn).to(device)
+    wrapped = _wrap(model, args, d, device)
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, min(100, args.steps // 10))
+
+    def lr_at(step):                                   # linear warmup, cosine decay to 10%
+        if step <= warmup:
+            return args.lr * step / warmup
+        p = (step - warmup) / max(1, args.steps - warmup)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+    if args.batch % d.world:
+        raise SystemExit(f"--batch {args.batch} is not divisible by the world size {d.world}")
+    per_rank = args.batch // d.world
+    data = torch.Generator().manual_seed(args.seed + 1)   # same global batch on every rank
+    losses, t_train = [], 0.0
+    timed_steps, timed_s = 0, 0.0
+    wrapped.train()
+    for step in range(1, args.steps + 1):
+        tokens, targets = make_batch(cfg, args.batch, data)
+        tokens = tokens[d.rank * per_rank:(d.rank + 1) * per_rank].to(device, non_blocking=True)
+        targets = targets[d.rank * per_rank:(d.rank + 1) * per_rank].to(device, non_blocking=True)
+        _sync(device)
+        t0 = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        with _autocast(device):
+            logits = wrapped(tokens)
+        loss, _, _ = answer_loss(logits, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(wrapped.parameters(), 1.0)
+        opt.step()
+        _sync(device)
+        dt = time.perf_counter() - t0
+        t_train += dt
+        if step > min(5, args.steps // 2):                # skip compilation and warmup steps
+            timed_steps += 1
+            timed_s += dt
+        if step % args.log_every == 0 or step == 1 or step == args.steps:
+            total, n = _all_sum([loss.item(), 1], d, device)
+            losses.append((step, total / n))
+            if d.main:
+                log(f"step {step} loss {total / n:.4f}")
+
+    # held-out accuracy on the answers
+    wrapped.eval()
+    evalg = torch.Generator().manual_seed(10_000 + args.seed)
+    n_eval = args.eval_batches * args.batch
+    sums = [0.0, 0.0, 0.0]
+    with torch.no_grad():
+        for _ in range(args.eval_batches):
+            tokens, targets = make_batch(cfg, args.batch, evalg)
+            sl = slice(d.rank * per_rank, (d.rank + 1) * per_rank)
+            with _autocast(device):
+                logits = wrapped(tokens[sl].to(device))
+            loss, correct, count = answer_loss(logits, targets[sl].to(device))
+            sums[0] += loss.item() * count.item()
+            sums[1] += correct.item()
+            sums[2] += count.item()
+    loss_sum, correct, count = _all_sum(sums, d, device)
+    state = _full_state_dict(model, wrapped, args) if args.save else None
+    tps = (timed_steps * per_rank * cfg.seq_len / timed_s) if timed_s > 0 else float("nan")   # per GPU
+    return {"model": model, "losses": losses, "eval_loss": loss_sum / max(count, 1),
+            "accuracy": correct / max(count, 1), "answers": int(count), "sequences": n_eval,
+            "train_s": t_train, "tokens_per_s": tps, "state_dict": state}
+
+
+def _throughput(cfg: Config, spec, attn: str, batch: int, device, steps: int = 10) -> float:
+    """Training tokens per second of a fresh model on one GPU (batch ``batch``) over ``steps``
+    steps after 3 warmup steps."""
+    model = TinyLM(cfg, spec, attn).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens, targets = make_batch(cfg, batch, torch.Generator().manual_seed(0))
+    tokens, targets = tokens.to(device), targets.to(device)
+    t0 = None
+    for i in range(3 + steps):
+        if i == 3:
+            _sync(device)
+            t0 = time.perf_counter()
+        with _autocast(device):
+            loss, _, _ = answer_loss(model(tokens), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    _sync(device)
+    return steps * tokens.numel() / (time.perf_counter() - t0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default 40 on cpu, 2000 on cuda)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda when available")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length (default 256)")
+    p.add_argument("--attn", choices=("nsa", "sdpa"), default="nsa",
+                   help="attention of the model: nsa_dsl.SparseAttention or full SDPA")
+    p.add_argument("--compare", action="store_true",
+                   help="also train the same model with full SDPA attention for the same steps")
+    p.add_argument("--spec", metavar="FILE", help="an .nsa spec instead of the built-in tiny one")
+    p.add_argument("--spec-name", metavar="NAME", help="the attention block of --spec to use")
+    p.add_argument("--layers", type=int, default=Config.layers)
+    p.add_argument("--hidden", type=int, default=Config.hidden)
+    p.add_argument("--heads", type=int, default=Config.heads)
+    p.add_argument("--kv-heads", type=int, default=Config.kv_heads)
+    p.add_argument("--pairs", type=int, default=Config.pairs, help="key-value pairs per sequence")
+    p.add_argument("--queries", type=int, default=Config.queries, help="keys asked at the end")
+    p.add_argument("--batch", type=int, default=None,
+                   help="global batch, split over the ranks (default 16 on cpu, 64 on cuda)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--save", metavar="CKPT", help="save the (nsa) model here")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default 1 on cpu: the tensors are tiny, and one "
+                        "thread beats several there; the previous setting is restored at the end)")
+    p.add_argument("--ddp", action="store_true", help="DistributedDataParallel; launch with torchrun")
+    p.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard; launch with torchrun")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None, log=print) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.ddp and args.fsdp:
+        raise SystemExit("choose one of --ddp and --fsdp")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is available")
+    if args.steps is None:
+        args.steps = 2000 if args.device == "cuda" else 40
+    if args.batch is None:
+        args.batch = 64 if args.device == "cuda" else 16
+    spec = nsa_dsl.load(args.spec, args.spec_name) if args.spec else nsa_dsl.parse(TINY_SPEC)
+    cfg = Config(seq_len=args.seq_len or Config.seq_len, layers=args.layers, hidden=args.hidden,
+                 heads=args.heads, kv_heads=args.kv_heads, pairs=args.pairs, queries=args.queries,
+                 min_gap=spec_gap(spec))
+    threads = torch.get_num_threads()
+    if args.threads or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    d = _setup_dist(args)
+    try:
+        runs = [args.attn] + (["sdpa" if args.attn == "nsa" else "nsa"] if args.compare else [])
+        if d.main:
+            log(f"task: multi-query associative recall, T={cfg.seq_len}, {cfg.pairs} pairs at least "
+                f"{cfg.min_gap} tokens back, {cfg.queries} queries; chance {1 / cfg.n_values:.3f}")
+            log(f"model: {cfg.layers} layers, hidden {cfg.hidden}, heads {cfg.heads}, kv_heads {cfg.kv_heads}, "
+                f"vocab {cfg.vocab}; batch {args.batch} on {args.device}"
+                + (f" x {d.world} ranks ({'fsdp' if args.fsdp else 'ddp'})" if d.active else ""))
+            log(f"spec: {spec.name} ({', '.join(f'{b.name}={b.kind}' for b in spec.branches)})")
+        results = {}
+        for attn in runs:
+            if d.main:
+                log(f"== training {attn} ({args.steps} steps)")
+            results[attn] = train(cfg, spec, attn, args, d, log)
+            r = results[attn]
+            if d.main:
+                log(f"{attn}: final accuracy {r['accuracy']:.4f} ({r['answers']} answers of "
+                    f"{r['sequences']} held-out sequences), eval loss {r['eval_loss']:.4f}, "
+                    f"train {r['train_s']:.1f} s")
+        if d.main and args.compare:
+            a, b = results["nsa"], results["sdpa"]
+            log(f"compare: accuracy nsa {a['accuracy']:.4f} vs sdpa {b['accuracy']:.4f}; "
+                f"eval loss nsa {a['eval_loss']:.4f} vs sdpa {b['eval_loss']:.4f}")
+        if args.device == "cuda" and d.main:
+            device = torch.device("cuda", d.local_rank)
+            tps = {k: v["tokens_per_s"] for k, v in results.items()}
+            for attn in ("nsa", "sdpa"):      # measure the one not trained
+                if attn not in tps:
+                    tps[attn] = _throughput(cfg, spec, attn, args.batch // d.world, device)
+            log(f"throughput (training steps, tokens/s per GPU): nsa {tps['nsa']:,.0f}, "
+                f"sdpa {tps['sdpa']:,.0f} (nsa/sdpa {tps['nsa'] / tps['sdpa']:.2f}x) at T={cfg.seq_len}, "
+                f"batch {args.batch // d.world} per GPU")
+        if args.save:
+            if "nsa" not in results:
+                raise SystemExit("--save keeps the nsa model; run with --attn nsa or --compare")
+            r = results["nsa"]
+            if d.main:
+                save_checkpoint(args.save, r["model"], r["state_dict"],
+                                {"steps": args.steps, "accuracy": r["accuracy"]})
+                spec_file = args.spec
+                if not spec_file:            # the built-in spec, for `nsa-dsl show SPEC --from-model CKPT`
+                    spec_file = str(Path(args.save).with_suffix(".nsa"))
+                    if spec_file == str(args.save):
+                        spec_file += ".nsa"
+                    Path(spec_file).write_text(TINY_SPEC)
+                log(f"saved {args.save} (picture: nsa-dsl show {spec_file} --seq-len {cfg.seq_len} "
+                    f"--from-model {args.save})")
+        for r in results.values():
+            r.pop("state_dict", None)
+        return results
+    finally:
+        torch.set_num_threads(threads)
+        if d.active:
+            import torch.distributed as dist
+            try:
+                if sys.exc_info()[0] is None:
+                    dist.barrier()            # rank 0 may still be saving: leave together
+            finally:
+                dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

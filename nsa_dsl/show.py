@@ -1,0 +1,512 @@
+"""``nsa-dsl show``: a picture of which keys each query attends, per branch.
+
+    masks = attention_masks(spec, T, indices)         # branch -> bool [rows, cols] (numpy)
+    render_png(spec, masks, T, "show.png", title=...)  # one panel per branch + the combined one
+
+Each branch's key set per query follows DESIGN.md section 3:
+
+- ``compress(l, d)``: query ``t`` sees compressed block ``i`` iff ``i*d + l - 1 <= t``;
+  block ``i`` pools keys ``[i*d, i*d + l)``: drawn as the key ranges of the visible blocks.
+- ``select(l', n)``: the keys of the selected blocks ``[j*l', (j+1)*l')`` with position
+  ``<= t``. The choice depends on the inputs: pass ``indices`` (``[T, top_k]`` block numbers,
+  -1 padded, for one batch row and one kv head; or ``[B, T, H, top_k]``, of which row 0 and
+  kv head 0 are drawn). Without them only the blocks chosen whatever the scores are drawn:
+  the forced ``keep_first`` / ``keep_last`` blocks, and every eligible block while at most
+  ``top_k`` are eligible.
+- ``window(w, sinks)``: keys ``[max(0, t - w + 1), t]`` and the sinks ``[0, sinks)`` ``<= t``.
+
+Masks are built from per-query key intervals, never as a dense ``[T, T]`` array when they are
+downsampled: with ``size`` (pixels) below ``T``, cell ``(r, c)`` covers the queries and keys
+whose position ``p`` has ``floor(p * size / T) = r`` (resp. ``c``) and is True when any pair in
+the cell attends (max pooling), so a one-key band stays visible at any length.
+
+Library code: returns values or raises :class:`~nsa_dsl.errors.SpecError` (codes E630-E635);
+only the CLI prints.
+
+| code | meaning |
+|---|---|
+| E630 | matplotlib is not installed |
+| E631 | bad ``T`` / ``size`` / ``indices`` |
+| E632 | the checkpoint cannot be read or was not written by ``examples/train_tiny_lm.py`` |
+| E633 | the checkpoint's attention pattern differs from the spec's |
+| E634 | the checkpoint's model has no sparse attention (``--attn sdpa``) or no such layer |
+| E635 | the training example (``train_tiny_lm.py``) cannot be found |
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Mapping, Optional
+
+import numpy as np
+
+from .errors import SpecError
+from .ir import Compress, Select, Spec, Window
+
+__all__ = ["attention_masks", "keys_per_query", "render_png", "random_selection", "model_selection",
+           "DEFAULT_SIZE", "BRANCH_COLORS"]
+
+DEFAULT_SIZE = 1024            # pixels per side of a panel's mask at most
+RANDOM_HEADS, RANDOM_KV_HEADS, RANDOM_DIM = 4, 1, 32
+
+# one colour per branch kind (a second branch of a kind gets the next shade)
+BRANCH_COLORS = {
+    "compress": ["#2a7fd4", "#6a3d9a", "#1f9e89"],
+    "select": ["#e8590c", "#c2255c", "#b8860b"],
+    "window": ["#2b9348", "#5c940d", "#0b7285"],
+}
+
+
+# ------------------------------------------------------------------------------------ masks
+
+def _intervals(branch, T: int, idx: Optional[np.ndarray]):
+    """Key intervals ``[start, end)`` per query: ``(query [N], start [N], end [N])`` int64 arrays.
+
+    A query may own several intervals; they never overlap (so their lengths add up to the
+    query's key count); empty ones have ``start >= end``."""
+    t = np.arange(T, dtype=np.int64)
+    if isinstance(branch, Window):
+        lo = np.maximum(0, t - branch.size + 1)
+        qs = [t, t]                                          # the band, and the sinks before it
+        starts = [lo, np.zeros(T, np.int64)]
+        ends = [t + 1, np.minimum(branch.sinks, lo)]
+    elif isinstance(branch, Compress):
+        l, d = branch.block, branch.stride
+        # visible blocks i = 0 .. floor((t - l + 1) / d): union of their keys is [0, last_i*d + l)
+        last = np.floor_divide(t - l + 1, d)                 # -1 or less: no block visible
+        qs, starts = [t], [np.zeros(T, np.int64)]
+        ends = [np.where(last >= 0, last * d + l, 0)]
+    elif isinstance(branch, Select):
+        blocks = idx if idx is not None else _static_selection(branch, T)
+        K = blocks.shape[1]
+        qq = np.repeat(t, K)
+        j = blocks.reshape(-1).astype(np.int64)
+        qs = [qq]
+        starts = [np.where(j >= 0, j * branch.block, 0)]
+        ends = [np.where(j >= 0, np.minimum((j + 1) * branch.block, qq + 1), 0)]
+    else:  # pragma: no cover - the checker admits no other kinds
+        raise SpecError("E631", f"branch {branch.name!r} of kind {branch.kind!r} cannot be drawn")
+    return np.concatenate(qs), np.concatenate(starts), np.concatenate(ends)
+
+
+def _static_selection(branch: Select, T: int) -> np.ndarray:
+    """``[T, top_k]``: the blocks chosen whatever the scores (forced, or all when few), -1 padded."""
+    l, K = branch.block, branch.top_k
+    n_sel = -(-T // l)
+    t = np.arange(T)[:, None]
+    j = np.arange(n_sel)[None, :]
+    own = t // l
+    eligible = j <= own
+    forced = eligible & ((j < branch.keep_first) | (j > own - branch.keep_last))
+    chosen = np.where(eligible.sum(1, keepdims=True) <= K, eligible, forced)
+    out = np.full((T, K), -1, np.int64)
+    for row in range(T):  # at most K per row: the forced blocks count toward top_k
+        picked = np.flatnonzero(chosen[row])[:K]
+        out[row, :len(picked)] = picked
+    return out
+
+
+def _selection_for(branch: Select, T: int, indices) -> Optional[np.ndarray]:
+    if indices is None:
+        return None
+    if isinstance(indices, Mapping):
+        if branch.name not in indices:
+            return None
+        idx = indices[branch.name]
+    else:
+        idx = indices
+    idx = idx.detach().cpu().numpy() if hasattr(idx, "detach") else np.asarray(idx)
+    if idx.ndim == 4:                      # [B, T, H, K]: batch row 0, kv head 0
+        idx = idx[0, :, 0, :]
+    if idx.ndim != 2 or idx.shape[0] != T:
+        raise SpecError("E631", f"indices for {branch.name!r} have shape {list(idx.shape)}, "
+                                f"expected [T={T}, top_k] or [B, T={T}, H, top_k]")
+    n_sel = -(-T // branch.block)
+    if idx.size and (idx.min() < -1 or idx.max() >= n_sel):
+        raise SpecError("E631", f"indices for {branch.name!r} hold block numbers outside "
+                                f"[-1, {n_sel}) (T = {T}, block = {branch.block})")
+    return idx.astype(np.int64)
+
+
+def _rasterize(q, start, end, T: int, n: int) -> np.ndarray:
+    """The mask of one branch from its key intervals.
+
+    ``n == T``: ``[T, T]`` bool, ``[t, p]`` True when query ``t`` attends key ``p``. ``n < T``:
+    ``[n, n]`` float32, cell ``(r, c)`` the fraction of the queries of row ``r`` that attend at
+    least one key of column ``c`` (max over the keys of the cell, mean over its queries): any
+    attended pair makes a cell non-zero, so a one-key band stays visible, and a key range that
+    only some queries of the row choose shows as partly covered.
+    """
+    keep = end > start
+    q, start, end = q[keep], start[keep], end[keep]
+    c0 = start * n // T
+    c1 = (end - 1) * n // T + 1            # one past the last column touched
+    order = np.argsort(q, kind="stable")
+    q, c0, c1 = q[order], c0[order], c1[order]
+    exact = n == T
+    out = np.zeros((n, n), bool if exact else np.float32)
+    chunk = max(1, (1 << 23) // (n + 1))   # queries per pass: ~8M cells of scratch at most
+    bounds = np.searchsorted(q, np.arange(0, T + chunk, chunk))
+    for i, t0 in enumerate(range(0, T, chunk)):
+        lo, hi = bounds[i], bounds[i + 1]
+        rows = min(chunk, T - t0)
+        diff = np.zeros((rows, n + 1), np.int32)
+        np.add.at(diff, (q[lo:hi] - t0, c0[lo:hi]), 1)
+        np.add.at(diff, (q[lo:hi] - t0, c1[lo:hi]), -1)
+        hit = np.cumsum(diff[:, :n], axis=1) > 0                # [rows, n]: query attends column
+        if exact:
+            out[t0:t0 + rows] = hit
+        else:
+            r = np.arange(t0, t0 + rows) * n // T                 # sorted: sum runs of rows
+            uniq, first = np.unique(r, return_index=True)
+            out[uniq] += np.add.reduceat(hit.astype(np.float32), first, axis=0)
+    if not exact:
+        out /= np.bincount(np.arange(T) * n // T, minlength=n).astype(np.float32)[:, None]
+    return out
+
+
+def attention_masks(spec: Spec, T: int, indices=None, size: Optional[int] = None) -> dict:
+    """Which keys each query attends, per branch: ``{branch name: bool array}`` in spec order.
+
+    ``T``: sequence length. ``indices``: selected blocks, a dict ``{select branch: idx}`` or one
+    ``idx`` for a spec with one select branch; ``idx`` is ``[T, top_k]`` or ``[B, T, H, top_k]``
+    (row 0, kv head 0), -1 padded (what ``reference(..., return_aux=True)`` returns). Without
+    indices a select branch shows only its forced blocks (see the module docstring).
+    ``size``: None (or ``>= T``) for exact ``[T, T]`` bool masks, ``[t, p]`` True when query
+    ``t`` attends key ``p``; else ``[size, size]`` float32 masks, each cell the fraction of its
+    queries that attend any of its keys (see :func:`_rasterize`); ``mask > 0`` is the
+    max-pooled mask.
+    """
+    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
+        raise SpecError("E631", f"the sequence length must be a positive integer, got {T!r}")
+    if size is not None and (not isinstance(size, int) or size < 1):
+        raise SpecError("E631", f"size must be a positive integer, got {size!r}")
+    n = T if size is None else min(T, size)
+    if indices is not None and not isinstance(indices, Mapping) and len(spec.of_kind("select")) != 1:
+        raise SpecError("E631", "indices: pass a dict {select branch: idx} for a spec with "
+                                f"{len(spec.of_kind('select'))} select branches")
+    masks = {}
+    for b in spec.branches:
+        idx = _selection_for(b, T, indices) if isinstance(b, Select) else None
+        masks[b.name] = _rasterize(*_intervals(b, T, idx), T, n)
+    return masks
+
+
+def keys_per_query(spec: Spec, T: int, indices=None) -> dict:
+    """Mean number of keys a query attends, per branch and ``"combined"`` (the union of the
+    output's branches, which share keys); exact, from the same intervals as the masks."""
+    out, per_query = {}, {}
+    for b in spec.branches:
+        idx = _selection_for(b, T, indices) if isinstance(b, Select) else None
+        q, start, end = _intervals(b, T, idx)
+        counts = np.bincount(q, weights=np.maximum(end - start, 0), minlength=T)
+        out[b.name] = float(counts.mean())
+        per_query[b.name] = (q, start, end)
+    # the union of the output's intervals: sort them by (query, start) on one line where each
+    # query owns [q * (T + 1), q * (T + 1) + T], then count what each adds past the running max end
+    parts = [per_query[n] for n in spec.output.branches]
+    q_all, s_all, e_all = (np.concatenate([p[i] for p in parts]) for i in range(3))
+    keep = e_all > s_all
+    base = q_all[keep] * (T + 1)
+    s_line, e_line = base + s_all[keep], base + e_all[keep]
+    order = np.lexsort((s_line,))
+    s_line, e_line = s_line[order], e_line[order]
+    reach = np.maximum.accumulate(np.concatenate([[-1], e_line]))[:-1]   # max end before each
+    total = int(np.maximum(0, e_line - np.maximum(s_line, reach)).sum())
+    out["combined"] = total / T
+    return out
+
+
+# ----------------------------------------------------------------------------- selections
+
+def _mean_pool(x, block: int, stride: int):
+    T = x.shape[1]
+    if T < block:
+        return x[:, :0]
+    return x.unfold(1, block, stride).mean(-1)
+
+
+def _shape_free(spec: Spec) -> Spec:
+    return replace(spec, heads=None, kv_heads=None, qk_dim=None, v_dim=None)
+
+
+def random_selection(spec: Spec, T: int, seed: int = 0):
+    """``({select branch: idx [T, top_k]}, description)`` from ``nsa_dsl.reference`` on random
+    ``q, k, v`` (batch 1; heads 4 and kv heads 1, or the spec's group size ``heads / kv_heads``
+    when it declares one, capped at 16; dims 32). Learned pools get mean pooling."""
+    if not spec.of_kind("select"):
+        return {}, "static pattern"
+    import torch
+
+    import nsa_dsl
+    G = RANDOM_HEADS
+    if spec.heads and spec.kv_heads:
+        G = min(16, spec.heads // spec.kv_heads)
+    HQ, H, D = G * RANDOM_KV_HEADS, RANDOM_KV_HEADS, RANDOM_DIM
+    run_spec = _shape_free(spec)           # declared shapes would make the inputs huge; G is kept
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, T, HQ, D, generator=g)
+    k = torch.randn(1, T, H, D, generator=g)
+    v = torch.randn(1, T, H, D, generator=g)
+    C = len(spec.output.branches)
+    gates = torch.full((1, T, HQ, C), 1.0 / C) if spec.output.kind == "gate" else None
+    compressed = {b.name: (_mean_pool(k, b.block, b.stride), _mean_pool(v, b.block, b.stride))
+                  for b in spec.of_kind("compress") if b.pool != "mean"}
+    with torch.no_grad():
+        _, aux = nsa_dsl.reference(run_spec, q, k, v, gates, compressed=compressed or None,
+                                   return_aux=True)
+    sel = {name: idx[0, :, 0].cpu().numpy() for name, idx in aux.indices.items()}
+    note = (f"selection from random inputs (seed {seed}; heads {HQ}, kv_heads {H}, dims {D}"
+            + ("; mean pooling for learned pools" if compressed else "") + ")")
+    return sel, note
+
+
+def _example_module():
+    """``train_tiny_lm`` (the training example) as a module: installed package, source tree,
+    or ``$NSA_DSL_TRAIN_EXAMPLE``."""
+    try:
+        return importlib.import_module("nsa_dsl.examples.train_tiny_lm")
+    except ModuleNotFoundError as e:       # a source checkout: examples/ is no subpackage there
+        if e.name not in ("nsa_dsl.examples", "nsa_dsl.examples.train_tiny_lm"):
+            raise
+    candidates = [os.environ.get("NSA_DSL_TRAIN_EXAMPLE"),
+                  Path(__file__).resolve().parent.parent / "examples" / "train_tiny_lm.py"]
+    name = "nsa_dsl_train_tiny_lm"
+    for path in candidates:
+        if path and Path(path).is_file():
+            loaded = sys.modules.get(name)
+            if loaded is not None and getattr(loaded, "__file__", None) == str(path):
+                return loaded
+            mod_spec = importlib.util.spec_from_file_location(name, str(path))
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules[name] = module          # dataclasses look their module up while defined
+            try:
+                mod_spec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(name, None)
+                raise
+            return module
+    raise SpecError("E635", "cannot find examples/train_tiny_lm.py, which defines the model of the "
+                            "checkpoint", hint="set NSA_DSL_TRAIN_EXAMPLE=/path/to/train_tiny_lm.py")
+
+
+def _same_pattern(a: Spec, b: Spec) -> bool:
+    """Same branches and output, whatever the names of the blocks and the shape fields."""
+    strip = lambda s: _shape_free(s).canonical().split("\n", 2)[2]   # noqa: E731
+    return strip(a) == strip(b)
+
+
+def model_selection(spec: Spec, T: int, checkpoint: str, layer: int = 0, seed: int = 0):
+    """``({select branch: idx [T, top_k]}, description, marks)``: the blocks layer ``layer`` of a
+    model saved by ``examples/train_tiny_lm.py --save`` selects (batch row 0, kv head 0) on a
+    sample sequence of its training task, of length ``T``. ``marks``: ``(t, p)`` pairs, the
+    query ``t`` of each answer and the position ``p`` of the value it has to retrieve."""
+    import torch
+    ex = _example_module()
+    if not Path(checkpoint).is_file():
+        raise SpecError("E632", f"cannot read checkpoint {checkpoint}: no such file")
+    try:
+        model, ckpt = ex.load_checkpoint(checkpoint)
+    except SpecError:
+        raise
+    except Exception as e:  # torch.load's many failure types
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise SpecError("E632", f"cannot load checkpoint {checkpoint}: {first}",
+                        hint="write one with: python examples/train_tiny_lm.py --save CKPT") from None
+    if ckpt.get("attn") != "nsa":
+        raise SpecError("E634", f"checkpoint {checkpoint} holds a model with {ckpt.get('attn')} "
+                                "attention, which selects nothing",
+                        hint="save the sparse model: train_tiny_lm.py --attn nsa --save CKPT")
+    if not _same_pattern(spec, model.spec):
+        raise SpecError("E633", f"checkpoint {checkpoint} was trained with attention "
+                                f"'{model.spec.name}', whose pattern differs from '{spec.name}'",
+                        hint="show the spec the model was trained with:\n"
+                             + "\n".join("      " + line for line in model.spec.source.strip().splitlines()))
+    n_layers = len(model.blocks)
+    if not -n_layers <= layer < n_layers:
+        raise SpecError("E634", f"layer {layer}: the model has {n_layers} layers (0 .. {n_layers - 1})")
+    layer = layer % n_layers
+    try:
+        tokens, targets = ex.make_batch(model.cfg, 1, torch.Generator().manual_seed(seed), seq_len=T)
+    except ValueError as e:
+        raise SpecError("E631", f"--seq-len {T}: {e}") from None
+    with torch.no_grad():
+        _, auxes = model(tokens, return_aux=True)
+    sel = {name: idx[0, :, 0].cpu().numpy() for name, idx in auxes[layer].indices.items()}
+    note = (f"selection of layer {layer} (kv head 0) of {Path(checkpoint).name} "
+            f"({ckpt.get('steps', '?')} steps) on a sample sequence of its task")
+    marks = []                              # (answer query, position of the value it must read)
+    row = tokens[0].tolist()
+    for t in (targets[0] >= 0).nonzero().flatten().tolist():
+        earlier = [p for p in range(t) if row[p] == row[t]]
+        if earlier:
+            marks.append((t, earlier[0] + 1))
+    return sel, note, marks
+
+
+# -------------------------------------------------------------------------------- picture
+
+def _colors(spec: Spec) -> dict:
+    used = {}
+    out = {}
+    for b in spec.branches:
+        shades = BRANCH_COLORS.get(b.kind, ["#555555"])
+        out[b.name] = shades[used.get(b.kind, 0) % len(shades)]
+        used[b.kind] = used.get(b.kind, 0) + 1
+    return out
+
+
+def _describe(b) -> str:
+    if isinstance(b, Compress):
+        return f"compress(block={b.block}, stride={b.stride}, pool={b.pool})"
+    if isinstance(b, Select):
+        return (f"select(block={b.block}, top_k={b.top_k}, score={b.score},\n"
+                f"keep_first={b.keep_first}, keep_last={b.keep_last})")
+    return f"window(size={b.size}" + (f", sinks={b.sinks})" if b.sinks else ")")
+
+
+_PRIORITY = {"compress": 0, "select": 1, "window": 2}    # drawn in this order on the combined panel
+_TINT = {"compress": 0.45}                               # compression: a light tint there
+
+
+def _paint(rgb: np.ndarray, strength: np.ndarray) -> np.ndarray:
+    """White blended toward ``rgb`` by ``strength`` (0: white, 1: the colour)."""
+    return 1.0 - (1.0 - rgb) * np.asarray(strength)[..., None]
+
+
+def _rgb(hex_color: str) -> np.ndarray:
+    h = hex_color.lstrip("#")
+    return np.array([int(h[i:i + 2], 16) / 255.0 for i in (0, 2, 4)])
+
+
+def _import_pyplot():
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        raise SpecError("E630", "nsa-dsl show needs matplotlib, which is not installed",
+                        hint="pip install matplotlib (or: pip install 'nsa-dsl[bench]')") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _pool(mask: np.ndarray, n: int) -> np.ndarray:
+    """A mask (bool, or the fractions of :func:`_rasterize`) as ``[n, n]`` float fractions:
+    rows (queries) averaged, columns (keys) max-pooled, in the binning of
+    :func:`attention_masks`."""
+    m = mask.shape[0]
+    mask = mask.astype(np.float32)
+    if n >= m:
+        return mask
+    edges = (np.arange(n) * m + n - 1) // n               # first source cell of each target cell
+    sizes = np.diff(np.append(edges, m)).astype(np.float32)
+    rows = np.add.reduceat(mask, edges, axis=0) / sizes[:, None]
+    return np.maximum.reduceat(rows, edges, axis=1)
+
+
+def _stripes(branch, T: int, n: int) -> Optional[np.ndarray]:
+    """``[n]`` floats: a lighter shade on every other block of keys (compress: the stride-d
+    segments; select: the selection blocks), so adjacent blocks stay apart; None when a
+    column spans more than half a block (the stripes would alias)."""
+    unit = branch.stride if isinstance(branch, Compress) else branch.block if isinstance(branch, Select) else 0
+    if not unit or T / n > unit / 2:
+        return None
+    centre = (np.arange(n) + 0.5) * T / n
+    return np.where((centre // unit) % 2 == 1, 0.72, 1.0)
+
+
+def render_png(spec: Spec, masks: dict, T: int, path, *, title: str = "",
+               stats: Optional[dict] = None, marks: Optional[list] = None, dpi: int = 100,
+               panel_inches: float = 5.4) -> Path:
+    """Draw ``masks`` (from :func:`attention_masks`) to a PNG at ``path``; returns the path.
+
+    One panel per branch (its colour on white) and a combined panel of the branches of the
+    output (the colours mixed where branches overlap); query position down the y axis, key
+    position along the x axis, both in token positions. Masks larger than a panel's pixels are
+    max-pooled to them, so thin bands stay visible. ``stats``: panel name (a branch or
+    ``"combined"``) -> mean keys per query, shown in its title. ``marks``: ``(query, key)`` positions circled on
+    the select and combined panels (e.g. each answer of a retrieval task and the key it needs).
+    """
+    plt = _import_pyplot()
+    from matplotlib.patches import Patch
+
+    names = list(masks)
+    colors = _colors(spec)
+    panels = names + ["combined"]
+    cols = len(panels) if len(panels) <= 2 else 2 if len(panels) <= 4 else 3
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(panel_inches * cols, panel_inches * rows + 0.9),
+                             squeeze=False, dpi=dpi, layout="constrained")
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+
+    stats = stats or {}
+    for ax, name in zip(axes.flat, panels):
+        if name == "combined":
+            label = (f"combined: output = {spec.output.kind}({', '.join(spec.output.branches)})"
+                     "\nwhere branches overlap the one drawn last shows")
+        else:
+            role = "  [scores only]" if name not in spec.output.branches else ""
+            label = f"{name} = {_describe(spec.branch(name))}{role}"
+        if name in stats:
+            label += f"\n{stats[name]:.1f} keys per query on average"
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("key position", fontsize=9)
+        ax.set_ylabel("query position", fontsize=9)
+        ax.set_xlim(0, T)
+        ax.set_ylim(T, 0)
+        ax.set_aspect("equal")
+        ax.tick_params(labelsize=8)
+    fig.suptitle(title or f"{spec.name}: keys attended per query, T = {T}", fontsize=12)
+
+    # one mask cell per screen pixel at most: pool to the panel's size in pixels
+    fig.canvas.draw()                      # runs the layout, so the panels have their final size
+    n_mask = next(iter(masks.values())).shape[0]
+    box = axes.flat[0].get_window_extent()
+    n = max(1, min(n_mask, int(min(box.width, box.height))))
+    per = T / n
+    fig.supxlabel(("each pixel holds one query and one key" if per <= 1 else
+                   f"each pixel holds ~{per:.3g} x {per:.3g} query-key pairs; its colour strength is the share of "
+                   "its queries that attend one of its keys\n(pale: few of them; a band one key wide still shows)")
+                  + "; every other stride segment (compress) and block (select) is drawn lighter when "
+                    "a pixel is narrow enough", fontsize=9)
+    extent = (0, T, T, 0)
+    combined = np.ones((n, n, 3))
+    for ax, name in zip(axes.flat, names):
+        m = _pool(masks[name], n)
+        rgb = _rgb(colors[name])
+        shade = _stripes(spec.branch(name), T, n)
+        strength = np.where(m > 0, 0.2 + 0.8 * m, 0.0)              # any pair shows; all: full colour
+        if shade is not None:
+            strength = strength * shade[None, :]                    # lighter every other block
+        ax.imshow(_paint(rgb, strength), extent=extent, interpolation="nearest", aspect="equal")
+    # combined: compression as a light tint under everything, then selection, the window on top
+    order = sorted(spec.output.branches, key=lambda nm: _PRIORITY.get(spec.branch(nm).kind, 1))
+    for name in order:
+        m = _pool(masks[name], n)
+        tint = _TINT.get(spec.branch(name).kind, 1.0)
+        strength = np.where(m > 0, (0.2 + 0.8 * m) * tint, 0.0)
+        layer = _paint(_rgb(colors[name]), strength)
+        combined = np.where((m > 0)[..., None], layer, combined)
+    ax = axes.flat[len(names)]
+    ax.imshow(combined, extent=extent, interpolation="nearest", aspect="equal")
+    if marks:                              # answers: the query, and the key it has to read
+        tq = np.array([m[0] for m in marks]) + 0.5
+        kp = np.array([m[1] for m in marks]) + 0.5
+        for a in [axes.flat[i] for i, nm in enumerate(names) if spec.branch(nm).kind == "select"] + [ax]:
+            a.scatter(kp, tq, s=36, facecolors="none", edgecolors="black", linewidths=1.0, zorder=3)
+    handles = [Patch(color=_paint(_rgb(colors[nm]), np.array(_TINT.get(spec.branch(nm).kind, 1.0))),
+                     label=nm) for nm in spec.output.branches]
+    ax.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.9)
+
+    path = Path(path)
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
