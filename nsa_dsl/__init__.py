@@ -47,7 +47,7 @@ def load(path, name: str | None = None) -> Spec:
 
 def __getattr__(name):  # lazy: keep `import nsa_dsl` free of torch for the CLI's check/explain
     if name == "reference":
-        from .reference import reference
+        from .semantics import reference
         return reference
     if name == "compile":
         from .op import compile

@@ -60,7 +60,7 @@ def demo_cmd(args, emit=print) -> int:
                             hint="set TRITON_INTERPRET=1 in the environment")
         os.environ["TRITON_INTERPRET"] = "1"   # kernels run on the CPU through Triton's interpreter
     import nsa_dsl
-    from .reference import reference
+    from .semantics import reference
 
     path = Path(args.file) if getattr(args, "file", None) else packaged_example()
     spec = nsa_dsl.load(path, getattr(args, "name", None))

@@ -384,7 +384,7 @@ class SparseAttention(nn.Module):
                 from . import compile as compile_spec
                 self._compiled_op = compile_spec(self.spec)
             return self._compiled_op
-        from .reference import reference
+        from .semantics import reference
         return functools.partial(reference, self.spec)
 
     @staticmethod

@@ -425,8 +425,8 @@ def render_png(spec: Spec, masks: dict, T: int, path, *, title: str = "",
                panel_inches: float = 5.4) -> Path:
     """Draw ``masks`` (from :func:`attention_masks`) to a PNG at ``path``; returns the path.
 
-    One panel per branch (its colour on white) and a combined panel of the branches of the
-    output (the colours mixed where branches overlap); query position down the y axis, key
+    One panel per branch (its colour on white) and, for several branches, a combined panel of
+    the output's branches (compression as a light tint, then selection, the window on top); query position down the y axis, key
     position along the x axis, both in token positions. Masks larger than a panel's pixels are
     max-pooled to them, so thin bands stay visible. ``stats``: panel name (a branch or
     ``"combined"``) -> mean keys per query, shown in its title. ``marks``: ``(query, key)`` positions circled on
@@ -437,11 +437,14 @@ def render_png(spec: Spec, masks: dict, T: int, path, *, title: str = "",
 
     names = list(masks)
     colors = _colors(spec)
-    panels = names + ["combined"]
+    with_combined = len(names) > 1         # one branch: the combined panel would repeat it
+    panels = names + (["combined"] if with_combined else [])
     cols = len(panels) if len(panels) <= 2 else 2 if len(panels) <= 4 else 3
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(panel_inches * cols, panel_inches * rows + 0.9),
-                             squeeze=False, dpi=dpi, layout="constrained")
+    # per row: the square panel, three lines of title and the axis labels; then the figure's
+    # title (three lines at most) and the note at the bottom
+    fig, axes = plt.subplots(rows, cols, squeeze=False, dpi=dpi, layout="constrained",
+                             figsize=(panel_inches * cols, (panel_inches + 0.9) * rows + 1.3))
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
 
@@ -458,8 +461,9 @@ def render_png(spec: Spec, masks: dict, T: int, path, *, title: str = "",
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("key position", fontsize=9)
         ax.set_ylabel("query position", fontsize=9)
-        ax.set_xlim(0, T)
-        ax.set_ylim(T, 0)
+        pad = T / 100                      # keeps a one-key column at 0 (a sink) off the axis line
+        ax.set_xlim(-pad, T)
+        ax.set_ylim(T, -pad)
         ax.set_aspect("equal")
         ax.tick_params(labelsize=8)
     fig.suptitle(title or f"{spec.name}: keys attended per query, T = {T}", fontsize=12)
@@ -493,16 +497,19 @@ def render_png(spec: Spec, masks: dict, T: int, path, *, title: str = "",
         strength = np.where(m > 0, (0.2 + 0.8 * m) * tint, 0.0)
         layer = _paint(_rgb(colors[name]), strength)
         combined = np.where((m > 0)[..., None], layer, combined)
-    ax = axes.flat[len(names)]
-    ax.imshow(combined, extent=extent, interpolation="nearest", aspect="equal")
+    circled = [axes.flat[i] for i, nm in enumerate(names) if spec.branch(nm).kind == "select"]
+    if with_combined:
+        ax = axes.flat[len(names)]
+        ax.imshow(combined, extent=extent, interpolation="nearest", aspect="equal")
+        handles = [Patch(color=_paint(_rgb(colors[nm]), np.array(_TINT.get(spec.branch(nm).kind, 1.0))),
+                         label=nm) for nm in spec.output.branches]
+        ax.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.9)
+        circled.append(ax)
     if marks:                              # answers: the query, and the key it has to read
         tq = np.array([m[0] for m in marks]) + 0.5
         kp = np.array([m[1] for m in marks]) + 0.5
-        for a in [axes.flat[i] for i, nm in enumerate(names) if spec.branch(nm).kind == "select"] + [ax]:
+        for a in circled:
             a.scatter(kp, tq, s=36, facecolors="none", edgecolors="black", linewidths=1.0, zorder=3)
-    handles = [Patch(color=_paint(_rgb(colors[nm]), np.array(_TINT.get(spec.branch(nm).kind, 1.0))),
-                     label=nm) for nm in spec.output.branches]
-    ax.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.9)
 
     path = Path(path)
     if not path.parent.exists():

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kernel_utils import load_family, rand, rel_err
-from nsa_dsl.reference import compress_attention, num_compressed_blocks
+from nsa_dsl.semantics import compress_attention, num_compressed_blocks
 from codegen.render import render
 
 HAS_CUDA = torch.cuda.is_available()

@@ -11,7 +11,7 @@ import torch
 
 from codegen.render import render
 from kernel_utils import load_family, rand, rel_err
-from nsa_dsl.reference import select_attention, select_blocks_mean_pool
+from nsa_dsl.semantics import select_attention, select_blocks_mean_pool
 
 HAS_CUDA = torch.cuda.is_available()
 

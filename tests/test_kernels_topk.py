@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kernel_utils import load_family, rand
-from nsa_dsl.reference import (compress_attention, num_compressed_blocks, num_select_blocks,
+from nsa_dsl.semantics import (compress_attention, num_compressed_blocks, num_select_blocks,
                                overlap_weights, select_blocks_cmp, select_blocks_mean_pool)
 from codegen.render import render
 

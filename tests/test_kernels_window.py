@@ -11,7 +11,7 @@ import torch
 
 from codegen.render import render
 from kernel_utils import load_family, rand, rel_err
-from nsa_dsl.reference import window_attention
+from nsa_dsl.semantics import window_attention
 
 NAMES = ("o", "lse", "dq", "dk", "dv")
 

@@ -13,8 +13,7 @@ import nsa_dsl
 from nsa_dsl.errors import SpecError
 from nsa_dsl.ir import Compress, Output, Select, Span, Spec, Window
 from nsa_dsl.module import LearnedPool, SparseAttention, split_blocks
-# not `nsa_dsl.reference`: once the submodule is imported, that name is the module, not the function
-from nsa_dsl.reference import reference
+from nsa_dsl.semantics import reference
 
 SPAN = Span.unknown()
 HIDDEN = 32

@@ -1,4 +1,4 @@
-"""The reference semantics (nsa_dsl/reference.py) against the brute-force loops of tests/brute.py.
+"""The reference semantics (nsa_dsl/semantics.py) against the brute-force loops of tests/brute.py.
 
 Everything in float64; outputs, log-sum-exps, chosen blocks and every gradient agree to 1e-10.
 """
@@ -14,10 +14,10 @@ if str(Path(__file__).resolve().parent.parent) not in sys.path:   # plain `pytes
 import pytest
 import torch
 
-from nsa_dsl import reference as R
+from nsa_dsl import semantics as R
 from nsa_dsl.errors import SpecError
 from nsa_dsl.ir import Compress, Output, Select, Span, Spec, Window
-from nsa_dsl.reference import Aux, reference
+from nsa_dsl.semantics import Aux, reference
 
 import brute  # tests/brute.py
 
@@ -643,12 +643,12 @@ def test_example_specs_forward(spec):
 
 
 def test_nsa_dsl_reference_is_callable():
-    """``nsa_dsl.reference`` stays callable after the submodule of that name is imported."""
+    """``nsa_dsl.reference`` is the function, also after the semantics module is imported."""
     import nsa_dsl
     spec = SPECS["swa_sinks"]
     q = torch.randn(1, 10, 2, 16, dtype=F64)
     k = torch.randn(1, 10, 2, 16, dtype=F64)
     first = nsa_dsl.reference(spec, q, k, k)
-    import nsa_dsl.reference  # noqa: F401  rebinds the package attribute to the module
+    import nsa_dsl.semantics  # noqa: F401
     torch.testing.assert_close(nsa_dsl.reference(spec, q, k, k), first, rtol=0, atol=0)
     torch.testing.assert_close(R.reference(spec, q, k, k), first, rtol=0, atol=0)

@@ -28,8 +28,6 @@ E606 a bad ``selection`` override.
 """
 from __future__ import annotations
 
-import sys
-import types
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Union
 
@@ -632,20 +630,3 @@ def _check_selection(b: Select, idx, BTH: tuple, q: torch.Tensor) -> torch.Tenso
     if bool(((s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)).any()):
         raise SpecError("E606", f"{where} repeats a block for some query; blocks must be distinct")
     return idx
-
-
-# ----------------------------------------------------------------------------- `nsa_dsl.reference(...)`
-
-class _CallableModule(types.ModuleType):
-    """``nsa_dsl.reference`` names both this module and the function :func:`reference`.
-
-    Importing the submodule (``from nsa_dsl.reference import mean_pool``) rebinds the package
-    attribute ``nsa_dsl.reference`` to the module, so the module itself must be callable for
-    ``nsa_dsl.reference(spec, q, k, v, ...)`` to keep working.
-    """
-
-    def __call__(self, *args, **kwargs):
-        return reference(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
