@@ -15,7 +15,7 @@ from .ir import Spec, SpecFile
 __version__ = "0.1.0"
 
 __all__ = ["SpecError", "Spec", "SpecFile", "parse", "parse_file", "load", "load_file",
-           "reference", "compile", "SparseAttention", "compressed_cu_seqlens", "__version__"]
+           "reference", "compile", "SparseAttention", "compressed_cu_seqlens", "NSACache", "__version__"]
 
 
 def parse_file(text: str, file: str = "<string>") -> SpecFile:
@@ -55,6 +55,9 @@ def __getattr__(name):  # lazy: keep `import nsa_dsl` free of torch for the CLI'
     if name == "SparseAttention":
         from .module import SparseAttention
         return SparseAttention
+    if name == "NSACache":              # decoding: a layer's KV cache (layer.new_cache(...))
+        from .decode import NSACache
+        return NSACache
     if name == "compressed_cu_seqlens":   # packed sequences: offsets of their compressed blocks
         from .varlen import compressed_cu_seqlens
         return compressed_cu_seqlens

@@ -160,6 +160,8 @@ def bench_cmd(args, emit=print) -> int:
     from .bench import bench_spec, markdown_table
 
     spec = nsa_dsl.load(args.file, getattr(args, "name", None))
+    if getattr(args, "decode", False):
+        return _bench_decode(spec, args, emit)
     lengths = [int(x) for x in str(getattr(args, "lengths", None) or "8192,16384,32768,65536").split(",")]
     op = nsa_dsl.compile(spec)
     from tqdm import tqdm
@@ -182,6 +184,38 @@ def bench_cmd(args, emit=print) -> int:
     if getattr(args, "plot", None):
         _plot(rows, args.plot)
         emit(f"wrote {args.plot}")
+    return 0
+
+
+def _bench_decode(spec, args, emit) -> int:
+    """`nsa-dsl bench FILE --decode`: one new token per sequence against SDPA over the whole cache."""
+    import json
+
+    import torch
+    from tqdm import tqdm
+
+    from .decode import decode_bench
+    lengths = [int(x) for x in str(getattr(args, "lengths", None) or "4096,16384,65536,131072").split(",")]
+    batches = (1, 8, 64)
+    bar = tqdm(total=len(lengths) * len(batches), desc="decode", unit="case")
+    rows = []
+    for T in lengths:
+        for B in batches:
+            rows += decode_bench(spec, [T], [B], HQ=spec.heads or 64, H=spec.kv_heads or 4,
+                                 Dqk=spec.qk_dim or 128, Dv=spec.v_dim or 128,
+                                 progress=lambda m: bar.set_postfix_str(m))
+            bar.update(1)
+    bar.close()
+    keys = [k for k in rows[0] if k.endswith("_ms") or k in ("speedup",)]
+    emit(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  spec {args.file}  (decode, ms per step)")
+    emit("| B | cache | " + " | ".join(keys) + " |")
+    emit("|" + "---|" * (len(keys) + 2))
+    for r in rows:
+        emit(f"| {r.get('B', '-')} | {r.get('T', '-')} | "
+             + " | ".join(f"{r[k]:.4f}" if isinstance(r.get(k), float) else "-" for k in keys) + " |")
+    if getattr(args, "json", None):
+        Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
+        emit(f"wrote {args.json}")
     return 0
 
 

@@ -51,7 +51,7 @@ from .ir import Compress, Select, Spec, Window
 __all__ = ["attention_masks", "keys_per_query", "render_png", "random_selection", "model_selection",
            "DEFAULT_SIZE", "BRANCH_COLORS"]
 
-DEFAULT_SIZE = 1024            # pixels per side of a panel's mask at most
+DEFAULT_SIZE = 512             # pixels per side of a panel (and cells per side of its mask)
 RANDOM_HEADS, RANDOM_KV_HEADS, RANDOM_DIM = 4, 1, 32
 
 # one colour per branch kind (a second branch of a kind gets the next shade)
@@ -421,16 +421,19 @@ def _stripes(branch, T: int, n: int) -> Optional[np.ndarray]:
 
 
 def render_png(spec: Spec, masks: dict, T: int, path, *, title: str = "",
-               stats: Optional[dict] = None, marks: Optional[list] = None, dpi: int = 100,
-               panel_inches: float = 5.4) -> Path:
+               stats: Optional[dict] = None, marks: Optional[list] = None,
+               panel_px: int = DEFAULT_SIZE, dpi: int = 100) -> Path:
     """Draw ``masks`` (from :func:`attention_masks`) to a PNG at ``path``; returns the path.
 
     One panel per branch (its colour on white) and, for several branches, a combined panel of
-    the output's branches (compression as a light tint, then selection, the window on top); query position down the y axis, key
-    position along the x axis, both in token positions. Masks larger than a panel's pixels are
-    max-pooled to them, so thin bands stay visible. ``stats``: panel name (a branch or
-    ``"combined"``) -> mean keys per query, shown in its title. ``marks``: ``(query, key)`` positions circled on
-    the select and combined panels (e.g. each answer of a retrieval task and the key it needs).
+    the output's branches (compression as a light tint, then selection, the window on top); query
+    position down the y axis, key position along the x axis, in token positions. Each panel is
+    ``panel_px`` pixels square and shows one mask cell per pixel: masks of ``panel_px`` cells
+    (``attention_masks(..., size=panel_px)``) are drawn exactly, larger ones are pooled to it
+    first (queries averaged, keys max-pooled). ``stats``: panel name (a branch or
+    ``"combined"``) -> mean keys per query, shown in its title. ``marks``: ``(query, key)``
+    positions circled on the select and combined panels (e.g. each answer of a retrieval task
+    and the key it needs).
     """
     plt = _import_pyplot()
     from matplotlib.patches import Patch
@@ -441,15 +444,29 @@ def render_png(spec: Spec, masks: dict, T: int, path, *, title: str = "",
     panels = names + (["combined"] if with_combined else [])
     cols = len(panels) if len(panels) <= 2 else 2 if len(panels) <= 4 else 3
     rows = math.ceil(len(panels) / cols)
-    # per row: the square panel, three lines of title and the axis labels; then the figure's
-    # title (three lines at most) and the note at the bottom
-    fig, axes = plt.subplots(rows, cols, squeeze=False, dpi=dpi, layout="constrained",
-                             figsize=(panel_inches * cols, (panel_inches + 0.9) * rows + 1.3))
-    for ax in axes.flat[len(panels):]:
-        ax.axis("off")
 
+    # A fixed layout in inches, so each panel has exactly panel_px (+ a one-pixel margin each
+    # side, which keeps a one-key column at position 0, a sink, off the axis line) pixels.
+    side = (panel_px + 2) / dpi
+    left, gap_x, right = 0.8, 0.9, 0.3
+    top, head, foot, bottom = 0.8, 0.7, 0.6, 0.55     # figure title, panel titles, x labels, note
+    width = max(left + cols * side + (cols - 1) * gap_x + right, 10.5)
+    height = top + rows * (head + side + foot) + bottom
+    x0 = (width - (cols * side + (cols - 1) * gap_x)) / 2 + (left - right) / 2
+    fig = plt.figure(figsize=(width, height), dpi=dpi)
+    axes = []
+    for i in range(len(panels)):
+        r, c = divmod(i, cols)
+        x = x0 + c * (side + gap_x)
+        y = height - top - r * (head + side + foot) - head - side
+        axes.append(fig.add_axes((x / width, y / height, side / width, side / height)))
+
+    n_mask = next(iter(masks.values())).shape[0]
+    n = min(n_mask, panel_px)
+    pad = T / n                                   # one cell
+    extent = (0, T, T, 0)
     stats = stats or {}
-    for ax, name in zip(axes.flat, panels):
+    for ax, name in zip(axes, panels):
         if name == "combined":
             label = (f"combined: output = {spec.output.kind}({', '.join(spec.output.branches)})"
                      "\nwhere branches overlap the one drawn last shows")
@@ -461,27 +478,20 @@ def render_png(spec: Spec, masks: dict, T: int, path, *, title: str = "",
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("key position", fontsize=9)
         ax.set_ylabel("query position", fontsize=9)
-        pad = T / 100                      # keeps a one-key column at 0 (a sink) off the axis line
-        ax.set_xlim(-pad, T)
-        ax.set_ylim(T, -pad)
-        ax.set_aspect("equal")
+        ax.set_xlim(-pad, T + pad)
+        ax.set_ylim(T + pad, -pad)
         ax.tick_params(labelsize=8)
-    fig.suptitle(title or f"{spec.name}: keys attended per query, T = {T}", fontsize=12)
-
-    # one mask cell per screen pixel at most: pool to the panel's size in pixels
-    fig.canvas.draw()                      # runs the layout, so the panels have their final size
-    n_mask = next(iter(masks.values())).shape[0]
-    box = axes.flat[0].get_window_extent()
-    n = max(1, min(n_mask, int(min(box.width, box.height))))
+    fig.suptitle(title or f"{spec.name}: keys attended per query, T = {T}", fontsize=12,
+                 y=1 - 0.12 / height, va="top")
     per = T / n
-    fig.supxlabel(("each pixel holds one query and one key" if per <= 1 else
-                   f"each pixel holds ~{per:.3g} x {per:.3g} query-key pairs; its colour strength is the share of "
-                   "its queries that attend one of its keys\n(pale: few of them; a band one key wide still shows)")
-                  + "; every other stride segment (compress) and block (select) is drawn lighter when "
-                    "a pixel is narrow enough", fontsize=9)
-    extent = (0, T, T, 0)
+    fig.text(0.5, 0.12 / height, ("each pixel holds one query and one key" if per <= 1 else
+             f"each pixel holds ~{per:.3g} x {per:.3g} query-key pairs; its colour strength is the share of "
+             "its queries that attend one of its keys\n(pale: few of them; a band one key wide still shows)")
+             + "; every other stride segment (compress) and block (select) is drawn lighter when "
+               "a pixel is narrow enough", ha="center", va="bottom", fontsize=9)
+
     combined = np.ones((n, n, 3))
-    for ax, name in zip(axes.flat, names):
+    for ax, name in zip(axes, names):
         m = _pool(masks[name], n)
         rgb = _rgb(colors[name])
         shade = _stripes(spec.branch(name), T, n)
@@ -497,9 +507,9 @@ def render_png(spec: Spec, masks: dict, T: int, path, *, title: str = "",
         strength = np.where(m > 0, (0.2 + 0.8 * m) * tint, 0.0)
         layer = _paint(_rgb(colors[name]), strength)
         combined = np.where((m > 0)[..., None], layer, combined)
-    circled = [axes.flat[i] for i, nm in enumerate(names) if spec.branch(nm).kind == "select"]
+    circled = [axes[i] for i, nm in enumerate(names) if spec.branch(nm).kind == "select"]
     if with_combined:
-        ax = axes.flat[len(names)]
+        ax = axes[len(names)]
         ax.imshow(combined, extent=extent, interpolation="nearest", aspect="equal")
         handles = [Patch(color=_paint(_rgb(colors[nm]), np.array(_TINT.get(spec.branch(nm).kind, 1.0))),
                          label=nm) for nm in spec.output.branches]

@@ -159,3 +159,20 @@ def test_plan_needs_shapes_when_spec_declares_none():
         nsa_dsl.compile(spec).plan()
     assert e.value.code == "E612"
     assert nsa_dsl.compile(spec).plan(heads=4, kv_heads=1).binding.group == 4
+
+
+def test_bench_decode_wiring_formats_a_table(monkeypatch, tmp_path):
+    """`nsa-dsl bench --decode` on a GPU: here decode_bench and the device name are stand-ins."""
+    import argparse
+    import torch
+    from nsa_dsl import commands, decode
+    fake_rows = lambda spec, Ts, Bs, **kw: [{"B": Bs[0], "T": Ts[0], "nsa_kernel_ms": 0.1,
+                                            "sdpa_cudnn_ms": 0.8, "speedup": 8.0}]
+    monkeypatch.setattr(decode, "decode_bench", fake_rows)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stand-in GPU")
+    lines = []
+    args = argparse.Namespace(file="examples/nsa_paper_mean.nsa", lengths="4096", json=str(tmp_path / "d.json"))
+    spec = nsa_dsl.load(args.file)
+    assert commands._bench_decode(spec, args, lines.append) == 0
+    assert any("| 64 | 4096 | 0.1000 | 0.8000 | 8.0000 |" in line for line in lines)
+    assert (tmp_path / "d.json").exists()
