@@ -19,9 +19,21 @@ def templates_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "templates"
 
 
+def visible_cmp(t: str, L: int, STRIDE: int) -> str:
+    """Triton code for the number of compressed blocks visible to query ``t`` (a variable name).
+
+    The expression comes from the symbolic shapes module, simplified for this (L, STRIDE)
+    (``l == d`` gives ``(t + 1) // L``), so kernels and ``nsa-dsl explain`` share one derivation.
+    """
+    from nsa_dsl import shapes
+    if not (isinstance(t, str) and t.isidentifier()):
+        raise ValueError(f"visible_cmp needs a variable name, got {t!r}")
+    return shapes.render(shapes.compress_visible(shapes.t, int(L), int(STRIDE)), "triton", {"t": t})
+
+
 @functools.lru_cache(maxsize=1)
 def environment() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates_dir())),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
@@ -29,6 +41,8 @@ def environment() -> jinja2.Environment:
         keep_trailing_newline=True,
         autoescape=False,
     )
+    env.globals["visible_cmp"] = visible_cmp   # symbolic index arithmetic, rendered as code
+    return env
 
 
 def template_source(name: str) -> str:

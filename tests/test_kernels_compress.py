@@ -116,11 +116,12 @@ def test_compress_strided_inputs():
 def test_compress_rendering_specializes():
     """Jinja renders only what the variables need."""
     same = render("compress.py.j2", G=4, DQK=64, DV=32, L=16, STRIDE=16)
-    assert "(t_first + 1) // L" in same and "STRIDE - L" not in same
+    assert "n_all = (t_first + 1) // 16 " in same                 # l == d: no clip at 0
+
     assert "< DQK" not in same and "< DV" not in same      # power-of-two dims: no dim masks
     assert "% GP < G" not in same                          # G a power of two: no padded heads
     over = render("compress.py.j2", G=3, DQK=48, DV=80, L=32, STRIDE=16)
-    assert "tl.maximum(t_first + 1 + STRIDE - L, 0) // STRIDE" in over
+    assert "n_all = tl.maximum(0, (t_first + 1) // 16 - 1)" in over        # from nsa_dsl.shapes
     assert "(o_k < DQK)" in over and "(o_v < DV)" in over and "o_r % GP < G" in over
     one = render("compress.py.j2", G=1, DQK=32, DV=32, L=32, STRIDE=16)
     assert "o_r // GP" not in one                          # G = 1: rows are positions
