@@ -572,14 +572,8 @@ def forward_cached(layer, x: Tensor, cache: NSACache, *, n_new=None, return_aux:
     B, C, _ = x.shape
     if B != cache.batch_size:
         raise _err("E809", f"x has batch {B}; the cache was made for {cache.batch_size} sequences")
-    HQ, H, Dqk, Dv = layer.heads, layer.kv_heads, layer.qk_dim, layer.v_dim
-    q = layer.q_proj(x).view(B, C, HQ, Dqk)
-    if layer.separate_kv:
-        k = {n: p(x).view(B, C, H, Dqk) for n, p in layer.k_proj.items()}
-        v = {n: p(x).view(B, C, H, Dv) for n, p in layer.v_proj.items()}
-    else:
-        k = layer.k_proj(x).view(B, C, H, Dqk)
-        v = layer.v_proj(x).view(B, C, H, Dv)
+    HQ, Dv = layer.heads, layer.v_dim
+    q, k, v = layer.project(x)
     if layer.rotary is not None:
         q, k = _rotate(layer, q, k, cache.lengths_host)
     gates = None

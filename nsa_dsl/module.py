@@ -322,6 +322,20 @@ class SparseAttention(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
 
+    def project(self, x: torch.Tensor):
+        """Query, key and value projections: ``q [B, T, HQ, Dqk]``; ``k``, ``v`` tensors
+        ``[B, T, H, D]``, or dicts by branch name with ``separate_kv``."""
+        B, T, _ = x.shape
+        HQ, H, Dqk, Dv = self.heads, self.kv_heads, self.qk_dim, self.v_dim
+        q = self.q_proj(x).view(B, T, HQ, Dqk)
+        if self.separate_kv:
+            k = {n: p(x).view(B, T, H, Dqk) for n, p in self.k_proj.items()}
+            v = {n: p(x).view(B, T, H, Dv) for n, p in self.v_proj.items()}
+        else:
+            k = self.k_proj(x).view(B, T, H, Dqk)
+            v = self.v_proj(x).view(B, T, H, Dv)
+        return q, k, v
+
     def forward(self, x: torch.Tensor, *, return_aux: bool = False, cache=None,
                 cu_seqlens: Optional[torch.Tensor] = None):
         """``x [B, T, hidden_size] -> y [B, T, hidden_size]``; with ``return_aux``, ``(y, aux)``
@@ -345,15 +359,8 @@ class SparseAttention(nn.Module):
         if cu_seqlens is not None:
             from .varlen import check_cu_seqlens
             cu = check_cu_seqlens(cu_seqlens, x, "x")
-        HQ, H, Dqk, Dv = self.heads, self.kv_heads, self.qk_dim, self.v_dim
-
-        q = self.q_proj(x).view(B, T, HQ, Dqk)
-        if self.separate_kv:
-            k = {n: p(x).view(B, T, H, Dqk) for n, p in self.k_proj.items()}
-            v = {n: p(x).view(B, T, H, Dv) for n, p in self.v_proj.items()}
-        else:
-            k = self.k_proj(x).view(B, T, H, Dqk)
-            v = self.v_proj(x).view(B, T, H, Dv)
+        HQ, Dv = self.heads, self.v_dim
+        q, k, v = self.project(x)
         if self.rotary is not None:
             q, k = self._rotate(q, k, T, cu)
 
