@@ -412,7 +412,8 @@ def train(cfg: Config, spec, attn: str, args, d: Dist, log=print) -> dict:
             sums[1] += correct.item()
             sums[2] += count.item()
     loss_sum, correct, count = _all_sum(sums, d, device)
-    state = _full_state_dict(model, wrapped, args) if args.save else None
+    # the full state dict is a collective under FSDP: every rank gathers, rank 0 saves
+    state = _full_state_dict(model, wrapped, args) if args.save and attn == "nsa" else None
     tps = (timed_steps * per_rank * cfg.seq_len / timed_s) if timed_s > 0 else float("nan")   # per GPU
     return {"model": model, "losses": losses, "eval_loss": loss_sum / max(count, 1),
             "accuracy": correct / max(count, 1), "answers": int(count), "sequences": n_eval,

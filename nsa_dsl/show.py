@@ -484,7 +484,7 @@ def render_png(spec: Spec, masks: dict, T: int, path, *, title: str = "",
     fig.suptitle(title or f"{spec.name}: keys attended per query, T = {T}", fontsize=12,
                  y=1 - 0.12 / height, va="top")
     per = T / n
-    fig.text(0.5, 0.12 / height, ("each pixel holds one query and one key" if per <= 1 else
+    fig.text(0.5, 0.12 / height, ("each square is one query and one key" if per <= 1 else
              f"each pixel holds ~{per:.3g} x {per:.3g} query-key pairs; its colour strength is the share of "
              "its queries that attend one of its keys\n(pale: few of them; a band one key wide still shows)")
              + "; every other stride segment (compress) and block (select) is drawn lighter when "
