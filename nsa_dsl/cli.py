@@ -191,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seq-len", type=_positive_int, required=True, metavar="T")
     sp.add_argument("--out", metavar="PNG", help="where to write the picture")
     sp.add_argument("--from-model", metavar="CKPT", help="take q and k from a model checkpoint")
+    sp.add_argument("--layer", type=int, default=0, help="which attention layer of --from-model")
     name_option(sp)
 
     sp = command("tune", _heavy("tune_cmd", "tune"), "autotune the kernels of a spec on this GPU")

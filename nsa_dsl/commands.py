@@ -265,3 +265,10 @@ def show_cmd(args, emit=print) -> int:
     path = show.render_png(spec, masks, T, out, title=title, stats=stats, marks=marks)
     emit(f"wrote {path}")
     return 0
+
+
+def tune_cmd(args, emit=print) -> int:
+    """`nsa-dsl tune FILE`: reserved for the autotuner (not built yet)."""
+    raise SpecError("E616", "autotuning is not available yet: the kernels pick their tiles with "
+                            "per-shape heuristics (docs/KERNELS.md)",
+                    hint="run the op directly; `nsa-dsl bench FILE` shows what the heuristics give")
