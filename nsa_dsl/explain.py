@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 from . import shapes as S
-from .ir import Compress, Select, Spec, Window
+from .ir import Spec
 
 __all__ = ["Section", "explain", "explain_sections", "format_report", "spec_lines",
            "formula_lines", "cost_table", "summary_table", "DEFAULT_LENGTHS"]
@@ -40,17 +40,6 @@ class Section:
 
 # ---------------------------------------------------------------- pieces
 
-def _branch_call(b) -> str:
-    if isinstance(b, Compress):
-        return f"compress(block = {b.block}, stride = {b.stride}, pool = {b.pool})"
-    if isinstance(b, Select):
-        return (f"select(block = {b.block}, top_k = {b.top_k}, score = {b.score}, "
-                f"keep_first = {b.keep_first}, keep_last = {b.keep_last})")
-    if isinstance(b, Window):
-        return f"window(size = {b.size}" + (f", sinks = {b.sinks})" if b.sinks else ")")
-    return repr(b)
-
-
 def _output_text(spec: Spec) -> str:
     o = spec.output
     if o.kind == "branch":
@@ -63,7 +52,7 @@ def spec_lines(spec: Spec, dims: S.Dims, given: Iterable[str] = ()) -> list[str]
     """The spec, one line per branch, and the dims the costs use (and where they came
     from: ``given`` names the ones the caller passed)."""
     w = max(len(b.name) for b in spec.branches) if spec.branches else 4
-    lines = [f"{_IND}branch {b.name:<{w}} = {_branch_call(b)}" for b in spec.branches]
+    lines = [f"{_IND}branch {b.name:<{w}} = {b.call_text()}" for b in spec.branches]
     lines.append(f"{_IND}output = {_output_text(spec)}" + ("" if spec.causal else "   (causal = false)"))
     group = dims.heads // dims.kv_heads if dims.kv_heads else 0
     lines.append(f"{_IND}heads {dims.heads}, kv_heads {dims.kv_heads} (group {group}), "

@@ -45,6 +45,10 @@ class Compress:
     params: tuple[Param, ...] = field(default=(), compare=False)
     kind = "compress"
 
+    def call_text(self) -> str:
+        """The branch call as it reads in the language (reports, pictures)."""
+        return f"compress(block = {self.block}, stride = {self.stride}, pool = {self.pool})"
+
 
 @dataclass(frozen=True)
 class Select:
@@ -58,6 +62,10 @@ class Select:
     params: tuple[Param, ...] = field(default=(), compare=False)
     kind = "select"
 
+    def call_text(self) -> str:
+        return (f"select(block = {self.block}, top_k = {self.top_k}, score = {self.score}, "
+                f"keep_first = {self.keep_first}, keep_last = {self.keep_last})")
+
 
 @dataclass(frozen=True)
 class Window:
@@ -67,6 +75,9 @@ class Window:
     span: Span = field(compare=False)
     params: tuple[Param, ...] = field(default=(), compare=False)
     kind = "window"
+
+    def call_text(self) -> str:
+        return f"window(size = {self.size}" + (f", sinks = {self.sinks})" if self.sinks else ")")
 
 
 Branch = Union[Compress, Select, Window]

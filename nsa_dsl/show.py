@@ -362,12 +362,8 @@ def _colors(spec: Spec) -> dict:
 
 
 def _describe(b) -> str:
-    if isinstance(b, Compress):
-        return f"compress(block={b.block}, stride={b.stride}, pool={b.pool})"
-    if isinstance(b, Select):
-        return (f"select(block={b.block}, top_k={b.top_k}, score={b.score},\n"
-                f"keep_first={b.keep_first}, keep_last={b.keep_last})")
-    return f"window(size={b.size}" + (f", sinks={b.sinks})" if b.sinks else ")")
+    """The branch as written in the spec; a select call breaks after its score (panel titles)."""
+    return b.call_text().replace(", keep_first", ",\nkeep_first")
 
 
 _PRIORITY = {"compress": 0, "select": 1, "window": 2}    # drawn in this order on the combined panel
