@@ -109,6 +109,7 @@ class NSACache:
         self.dtype, self.device = dtype, torch.device(device)
         B, H = batch_size, kv_heads
         self.lengths = torch.zeros(B, dtype=torch.int32, device=self.device)
+        self.device = self.lengths.device      # "cuda" -> "cuda:0": compares equal to tensors' devices
         self._lengths = [0] * B
 
         names = spec.branch_names            # every branch reads raw keys (compress: to pool)
