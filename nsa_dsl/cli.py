@@ -20,6 +20,7 @@ from .errors import SpecError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
 DEFAULT_LENGTHS = (4096, 16384, 65536)
+TUNE_LENGTHS = (8192, 16384, 32768, 65536)
 REPORT_URL = "the nsa-dsl issue tracker"
 
 
@@ -127,6 +128,28 @@ def _lengths_text(text: str) -> str:
     return ",".join(str(n) for n in _lengths(text))
 
 
+def _positive_ints(text: str) -> tuple[int, ...]:
+    """'2,4,8' -> (2, 4, 8)."""
+    parts = [p for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("expected comma-separated positive integers, e.g. 4,8")
+    return tuple(_positive_int(p) for p in parts)
+
+
+BENCH_PEERS = ("cudnn", "flash", "fla")   # nsa_dsl.bench.PEERS (kept here: bench imports torch)
+
+
+def _peer_names(text: str) -> tuple[str, ...]:
+    """'cudnn,fla' -> ('cudnn', 'fla'); 'none' -> ()."""
+    names = tuple(p.strip().lower() for p in text.split(",") if p.strip())
+    if names == ("none",):
+        return ()
+    unknown = [n for n in names if n not in BENCH_PEERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected peers among {','.join(BENCH_PEERS)} or 'none', got {text!r}")
+    return names
+
+
 # ------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,10 +202,31 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("bench", _heavy("bench_cmd", "bench"),
                  "time the kernels against dense attention (GPU)")
     sp.add_argument("file", metavar="FILE")
-    sp.add_argument("--lengths", type=_lengths_text, metavar="T,T,...", help="sequence lengths")
-    sp.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    sp.add_argument("--plot", metavar="PATH", help="write a PNG plot")
+    sp.add_argument("--lengths", type=_lengths_text, metavar="T,T,...",
+                    help="sequence lengths (default 8192,16384,32768,65536; 8k = 8192; 128k and 256k "
+                         "run too: SDPA stops at --peer-max-len, an out-of-memory reads 'oom')")
+    sp.add_argument("--json", metavar="PATH", help="write the results as JSON (fields: nsa_dsl/bench.py)")
+    sp.add_argument("--plot", metavar="PATH",
+                    help="write a PNG: time and speedup over cuDNN against T (needs matplotlib)")
     sp.add_argument("--decode", action="store_true", help="time decoding (one new token per sequence)")
+    sp.add_argument("--workload", choices=("random", "local", "both"), default="random",
+                    help="inputs: iid random, 'local' (slowly drifting keys, queries following them: "
+                         "neighbouring tokens choose similar blocks, as in trained models), or both")
+    sp.add_argument("--peers", type=_peer_names, metavar="P,P,...",
+                    help=f"what to time beside the op, of {','.join(BENCH_PEERS)} (default: all; "
+                         "'none' for none); fla (fla-core's parallel_nsa) only where it imports")
+    sp.add_argument("--peer-max-len", type=_positive_int, default=65536, metavar="T",
+                    help="skip the SDPA peers above this length (default 65536: SDPA takes minutes at 256k)")
+    sp.add_argument("--forward-only", action="store_true", help="time the forward only")
+    sp.add_argument("--batch", type=_positive_int, metavar="B", help="batch size (default 1)")
+    sp.add_argument("--heads", type=_positive_int, metavar="N",
+                    help="query heads (default: the spec's, else 64)")
+    sp.add_argument("--kv-heads", type=_positive_ints, metavar="N[,N...]",
+                    help="kv heads (default: the spec's, else 4); several compare GQA groups in one "
+                         "run, e.g. --heads 32 --kv-heads 2,4,8")
+    for dim in ("dim", "qk-dim", "v-dim"):
+        sp.add_argument(f"--{dim}", type=_positive_int, metavar="N",
+                        help="--dim sets qk-dim and v-dim (default: the spec's, else 128)" if dim == "dim" else None)
     name_option(sp)
 
     sp = command("show", _heavy("show_cmd", "show"),
@@ -196,6 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("tune", _heavy("tune_cmd", "tune"), "autotune the kernels of a spec on this GPU")
     sp.add_argument("file", metavar="FILE")
+    sp.add_argument("--lengths", type=_lengths, default=TUNE_LENGTHS, metavar="T,T,...",
+                    help=f"sequence lengths to tune for (default {','.join(map(str, TUNE_LENGTHS))}); "
+                         "each is a bucket of B*T rounded up to a power of two")
+    sp.add_argument("--batch", type=_positive_int, default=1, metavar="B", help="batch size (default 1)")
+    for dim in ("heads", "kv-heads", "dim", "qk-dim", "v-dim"):  # shapes the spec leaves open
+        sp.add_argument(f"--{dim}", type=_positive_int, metavar="N",
+                        help="sets qk-dim and v-dim" if dim == "dim" else None)
+    sp.epilog = "shapes the spec leaves open default to 64 heads, 4 kv heads, head dim 128"
+    sp.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    sp.add_argument("--backward", action=argparse.BooleanOptionalAction, default=True,
+                    help="tune the backward kernels too (default: yes)")
     name_option(sp)
     return p
 

@@ -150,39 +150,81 @@ def _shrink(spec, heads, kv_heads):
 
 
 def bench_cmd(args, emit=print) -> int:
-    """`nsa-dsl bench FILE`: the op against SDPA (cuDNN, flash) on one GPU, in one run."""
+    """`nsa-dsl bench FILE`: the op beside SDPA (cuDNN, flash) and fla-core's parallel_nsa on one
+    GPU, in one run (nsa_dsl.bench): forward and forward+backward across lengths, per-branch
+    times, achieved TFLOP/s, peak memory, one or both workloads, one or several GQA groups. A
+    progress bar on stderr, a Markdown table through ``emit``, JSON and a PNG on request."""
     import json
+    import sys
+    from dataclasses import replace
 
     import torch
     if not torch.cuda.is_available():
-        raise SpecError("E615", "nsa-dsl bench needs a CUDA GPU", hint="run it on a GPU machine")
+        raise SpecError("E615", "nsa-dsl bench needs a CUDA GPU, and torch sees none",
+                        hint="run it on a GPU machine; `nsa-dsl explain FILE` shows FLOP and bytes without one")
+    from . import bench
+    if getattr(args, "plot", None):
+        bench._import_pyplot()          # a missing matplotlib fails now, not after minutes of timing
     import nsa_dsl
-    from .bench import bench_spec, markdown_table
 
     spec = nsa_dsl.load(args.file, getattr(args, "name", None))
     if getattr(args, "decode", False):
         return _bench_decode(spec, args, emit)
     lengths = [int(x) for x in str(getattr(args, "lengths", None) or "8192,16384,32768,65536").split(",")]
-    op = nsa_dsl.compile(spec)
+    dim = getattr(args, "dim", None)
+    B = getattr(args, "batch", None) or 1
+    HQ = getattr(args, "heads", None) or spec.heads or 64
+    kv = getattr(args, "kv_heads", None) or spec.kv_heads or 4
+    kv = (kv,) if isinstance(kv, int) else tuple(kv)
+    Dqk = getattr(args, "qk_dim", None) or dim or spec.qk_dim or 128
+    Dv = getattr(args, "v_dim", None) or dim or spec.v_dim or 128
+    for h in kv:
+        if HQ % h:
+            raise SpecError("E617", f"{HQ} query heads are not a multiple of {h} kv heads",
+                            hint="pick --kv-heads that divide --heads, e.g. --heads 32 --kv-heads 4,8")
+    workload = getattr(args, "workload", None) or "random"
+    workloads = bench.WORKLOADS if workload == "both" else (workload,)
+    requested = getattr(args, "peers", None)
+    requested = bench.PEERS if requested is None else tuple(requested)
+    peers, notes = bench.available_peers(requested)
+    peer_max_len = getattr(args, "peer_max_len", None) or 65536
+    backward = not getattr(args, "forward_only", False)
+    # The pattern is what is timed; the shapes come from the options (or the spec's, as defaults),
+    # so the declared ones are dropped and the op binds from the tensors of each case.
+    op = nsa_dsl.compile(replace(spec, heads=None, kv_heads=None, qk_dim=None, v_dim=None))
+
     from tqdm import tqdm
-    bar = tqdm(total=len(lengths), desc="bench", unit="length")
-    def progress(msg):
-        bar.set_postfix_str(msg)
-    rows = []
-    for T in lengths:
-        rows += bench_spec(op, [T], HQ=spec.heads or 64, H=spec.kv_heads or 4,
-                           Dqk=spec.qk_dim or 128, Dv=spec.v_dim or 128, progress=progress)
-        bar.update(1)
-    bar.close()
+    bar = tqdm(total=bench.count_steps(lengths, workloads=workloads, kv_heads=kv, peers=peers,
+                                       backward=backward, peer_max_len=peer_max_len),
+               desc="bench", unit="step", file=sys.stderr, dynamic_ncols=True)
+    try:
+        rows = bench.bench_spec(op, lengths, B=B, HQ=HQ, H=kv, Dqk=Dqk, Dv=Dv, workloads=workloads,
+                                peers=peers, peer_max_len=peer_max_len, backward=backward, progress=bar)
+    finally:
+        bar.close()
+    fla_note = bench.load_fla()[1] if "fla" in requested else "not requested"
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": __import__("triton").__version__, "spec": str(args.file)}
-    emit(f"{meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  spec {args.file}")
-    emit(markdown_table(rows))
+            "triton": __import__("triton").__version__, "spec": str(args.file), "spec_name": spec.name,
+            "B": B, "HQ": HQ, "kv_heads": list(kv), "Dqk": Dqk, "Dv": Dv, "dtype": "bfloat16",
+            "workloads": list(workloads), "peers": list(peers), "peer_max_len": peer_max_len,
+            "backward": backward, "fla": fla_note,
+            "fla_config": dict(bench.FLA_CONFIG) if "fla" in peers else None,
+            "flop": "useful forward FLOP from nsa_dsl.shapes.cost; backward 2.5x the attention "
+                    "branches' forward, scoring forward only; dense SDPA: causal, 3.5x forward for fwd+bwd",
+            "local_workload": {"drift": bench.LOCAL_DRIFT, "key_noise": bench.LOCAL_KEY_NOISE,
+                               "q_share": bench.LOCAL_Q_SHARE, "q_noise": bench.LOCAL_Q_NOISE},
+            "memory": "peak GiB (2^30 bytes) beyond the inputs (inputs_gib), outputs and gradients included"}
+    shapes = f"B={B} HQ={HQ} H={','.join(map(str, kv))} Dqk={Dqk} Dv={Dv} bf16"
+    emit(f"{meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  spec {args.file} ({spec.name})  "
+         f"{shapes}  workload {'+'.join(workloads)}  ms (median)")
+    for note in notes:
+        emit(f"note: {note}; its columns are left out")
+    emit(bench.markdown_table(rows))
     if getattr(args, "json", None):
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         emit(f"wrote {args.json}")
     if getattr(args, "plot", None):
-        _plot(rows, args.plot)
+        bench.plot_rows(rows, args.plot, title=f"{spec.name} on {meta['gpu']}: {shapes}")
         emit(f"wrote {args.plot}")
     return 0
 
@@ -219,27 +261,6 @@ def _bench_decode(spec, args, emit) -> int:
     return 0
 
 
-def _plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    Ts = [r["T"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("nsa_fwd_ms", "nsa fwd"), ("nsa_fwdbwd_ms", "nsa fwd+bwd"),
-                       ("cudnn_fwd_ms", "cuDNN fwd"), ("cudnn_fwdbwd_ms", "cuDNN fwd+bwd"),
-                       ("flash_fwd_ms", "flash fwd"), ("flash_fwdbwd_ms", "flash fwd+bwd")):
-        if all(key in r for r in rows):
-            a.plot(Ts, [r[key] for r in rows], marker="o", label=label)
-    a.set_xscale("log", base=2); a.set_yscale("log"); a.set_xlabel("T"); a.set_ylabel("ms"); a.legend()
-    for base, label in (("fwd", "forward"), ("fwdbwd", "forward+backward")):
-        if all(f"cudnn_{base}_ms" in r and f"nsa_{base}_ms" in r for r in rows):
-            b.plot(Ts, [r[f"cudnn_{base}_ms"] / r[f"nsa_{base}_ms"] for r in rows], marker="o", label=label)
-    b.axhline(1, color="gray", lw=0.5); b.set_xscale("log", base=2); b.set_xlabel("T")
-    b.set_ylabel("speedup over cuDNN"); b.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def show_cmd(args, emit=print) -> int:
     """`nsa-dsl show FILE --seq-len T [--out PNG] [--from-model CKPT]`: a PNG of the keys each
     query attends, per branch (logic in nsa_dsl.show)."""
@@ -267,8 +288,63 @@ def show_cmd(args, emit=print) -> int:
     return 0
 
 
+def _tune_table(results) -> list[str]:
+    """Per tuned kernel kind: the heuristic's time, the winner's, the speedup and the winner."""
+    lines = [f"  {'kernel':<20} {'kind':<5} {'default ms':>10} {'best ms':>9} {'speedup':>7}  config"]
+    for r in results:
+        cfg = " ".join(f"{key}={val}" for key, val in r.config.items()) or "(the heuristic)"
+        note = f"{r.tried} tried" + (f", {len(r.failed)} failed" if r.failed else "")
+        lines.append(f"  {r.module.split('/', 1)[-1]:<20} {r.kind:<5} {r.default_ms:>10.3f} {r.best_ms:>9.3f} "
+                     f"{r.speedup:>6.2f}x  {cfg}  ({note})")
+    return lines
+
+
 def tune_cmd(args, emit=print) -> int:
-    """`nsa-dsl tune FILE`: reserved for the autotuner (not built yet)."""
-    raise SpecError("E616", "autotuning is not available yet: the kernels pick their tiles with "
-                            "per-shape heuristics (docs/KERNELS.md)",
-                    hint="run the op directly; `nsa-dsl bench FILE` shows what the heuristics give")
+    """`nsa-dsl tune FILE [--lengths ...]`: time every kernel's config space on this GPU, forward
+    and backward, on random inputs of each length, and store the fastest configs beside the
+    kernel cache (codegen.tuning), where every later op call on this GPU finds them."""
+    import torch
+
+    from codegen import tuning
+    if tuning.interpreted() or not torch.cuda.is_available():
+        why = ("TRITON_INTERPRET=1 runs the kernels on the CPU" if tuning.interpreted()
+               else "torch sees none")
+        raise SpecError("E616", f"autotuning needs a CUDA GPU; {why} (untuned kernels run their "
+                                "heuristic configs)", hint="run `nsa-dsl tune FILE` on a GPU machine")
+    import nsa_dsl
+    from .op import mean_pool
+
+    spec = nsa_dsl.load(args.file, getattr(args, "name", None))
+    op = nsa_dsl.compile(spec)
+    dim = getattr(args, "dim", None)
+    HQ = getattr(args, "heads", None) or spec.heads or 64
+    H = getattr(args, "kv_heads", None) or spec.kv_heads or 4
+    Dqk = getattr(args, "qk_dim", None) or dim or spec.qk_dim or 128
+    Dv = getattr(args, "v_dim", None) or dim or spec.v_dim or 128
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[getattr(args, "dtype", None) or "bf16"]
+    B = getattr(args, "batch", None) or 1
+    lengths = getattr(args, "lengths", None) or (8192, 16384, 32768, 65536)
+    backward = getattr(args, "backward", True)
+    gpu = torch.cuda.get_device_name()
+    emit(f"{gpu}  torch {torch.__version__}  triton {__import__('triton').__version__}  spec {args.file} "
+         f"({spec.name})  B={B} HQ={HQ} H={H} Dqk={Dqk} Dv={Dv} {str(dtype).replace('torch.', '')}  "
+         f"{'forward + backward' if backward else 'forward'}")
+    for T in lengths:
+        g = torch.Generator(device="cuda").manual_seed(0)
+
+        def rnd(*shape):
+            return torch.randn(*shape, generator=g, device="cuda", dtype=dtype)
+        q, k, v = rnd(B, T, HQ, Dqk), rnd(B, T, H, Dqk), rnd(B, T, H, Dv)
+        gates = torch.rand(B, T, HQ, len(spec.output.branches), generator=g, device="cuda", dtype=dtype) \
+            if spec.output.kind == "gate" else None
+        compressed = {b.name: (mean_pool(k, b.block, b.stride), mean_pool(v, b.block, b.stride))
+                      for b in spec.of_kind("compress") if b.pool != "mean"}   # a learned pool's stand-in
+        t0 = time.perf_counter()
+        results = op.tune(q, k, v, gates, backward=backward, compressed=compressed or None)
+        emit(f"\nT = {T} (bucket B*T <= {tuning.bucket(B * T)}): {time.perf_counter() - t0:.1f} s")
+        for line in _tune_table(results):
+            emit(line)
+        del q, k, v, gates, compressed
+        torch.cuda.empty_cache()
+    emit(f"\nstored in {tuning.store_path(gpu, op.cache.directory)}")
+    return 0

@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from codegen import tuning
+
 _MODULES: dict[str, ModuleType] = {}
 
 
@@ -53,40 +55,50 @@ def _seq(cu_seqlens: Optional[Tensor]) -> dict:
     return {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
 
 
+def _run(key: str, launcher: str, q: Tensor, *args, **kwargs):
+    """``module(key).<launcher>(*args, **kwargs)`` with the tuned configs of q's shape bucket on
+    this GPU, if any (``codegen.tuning``: a dict lookup; tunes first when asked to)."""
+    mod = module(key)
+    config = tuning.config_for(key, mod, launcher, q, args, kwargs)
+    if config:
+        kwargs["config"] = config
+    return getattr(mod, launcher)(*args, **kwargs)
+
+
 @torch.library.custom_op("nsa_dsl::compress_fwd", mutates_args=())
 def compress_fwd(key: str, q: Tensor, k: Tensor, v: Tensor, scale: float,
                  cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    return module(key).fwd(q, k, v, scale, **_seq(cu_seqlens))
+    return _run(key, "fwd", q, q, k, v, scale, **_seq(cu_seqlens))
 
 
 @torch.library.custom_op("nsa_dsl::compress_bwd", mutates_args=())
 def compress_bwd(key: str, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor,
                  scale: float, cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    return module(key).bwd(q, k, v, o, lse, do, scale, **_seq(cu_seqlens))
+    return _run(key, "bwd", q, q, k, v, o, lse, do, scale, **_seq(cu_seqlens))
 
 
 @torch.library.custom_op("nsa_dsl::window_fwd", mutates_args=())
 def window_fwd(key: str, q: Tensor, k: Tensor, v: Tensor, scale: float,
                cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    return module(key).fwd(q, k, v, scale, **_seq(cu_seqlens))
+    return _run(key, "fwd", q, q, k, v, scale, **_seq(cu_seqlens))
 
 
 @torch.library.custom_op("nsa_dsl::window_bwd", mutates_args=())
 def window_bwd(key: str, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor,
                scale: float, cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    return module(key).bwd(q, k, v, o, lse, do, scale, **_seq(cu_seqlens))
+    return _run(key, "bwd", q, q, k, v, o, lse, do, scale, **_seq(cu_seqlens))
 
 
 @torch.library.custom_op("nsa_dsl::select_fwd", mutates_args=())
 def select_fwd(key: str, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float,
                cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    return module(key).fwd(q, k, v, idx, scale, **_seq(cu_seqlens))
+    return _run(key, "fwd", q, q, k, v, idx, scale, **_seq(cu_seqlens))
 
 
 @torch.library.custom_op("nsa_dsl::select_bwd", mutates_args=())
 def select_bwd(key: str, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: Tensor,
                do: Tensor, scale: float, cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    return module(key).bwd(q, k, v, idx, o, lse, do, scale, **_seq(cu_seqlens))
+    return _run(key, "bwd", q, q, k, v, idx, o, lse, do, scale, **_seq(cu_seqlens))
 
 
 for _fwd in (compress_fwd, window_fwd):
@@ -144,13 +156,13 @@ select_fwd.register_autograd(_select_backward, setup_context=_setup_select)
 @torch.library.custom_op("nsa_dsl::topk_cmp", mutates_args=())
 def topk_cmp(key: str, q: Tensor, k_cmp: Tensor, lse_cmp: Tensor, scale: float, top_k: int,
              cu_seqlens: Optional[Tensor] = None) -> Tensor:
-    return module(key).topk(q, k_cmp, lse_cmp, scale, **_seq(cu_seqlens))
+    return _run(key, "topk", q, q, k_cmp, lse_cmp, scale, **_seq(cu_seqlens))
 
 
 @torch.library.custom_op("nsa_dsl::topk_mean_pool", mutates_args=())
 def topk_mean_pool(key: str, q: Tensor, k: Tensor, kv_heads: int, top_k: int,
                    cu_seqlens: Optional[Tensor] = None) -> Tensor:
-    return module(key).topk_mean_pool(q, k, **_seq(cu_seqlens))
+    return _run(key, "topk_mean_pool", q, q, k, **_seq(cu_seqlens))
 
 
 @topk_cmp.register_fake

@@ -15,6 +15,7 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import Tensor
 
+from codegen import tuning
 from codegen.cache import KernelCache, cache_key
 from codegen.plan import Binding, Plan, bind, lower
 
@@ -95,6 +96,8 @@ class CompiledOp:
             modules = self.cache.load(plan)
             prefix = cache_key(plan)[:16]
             keys = {name: ops.register_module(f"{prefix}/{name}", mod) for name, mod in modules.items()}
+            for key in keys.values():               # tuned configs live beside the kernel cache
+                tuning.register(key, self.cache.directory)
             self._keys[(binding, varlen)] = (plan, keys)
         return self._keys[(binding, varlen)]
 
@@ -184,6 +187,34 @@ class CompiledOp:
         if return_aux:
             return o, Aux(indices=idxs, lse=lses, outputs=outs)
         return o
+
+    # -- autotuning ------------------------------------------------------------------------------
+    def tune(self, q: Tensor, k: TensorOrDict, v: TensorOrDict, gates: Optional[Tensor] = None, *,
+             backward: bool = True, compressed: Optional[Mapping[str, tuple[Tensor, Tensor]]] = None,
+             scale: Optional[float] = None, cu_seqlens: Optional[Tensor] = None) -> list:
+        """Autotune the kernels for the shapes of these inputs (GPU; their values only feed the
+        timed calls): runs the forward, and the backward unless ``backward=False``, once, with
+        every kernel's config space timed on the real intermediate tensors (``codegen.tuning``).
+        The winners are stored per GPU, kernel module, kernel kind, dtype and bucket of B * T
+        beside the kernel cache, so later calls, in this process or another, run them.
+        Returns a ``codegen.tuning.Result`` per kernel kind."""
+        if not tuning.enabled(q):
+            raise _err("E616", "autotuning needs a CUDA GPU; on the CPU and under TRITON_INTERPRET=1 "
+                               "the kernels run the heuristic configs",
+                       hint="call op.tune on CUDA tensors (or run `nsa-dsl tune FILE` on a GPU machine)")
+
+        def leaf(x):
+            return x.detach().requires_grad_(backward and x.is_floating_point())
+        q = leaf(q)
+        k = {n: leaf(x) for n, x in k.items()} if isinstance(k, Mapping) else leaf(k)
+        v = {n: leaf(x) for n, x in v.items()} if isinstance(v, Mapping) else leaf(v)
+        gates = None if gates is None else leaf(gates)
+        compressed = {n: (leaf(a), leaf(b)) for n, (a, b) in compressed.items()} if compressed else None
+        with tuning.session() as s:
+            o = self(q, k, v, gates, compressed=compressed, scale=scale, cu_seqlens=cu_seqlens)
+            if backward:
+                o.backward(torch.randn_like(o))
+        return s.results
 
     # -- input checks: expected versus actual, before any kernel runs -----------------------------
     def _needs_raw_keys(self) -> tuple[str, ...]:
