@@ -228,3 +228,21 @@ def _gpu_case(T, H, G, DQK, DV, LS, TOPK, dtype, idx_kind):
 ])
 def test_select_gpu(T, H, G, DQK, DV, LS, TOPK, idx_kind, dtype):
     _gpu_case(T, H, G, DQK, DV, LS, TOPK, dtype, idx_kind)
+
+
+def test_shared_rows_follow_the_selection():
+    """R = 4 * minimum when neighbouring positions choose alike (few distinct blocks), else the
+    minimum; short sequences never pay the host sync."""
+    G, LS, TOPK, H, T = 16, 64, 16, 2, 16384
+    mod = load_family("select.py.j2", G=G, DQK=64, DV=64, LS=LS, TOPK=TOPK)
+    g = torch.Generator().manual_seed(0)
+    t = torch.arange(T)
+    # iid: every position its own random blocks among those before it
+    iid = (torch.rand(1, T, H, TOPK, generator=g) * (t // LS + 1)[None, :, None, None]).long()
+    # local: groups of 8 positions share one choice
+    local = iid[:, (t // 8) * 8]
+    assert mod._shared_rows(iid.int(), 1) == 1
+    assert mod._shared_rows(local.int(), 1) == 4
+    assert mod._shared_rows(local[:, :4096].int(), 1) == 1          # T < SHARE_MIN_T
+    cfg = dict(mod.resolve_config(torch.empty(1, T, H * G, 64), "fwd", None), R=1, SHARE=True)
+    assert mod._rows_for(cfg, local.int())["R"] == 1                 # CPU tensors: never decided
