@@ -48,6 +48,7 @@ CMP_CASES = [
     (1, 300, 1, 16, 32, 32, 16, 32, 4, 2, 0),   # G = 16
     (1, 500, 1, 3, 32, 48, 16, 48, 3, 0, 2),    # A = C = 3 segments
     (1, 400, 1, 2, 32, 32, 16, 16, 16, 1, 2),   # TOPK = 16 of 25 blocks
+    (1, 2300, 1, 4, 32, 32, 16, 64, 4, 1, 2),   # paper blocks, long enough for unmasked chunks
 ]
 
 
