@@ -18,7 +18,7 @@ ROOT = Path(__file__).parents[1]
 SCRIPT = ROOT / "examples" / "train_tiny_lm.py"
 FAST = ["--device", "cpu", "--steps", "12", "--batch", "8", "--seq-len", "128", "--log-every", "4",
         "--eval-batches", "1"]
-STEP_LINE = re.compile(r"^step (\d+) loss (\d+\.\d+)$")
+STEP_LINE = re.compile(r"^step (\d+) loss (\d+\.\d+) acc (\d\.\d{3})(?: pairs \d+)? \(\d+\.\d s\)$")
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,35 @@ def test_throughput_probe_runs_on_any_device(ex):
         assert ex._throughput(cfg, spec, attn, 2, torch.device("cpu"), steps=1) > 0
 
 
+def test_max_time_log_json_and_curriculum(ex, tmp_path):
+    """--max-time stops training (then evaluates as usual), --log-json writes the curve and the
+    summary, --curriculum ramps the pairs per sequence up to --pairs."""
+    import json
+    out = tmp_path / "log.json"
+    results, lines = run(ex, FAST + ["--max-time", "0", "--log-json", str(out)])
+    r = results["nsa"]
+    assert r["steps"] == 1 and [s for s, _ in r["losses"]] == [1]
+    assert any(line == "--max-time 0 s reached after 1 of 12 steps" for line in lines)
+    assert re.search(r"^nsa: final accuracy 0\.\d{4} \(64 answers of 8 held-out sequences\).*\(1 steps\)$",
+                     "\n".join(lines), re.M)
+    doc = json.loads(out.read_text())
+    assert doc["format"] == "nsa-dsl/train_tiny_lm/log" and set(doc["runs"]) == {"nsa"}
+    run_doc = doc["runs"]["nsa"]
+    assert run_doc["steps"] == 1 and run_doc["accuracy"] == pytest.approx(r["accuracy"])
+    assert [p["step"] for p in run_doc["curve"]] == [1]
+    assert set(run_doc["curve"][0]) == {"step", "loss", "acc", "lr", "pairs", "elapsed_s"}
+    assert doc["config"]["seq_len"] == 128 and doc["args"]["max_time"] == 0
+    assert doc["throughput_tokens_per_s"] is None                   # CUDA only
+
+    args = ex.build_parser().parse_args(["--curriculum", "0.5", "--pairs-start", "2"])
+    cfg = ex.Config(pairs=8)
+    ramp = [ex._pairs_at(cfg, args, p / 10) for p in range(11)]
+    assert ramp[0] == 2 and ramp[5:] == [8] * 6 and ramp == sorted(ramp)
+    results, lines = run(ex, FAST + ["--steps", "4", "--log-every", "1", "--curriculum", "1"])
+    assert [c["pairs"] for c in results["nsa"]["curve"]] == [2, 3, 5, 7]
+    assert step_losses(lines) and all(" pairs " in line for line in lines if line.startswith("step "))
+
+
 def test_bad_checkpoint(ex, tmp_path):
     path = tmp_path / "x.pt"
     torch.save({"something": 1}, path)
@@ -159,3 +188,22 @@ def test_torchrun_two_ranks_ddp():
                          timeout=300, cwd=ROOT)
     assert one.returncode == 0, one.stderr[-3000:]
     assert [l for _, l in two] == pytest.approx([l for _, l in step_losses(one.stdout.splitlines())], abs=2e-4)
+
+
+@pytest.mark.slow
+def test_check_distributed_two_gloo_ranks():
+    """examples/check_distributed.py: DDP and FSDP2 gradients over two gloo ranks equal the
+    single-process gradients on the whole batch (reference attention on the CPU)."""
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-port", str(_free_port()), str(ROOT / "examples" / "check_distributed.py"),
+                        "--device", "cpu", "--quiet", "--seq-len", "128"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for mode in ("ddp", "fsdp"):
+        m = re.search(rf"^{mode} vs single: max rel diff (\S+) over (\d+) params .*: PASS$", r.stdout, re.M)
+        assert m, r.stdout
+        assert float(m.group(1)) < 1e-4 and int(m.group(2)) > 20
+    assert "check_distributed: PASS" in r.stdout
