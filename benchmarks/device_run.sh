@@ -1,17 +1,53 @@
 #!/usr/bin/env bash
-# One device session: GPU correctness tests (bf16, fp16), then the benchmark, logs under $OUT.
-# Usage on the device machine (repo root): bash benchmarks/device_run.sh [test-seconds] [bench-lengths]
+# One device session, in stages; logs and JSON under $OUT.
+# Usage on the GPU machine (repo root): bash benchmarks/device_run.sh STAGE...
+#   check   GPU tests (bf16, fp16; pytest -m gpu, xdist over CPU cores) on GPU 0, and meanwhile the
+#           training example (NSA vs SDPA) on the last GPU; then the DDP / FSDP2 gradient check
+#           when there are two GPUs
+#   bench   the paper pattern against SDPA: 8k..64k (random and local inputs), 128k / 256k (memory),
+#           GQA groups, decoding
+#   tune    `nsa-dsl tune` of the forward kernels at 64k (stored next to the kernel cache)
 set -u
 OUT="${OUT:-/tmp/nsa-out}"; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 NSA_DSL_CACHE_DIR=/tmp/nsa-cache
-if ls .whl/*.whl >/dev/null 2>&1; then   # packages the device image lacks (lark), carried as wheels
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONUNBUFFERED=1 NSA_DSL_CACHE_DIR="${NSA_DSL_CACHE_DIR:-/tmp/nsa-cache}"
+if ls .whl/*.whl >/dev/null 2>&1; then   # packages the device image lacks (lark, ...), carried as wheels
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING
   export PYTHONPATH="/tmp/site:$PWD"
 else
   export PYTHONPATH="$PWD"
 fi
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
+S=examples/nsa_paper_mean.nsa
+NGPU=$(nvidia-smi -L | wc -l)
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-timeout "${1:-240}" python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/ 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-timeout "${3:-300}" python3 -m nsa_dsl bench examples/nsa_paper_mean.nsa --lengths "${2:-8192,16384,32768,65536}" \
-  --json "$OUT/bench.json" --plot "$OUT/bench.png" 2>&1 | tee "$OUT/bench.log" | grep -v "bench:" | tail -20
+
+for stage in "$@"; do
+case $stage in
+check)
+  CUDA_VISIBLE_DEVICES=$((NGPU - 1)) timeout 280 python3 examples/train_tiny_lm.py --device cuda --compare \
+      --steps 20000 --max-time 65 --log-json "$OUT/tiny_lm.json" > "$OUT/tiny_lm.log" 2>&1 &
+  TRAIN=$!
+  CUDA_VISIBLE_DEVICES=0 timeout 330 python3 -m pytest -m gpu -q -p no:cacheprovider $XDIST tests/ \
+      > "$OUT/gpu_tests.log" 2>&1
+  grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -15
+  wait $TRAIN; grep -E "accuracy|tokens|step .*0 loss" "$OUT/tiny_lm.log" | tail -14
+  if [ "$NGPU" -ge 2 ]; then
+    timeout 150 python3 -m torch.distributed.run --standalone --nproc-per-node 2 examples/check_distributed.py \
+        --device cuda > "$OUT/check_distributed.log" 2>&1
+    grep -E "vs single|vs fsdp|PASS|FAIL|Error" "$OUT/check_distributed.log" | tail -6
+  fi ;;
+bench)
+  timeout 200 python3 -m nsa_dsl bench $S --lengths 8192,16384,32768,65536 --workload both --peers cudnn,flash \
+      --json "$OUT/bench.json" --plot "$OUT/bench.png" 2>/dev/null | tee "$OUT/bench.log" | head -12
+  timeout 120 python3 -m nsa_dsl bench $S --lengths 131072,262144 --peers none \
+      --json "$OUT/bench_long.json" 2>/dev/null | tee "$OUT/bench_long.log" | head -6
+  timeout 120 python3 -m nsa_dsl bench $S --lengths 65536 --heads 32 --kv-heads 2,4,8 --peers none \
+      --json "$OUT/bench_gqa.json" 2>/dev/null | tee "$OUT/bench_gqa.log" | head -7
+  timeout 100 python3 -m nsa_dsl bench $S --decode --lengths 4096,16384,65536,131072 \
+      --json "$OUT/decode.json" 2>/dev/null | tee "$OUT/decode.log" | tail -14 ;;
+tune)
+  timeout 300 python3 -m nsa_dsl tune $S --lengths 65536 --no-backward 2>&1 | tee "$OUT/tune.log" | tail -12 ;;
+*) echo "unknown stage $stage (check, bench, tune)"; exit 2 ;;
+esac
+done
