@@ -62,6 +62,13 @@ SMALL = {
                           "c2 = compress(block = 32, stride = 32)",
                           "slc = select(block = 96, top_k = 2, score = c2, keep_first = 1, keep_last = 0)"],
                          "gate(sigmoid, c1, c2, slc)"),
+    # two select branches scored by one compress branch: split-K fuses the first (A = 2 segments per
+    # compressed block, C = 1 per select block: every block reaches into the next select block), the
+    # second scores in decode_kernel from the merged lse
+    "two_sel": spec_text(["cmp = compress(block = 16, stride = 8)",
+                          "s1 = select(block = 8, top_k = 3, score = cmp, keep_first = 0, keep_last = 1)",
+                          "s2 = select(block = 16, top_k = 2, score = cmp, keep_first = 1, keep_last = 0)"],
+                         "gate(sigmoid, cmp, s1, s2)"),
 }
 
 
@@ -196,13 +203,15 @@ def test_kernels_match_full_forward(which, HQ, H, Dqk, Dv, lengths, chunks):
     check(spec, q, k, v, gates, lengths, out, idx)
 
 
-@pytest.mark.parametrize("G", [1, 3, 16])
-def test_kernels_speculative_decoding(G):
+@pytest.mark.parametrize("G, config", [(1, None), (3, None), (16, None), (3, {"NS": 2, "BN": 16, "BJ": 16})],
+                         ids=["G1", "G3", "G16", "G3-split2"])
+def test_kernels_speculative_decoding(G, config):
     """Blocks of 4 query tokens attend causally within themselves (several tokens per program)."""
     spec = nsa_dsl.parse(SMALL["paper"])
     lengths = [64, 51]
     q, k, v, gates = make_inputs(spec, 2, 64, G, 1, 16, 16, seed=2)
-    out, idx = stream(spec, q, k, v, gates, schedule(lengths, (32, 4, 4, 4, 4, 4, 4, 4, 4)), backend="kernels")
+    out, idx = stream(spec, q, k, v, gates, schedule(lengths, (32, 4, 4, 4, 4, 4, 4, 4, 4)), backend="kernels",
+                      config=config)
     check(spec, q, k, v, gates, lengths, out, idx)
 
 
@@ -218,33 +227,107 @@ def test_kernels_split_k(which):
     check(spec, q, k, v, gates, lengths, out, idx)
 
 
-@pytest.mark.parametrize("backend", ["torch", "kernels"])
-def test_edge_cases(backend):
+# Split-K with fused scoring (decode_split_kernel computes the block scores of the first select
+# branch of each compress branch in its compression pass, per chunk of BJ = 16 select blocks; slices
+# hold whole chunks; decode_kernel rescales them with the merged lse and merges BJM at a time).
+SPLIT_SPECS = {
+    # two compress branches, each fusing a select branch (A = 2, C = 1 and A = 1, C = 2), and a window
+    "two_fused": spec_text(["c1 = compress(block = 16, stride = 8)", "c2 = compress(block = 8, stride = 8)",
+                            "s1 = select(block = 8, top_k = 3, score = c1, keep_first = 0, keep_last = 1)",
+                            "s2 = select(block = 16, top_k = 2, score = c2, keep_first = 1, keep_last = 0)",
+                            "w = window(size = 8)"], "gate(sigmoid, c1, c2, s1, s2, w)"),
+}
+SPLIT_CASES = [  # (spec, HQ, H, Dqk, Dv, lengths, chunks, config)
+    # 300 tokens: 38 select blocks of 8 = 3 chunks: slices of 2 + 1 chunks (NS = 2), 1 each (NS = 3), two
+    # empty slices (NS = 5); A = 2, C = 2: the last block of a select block reaches into the next,
+    # across chunks and slices
+    pytest.param("paper", 4, 2, 16, 16, [300, 211], (64,) * 4 + (16, 7, 1, 1),
+                 {"NS": 2, "BN": 16, "BJ": 16, "BJM": 16}, id="paper-G2-NS2"),
+    pytest.param("paper", 3, 1, 32, 16, [300, 211], (64,) * 4 + (16, 7, 1, 1),
+                 {"NS": 3, "BN": 16, "BJ": 16, "BJM": 32}, id="paper-G3-NS3"),
+    pytest.param("paper", 16, 1, 16, 32, [300, 211], (64,) * 4 + (16, 7, 1, 1),
+                 {"NS": 5, "BN": 32, "BJ": 16}, id="paper-G16-NS5"),
+    # the split kernel alone (NS = 1), chunked prefill (several tokens per program)
+    pytest.param("paper", 2, 2, 16, 16, [100, 83], (7,), {"NS": 1, "SPLIT": True, "BN": 16, "BJ": 16},
+                 id="paper-G1-NS1-chunk7"),
+    # A = 1, C = 1: one compressed block per select block
+    pytest.param("l_eq_d", 1, 1, 16, 16, [300, 64], (16,) * 8 + (64, 64, 16, 1, 1), {"NS": 3, "BN": 16, "BJ": 16},
+                 id="l_eq_d-G1-NS3"),
+    # A - 1 > C: not fused, scored in decode_kernel from the merged lse (the overlap carry)
+    pytest.param("carry", 16, 1, 32, 16, [200, 150], (16,), {"NS": 2, "BN": 16, "BJ": 16}, id="carry-G16-NS2"),
+    # C = 3 compressed blocks per select block (tiles of 4 slots per select block, one empty); window
+    # of another compress branch split too
+    pytest.param("two_cmp", 3, 1, 16, 16, [260, 101], (64, 64, 64, 7, 1, 1), {"NS": 3, "BN": 16, "BJ": 16},
+                 id="two_cmp-G3-NS3"),
+    pytest.param("two_sel", 3, 1, 16, 16, [300, 211], (64,) * 4 + (16, 7, 1, 1),
+                 {"NS": 2, "BN": 16, "BJ": 16, "BJM": 16}, id="two_sel-G3-NS2"),
+    pytest.param("mean_pool", 3, 1, 16, 32, [120, 77], (16,) * 6 + (1,) * 4, {"NS": 5, "BN": 16, "BJ": 16},
+                 id="mean_pool-G3-NS5"),
+    pytest.param("multi:long_ctx", None, None, None, None, [70, 50], (32, 32, 4, 1), {"NS": 2, "BN": 16, "BJ": 16},
+                 id="long_ctx-G16-NS2"),
+    pytest.param("multi:short_ctx", 4, 4, 16, 16, [90, 40], (32, 32, 16, 1, 1), {"NS": 3, "BN": 16, "BJ": 16},
+                 id="short_ctx-G1-NS3"),
+    pytest.param("two_fused", 3, 1, 16, 16, [300, 211], (64,) * 4 + (16, 7, 1, 1), {"NS": 3, "BN": 16, "BJ": 16},
+                 id="two_fused-G3-NS3"),
+]
+
+
+@pytest.mark.parametrize("which, HQ, H, Dqk, Dv, lengths, chunks, config", SPLIT_CASES)
+def test_kernels_split_fused_scores(which, HQ, H, Dqk, Dv, lengths, chunks, config):
+    text = SMALL.get(which) or SPLIT_SPECS.get(which)
+    spec = nsa_dsl.parse(text) if text else example(which)
+    HQ, H, Dqk, Dv = shapes_for(spec, HQ, H, Dqk, Dv)
+    q, k, v, gates = make_inputs(spec, 2, max(lengths), HQ, H, Dqk, Dv, seed=5)
+    out, idx = stream(spec, q, k, v, gates, schedule(lengths, chunks), backend="kernels", config=config)
+    check(spec, q, k, v, gates, lengths, out, idx)
+
+
+def test_split_config():
+    """The heuristic and pinned configs: NS > 1 implies the split; SPLIT = False forces NS = 1."""
+    spec = nsa_dsl.parse(SMALL["paper"])
+    mod = DecodeOp(spec).module(4, 2, 16, 16)
+    q = torch.zeros(2, 1, 4, 16)
+    assert mod._config(q, 100)["SPLIT"] is False and mod._config(q, 100)["NS"] == 1   # interpreter default
+    cfg = mod._config(q, 100, {"NS": 3})
+    assert cfg["SPLIT"] is True and cfg["NS"] == 3 and cfg["BJM"] % cfg["BJ"] == 0
+    assert mod._config(q, 100, {"NS": 3, "SPLIT": False})["NS"] == 1
+    assert mod._config(q, 100, {"SPLIT": True})["NS"] == 1
+    assert mod.FUSED == [(0, 0)]
+    assert DecodeOp(nsa_dsl.parse(SMALL["carry"])).module(4, 2, 16, 16).FUSED == []       # A - 1 > C
+    assert DecodeOp(nsa_dsl.parse(SMALL["two_sel"])).module(4, 2, 16, 16).FUSED == [(0, 0)]
+    assert DecodeOp(nsa_dsl.parse(SPLIT_SPECS["two_fused"])).module(4, 2, 16, 16).FUSED == [(0, 0), (1, 1)]
+
+
+@pytest.mark.parametrize("backend, config", [("torch", None), ("kernels", None),
+                                             ("kernels", {"NS": 3, "BN": 16, "BJ": 16})],
+                         ids=["torch", "kernels", "kernels-split3"])
+def test_edge_cases(backend, config):
     """A compress-only spec; caches shorter than one block (T = 1 included); G = 64 with empty and
-    one-sided appends (programs without a token); a non-contiguous q."""
+    one-sided appends (programs without a token); a non-contiguous q. Split: slices without a chunk
+    or key."""
     spec = nsa_dsl.parse(spec_text(["cmp = compress(block = 8, stride = 4)"], "cmp"))
     q, k, v, g = make_inputs(spec, 2, 30, 4, 2, 16, 16)
-    out, idx = stream(spec, q, k, v, g, schedule([30, 5], (1, 3, 16)), backend=backend)
+    out, idx = stream(spec, q, k, v, g, schedule([30, 5], (1, 3, 16)), backend=backend, config=config)
     check(spec, q, k, v, g, [30, 5], out, idx)
 
     spec = nsa_dsl.parse(spec_text(["cmp = compress(block = 32, stride = 16)",
                                     "slc = select(block = 64, top_k = 3, score = cmp)", "swa = window(size = 4)"],
                                    "gate(sigmoid, cmp, slc, swa)"))
     q, k, v, g = make_inputs(spec, 2, 5, 2, 1, 16, 16)
-    out, idx = stream(spec, q, k, v, g, schedule([5, 1], (1,)), backend=backend)
+    out, idx = stream(spec, q, k, v, g, schedule([5, 1], (1,)), backend=backend, config=config)
     check(spec, q, k, v, g, [5, 1], out, idx)
 
     spec = nsa_dsl.parse(spec_text(["cmp = compress(block = 8, stride = 4)",
                                     "slc = select(block = 8, top_k = 3, score = cmp)",
                                     "swa = window(size = 4, sinks = 1)"], "sum(cmp, slc, swa)"))
     q, k, v, g = make_inputs(spec, 2, 20, 64, 1, 16, 16)
-    out, idx = stream(spec, q, k, v, g, [[3, 0], [0, 0], [10, 5], [0, 7], [7, 8]], backend=backend)
+    out, idx = stream(spec, q, k, v, g, [[3, 0], [0, 0], [10, 5], [0, 7], [7, 8]], backend=backend, config=config)
     check(spec, q, k, v, g, [20, 20], out, idx)
 
     cache = NSACache(spec, 1, 20, kv_heads=1, qk_dim=16, v_dim=16, device=DEVICE)
     st = cache.append(k[:1], v[:1])
     q_t = q[:1].transpose(1, 2).contiguous().transpose(1, 2)            # strides (.., 1, 20*16, 1)
-    o = DecodeOp(spec)(q_t, cache, st) if backend == "kernels" else decode_torch(spec, q_t, cache, st)
+    o = DecodeOp(spec)(q_t, cache, st, config=config) if backend == "kernels" else decode_torch(spec, q_t, cache, st)
     o_ref = nsa_dsl.reference(spec, q[:1].double().cpu(), k[:1].double().cpu(), v[:1].double().cpu())
     assert ((o.double().cpu() - o_ref).norm() / o_ref.norm()).item() < 1e-5
 
@@ -267,11 +350,11 @@ def signature(fn, consts):
             sig[name] = "constexpr"
         elif name in ("start", "nq") or name.startswith(("idx", "wsel")):
             sig[name] = "*i32"
-        elif name in ("ws_acc", "ws_m", "ws_l", "blse"):
+        elif name in ("ws_acc", "ws_m", "ws_l", "ws_u", "ws_mu", "blse"):
             sig[name] = "*fp32"
         elif name == "qk_scale":
             sig[name] = "fp32"
-        elif name.startswith("s_") or name in ("C", "H", "NS", "B"):
+        elif name.startswith("s_") or name in ("C", "H", "NS", "NK", "B"):
             sig[name] = "i32"
         else:
             sig[name] = "*bf16"
@@ -283,10 +366,15 @@ for HQ, H, D, R in ((64, 4, 128, 1), (4, 4, 64, 16)):      # G = 16, one token; 
     G = HQ // H
     kp = lower_decode(spec, bind(spec, HQ, H, D, D)).kernels[0]
     mod = load_module(render(kp.template, **kp.vars()), f"decode_sm90_check_{G}")
-    consts = dict(G=G, GP=G, R=R, BM=R * G, BN=32, BJ=32, DQK=D, DV=D, BK=D, BV=D, NP=mod.NP)
-    for fn, extra in ((mod.decode_kernel, dict(SPLIT=True, AUX=True, LOWP=True)), (mod.decode_split_kernel, {})):
+    consts = dict(G=G, GP=G, R=R, BM=R * G, BN=32, BJ=16, DQK=D, DV=D, BK=D, BV=D, NP=mod.NP, LOWP=True)
+    for fn, extra in ((mod.decode_kernel, dict(SPLIT=True, AUX=True, BJM=64)),
+                      (mod.decode_kernel, dict(SPLIT=False, AUX=True, BJ=32, BJM=32)), (mod.decode_split_kernel, {})):
         c = dict(consts, **extra)
-        src = ASTSource(fn, signature(fn, c), constexprs={k: v for k, v in c.items() if k in fn.arg_names})
+        sig = signature(fn, c)
+        # pointers and strides 16-aligned, as the launcher's specialization sees them (pipelined loads)
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+                 if sig[n].startswith("*") or (n.startswith("s_") and sig[n] == "i32")}
+        src = ASTSource(fn, sig, constexprs={k: v for k, v in c.items() if k in fn.arg_names}, attrs=attrs)
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=2))
         assert kernel.asm["cubin"], fn.__name__
 print("compiled")
