@@ -527,7 +527,8 @@ def test_cache_errors():
 # ---------------------------------------------------------------------------------- GPU (bf16)
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("which", ["nsa_paper_mean", "multi:long_ctx"])
+@pytest.mark.parametrize("which", ["nsa_paper_mean", "cmp_select", "moba", "sinks", "multi:short_ctx",
+                                   "multi:long_ctx"])
 def test_gpu_bf16_decode(which):
     """bf16 on the device: chunked prefill then decoding; outputs against the float64 reference run
     with the kernels' own selected blocks (near-ties may flip in bf16), 5e-3; at least 90% of the
