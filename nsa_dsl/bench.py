@@ -798,3 +798,40 @@ def plot_rows(rows: list[dict], path, title: str = "") -> None:
         fig.suptitle("\n".join(notes), fontsize=8, y=1.03)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def plot_decode(rows: list[dict], path, title: str = "") -> None:
+    """A PNG of decoding (rows of ``nsa_dsl.decode.decode_bench``): time per step against the cache
+    length (log-log) per batch size, the decode kernels (solid; dotted: the whole step replayed as
+    a CUDA graph) beside SDPA cuDNN and flash over the whole cache; and cuDNN / nsa kernel."""
+    plt = _import_pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
+    series = (("nsa_kernel_ms", "nsa kernels", "-", "C0"), ("nsa_graph_ms", "nsa step (graph)", ":", "C0"),
+              ("sdpa_cudnn_ms", "cuDNN", "--", "C1"), ("sdpa_flash_ms", "flash", "--", "C2"))
+    markers = ["o", "s", "^", "D", "v", "P"]
+    for n, B in enumerate(sorted({r["B"] for r in rows})):
+        grp = sorted((r for r in rows if r["B"] == B), key=lambda r: r["T"])
+        for key, name, style, color in series:
+            pts = [(r["T"], r[key]) for r in grp if _num(r.get(key))]
+            if pts:
+                a.plot(*zip(*pts), style, marker=markers[n % len(markers)], color=color, label=f"{name}, B={B}")
+        pts = [(r["T"], r["sdpa_cudnn_ms"] / r["nsa_kernel_ms"]) for r in grp
+               if _num(r.get("sdpa_cudnn_ms")) and _num(r.get("nsa_kernel_ms"))]
+        if pts:
+            b.plot(*zip(*pts), "-", marker=markers[n % len(markers)], color=f"C{n}", label=f"B={B}")
+    for ax in (a, b):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("cache length")
+    a.set_yscale("log")
+    a.set_ylabel("ms per step")
+    a.set_title("decoding: one new token per sequence")
+    b.axhline(1, color="gray", lw=0.5)
+    b.set_ylabel("cuDNN / nsa kernels (x)")
+    b.set_title("speedup over SDPA cuDNN")
+    for ax in (a, b):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    if title:
+        fig.suptitle(title, fontsize=8, y=1.03)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)

@@ -236,6 +236,7 @@ def _bench_decode(spec, args, emit) -> int:
     import torch
     from tqdm import tqdm
 
+    from . import bench
     from .decode import decode_bench
     lengths = [int(x) for x in str(getattr(args, "lengths", None) or "4096,16384,65536,131072").split(",")]
     batches = (1, 8, 64)
@@ -258,6 +259,9 @@ def _bench_decode(spec, args, emit) -> int:
     if getattr(args, "json", None):
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
         emit(f"wrote {args.json}")
+    if getattr(args, "plot", None):
+        bench.plot_decode(rows, args.plot, title=f"{spec.name} on {torch.cuda.get_device_name()}: decoding")
+        emit(f"wrote {args.plot}")
     return 0
 
 

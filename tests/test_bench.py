@@ -285,6 +285,18 @@ def test_plot_writes_a_png(tmp_path):
     assert (tmp_path / "empty.png").exists()
 
 
+def test_decode_plot_writes_a_png(tmp_path):
+    """The decode plot from rows shaped like the H200 run's (benchmarks/RESULTS.md), with a
+    missing peer cell left out."""
+    pytest.importorskip("matplotlib")
+    rows = [dict(B=B, T=T, nsa_kernel_ms=0.2 + T / 4e5, nsa_graph_ms=0.15 + T / 4e5,
+                 sdpa_cudnn_ms=B * T / 2.3e6, sdpa_flash_ms=None if T > 65536 else B * T / 1.3e6)
+            for B in (1, 8, 64) for T in (4096, 65536, 131072)]
+    out = tmp_path / "decode.png"
+    bench.plot_decode(rows, out, title="stand-in decode rows")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # -------------------------------------------------------------------------- CLI
 
 def test_bench_options_parse():
