@@ -247,3 +247,11 @@ def test_missing_torch_is_explained(monkeypatch, capsys):
     monkeypatch.setattr(cli.importlib, "import_module", import_module)
     assert cli.main(["compile", "s.nsa"]) == 1
     assert "nsa-dsl compile needs torch" in capsys.readouterr().err
+
+
+def test_demo_runs_end_to_end(capsys, tmp_path, monkeypatch):
+    """README's main job: `nsa-dsl demo` compiles the paper pattern and checks it (interpreter on CPU)."""
+    monkeypatch.setenv("NSA_DSL_CACHE_DIR", str(tmp_path))
+    assert cli.main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "result    OK" in out and "rows choose the same blocks" in out
