@@ -778,22 +778,25 @@ def plot_rows(rows: list[dict], path, title: str = "") -> None:
                 if pts:
                     b.plot(*zip(*pts), style, marker=markers[n % len(markers)], color=colors[method], label=label)
         seen_dense.add((HQ, H))
-    a.set_xscale("log", base=2)
-    a.set_yscale("log")
-    a.set_xlabel("T")
-    a.set_ylabel("ms")
-    a.set_title("time")
-    b.axhline(1, color="gray", lw=0.5)
-    b.set_xscale("log", base=2)
-    b.set_xlabel("T")
-    b.set_ylabel("speedup over cuDNN (x)")
-    b.set_title("speedup over SDPA cuDNN")
-    for ax in (a, b):               # below the panels: many series would hide the lines
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     notes = [title] if title else []
     if any(k.startswith("fla_") and k.endswith("_ms") for r in rows for k in r):
         notes.append("fla*: " + FLA_NOTE.split(": ", 1)[1])
+    _finish(plt, fig, a, b, "T", ("ms", "time"), ("speedup over cuDNN (x)", "speedup over SDPA cuDNN"),
+            notes, path)
+
+
+def _finish(plt, fig, a, b, xlabel, time_labels, speedup_labels, notes, path) -> None:
+    """The shared frame of the two-panel plots: time (log-log) beside speedup (1 marked), legends
+    below the panels (many series would hide the lines), notes on top; written and closed."""
+    for ax, (ylabel, name) in ((a, time_labels), (b, speedup_labels)):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(name)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    a.set_yscale("log")
+    b.axhline(1, color="gray", lw=0.5)
     if notes:
         fig.suptitle("\n".join(notes), fontsize=8, y=1.03)
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -819,19 +822,5 @@ def plot_decode(rows: list[dict], path, title: str = "") -> None:
                if _num(r.get("sdpa_cudnn_ms")) and _num(r.get("nsa_kernel_ms"))]
         if pts:
             b.plot(*zip(*pts), "-", marker=markers[n % len(markers)], color=f"C{n}", label=f"B={B}")
-    for ax in (a, b):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("cache length")
-    a.set_yscale("log")
-    a.set_ylabel("ms per step")
-    a.set_title("decoding: one new token per sequence")
-    b.axhline(1, color="gray", lw=0.5)
-    b.set_ylabel("cuDNN / nsa kernels (x)")
-    b.set_title("speedup over SDPA cuDNN")
-    for ax in (a, b):
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14))
-    if title:
-        fig.suptitle(title, fontsize=8, y=1.03)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    _finish(plt, fig, a, b, "cache length", ("ms per step", "decoding: one new token per sequence"),
+            ("cuDNN / nsa kernels (x)", "speedup over SDPA cuDNN"), [title] if title else [], path)
