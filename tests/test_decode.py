@@ -367,8 +367,9 @@ for HQ, H, D, R in ((64, 4, 128, 1), (4, 4, 64, 16)):      # G = 16, one token; 
     kp = lower_decode(spec, bind(spec, HQ, H, D, D)).kernels[0]
     mod = load_module(render(kp.template, **kp.vars()), f"decode_sm90_check_{G}")
     consts = dict(G=G, GP=G, R=R, BM=R * G, BN=32, BJ=16, DQK=D, DV=D, BK=D, BV=D, NP=mod.NP, LOWP=True)
-    for fn, extra in ((mod.decode_kernel, dict(SPLIT=True, AUX=True, BJM=64)),
-                      (mod.decode_kernel, dict(SPLIT=False, AUX=True, BJ=32, BJM=32)), (mod.decode_split_kernel, {})):
+    for fn, extra in ((mod.decode_kernel, dict(SPLIT=True, AUX=True, BJM=64, NJ=2048 // R)),
+                      (mod.decode_kernel, dict(SPLIT=False, AUX=True, BJ=32, BJM=32, NJ=16)),
+                      (mod.decode_split_kernel, {})):
         c = dict(consts, **extra)
         sig = signature(fn, c)
         # pointers and strides 16-aligned, as the launcher's specialization sees them (pipelined loads)
