@@ -91,119 +91,6 @@ def test_topk_cmp_exact_ties(keep):
                                         L, S, LS, K, *keep))
 
 
-# sums = "reshape": one tile of BJ * CSP slots per chunk, block sums without the overlap dot.
-# Small STRIDE keeps T small with several chunks of BJ = 16 select blocks (the carry between
-# chunks) and chunks every row of a tile sees whole (the unmasked loop).
-# (B, T, H, G, D, L, STRIDE, LS, TOPK, KEEP_FIRST, KEEP_LAST)
-RESHAPE_CASES = [
-    (1, 400, 1, 4, 48, 8, 4, 16, 4, 1, 2),      # A = 2, C = 4: the paper's overlap, scaled down; DQK padded
-    (1, 300, 1, 3, 32, 8, 4, 12, 4, 1, 1),      # A = 2, C = 3: padded slots (CSP = 4)
-    (1, 300, 1, 3, 32, 12, 4, 8, 3, 0, 2),      # A = 3, C = 2: a block reaches the whole next select block
-    (1, 200, 2, 2, 32, 8, 4, 4, 5, 1, 0),       # A = 2, C = 1 (CSP = 1), TOPK not a power of two
-    (2, 260, 1, 2, 48, 4, 4, 12, 3, 0, 0),      # A = 1, C = 3
-    (1, 300, 1, 1, 32, 16, 16, 16, 5, 0, 0),    # A = 1, C = 1, G = 1
-    (1, 15, 1, 2, 32, 16, 8, 8, 1, 0, 0),       # NC = 0: all scores 0
-]
-
-
-def _reshape_config(mod):
-    return dict(sums="reshape", R=max(1, 32 // mod.GP), BJ=16, BN=16 * mod.CSP)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("case", [pytest.param(c, id=_cmp_id(c)) for c in RESHAPE_CASES])
-def test_topk_cmp_reshape(case, dtype):
-    B, T, H, G, D, L, S, LS, K, KF, KL = case
-    mod = _cmp_mod(G, D, L, S, LS, K, KF, KL)
-    q, k_cmp, lse = _cmp_inputs(B, T, H, G, D, L, S, dtype)
-    idx = mod.topk(q, k_cmp, lse, D ** -0.5, config=_reshape_config(mod))
-    ref = select_blocks_cmp(q.double(), k_cmp.double(), lse.double(), D ** -0.5, L, S, LS, K, KF, KL)
-    _assert_same(idx, ref)
-
-
-def test_topk_cmp_reshape_pinned(monkeypatch):
-    """CONFIG pins sums as its sixth entry (five entries: "dot")."""
-    case = (1, 300, 1, 4, 32, 8, 4, 16, 4, 1, 2)
-    B, T, H, G, D, L, S, LS, K, KF, KL = case
-    mod = _cmp_mod(G, D, L, S, LS, K, KF, KL)
-    monkeypatch.setattr(mod, "CONFIG", (8, 16, 16, 1, False))
-    assert mod._heuristic("topk", False, T)["sums"] == "dot"
-    monkeypatch.setattr(mod, "CONFIG", (8, 64, 16, 1, False, "reshape"))
-    assert mod._heuristic("topk", False, T)["sums"] == "reshape"
-    q, k_cmp, lse = _cmp_inputs(B, T, H, G, D, L, S)
-    idx = mod.topk(q, k_cmp, lse, D ** -0.5)
-    _assert_same(idx, select_blocks_cmp(q.double(), k_cmp.double(), lse.double(), D ** -0.5,
-                                        L, S, LS, K, KF, KL))
-
-
-def test_topk_cmp_reshape_configs():
-    """The heuristic keeps sums = "dot"; "reshape" only with one tile per chunk and A - 1 <= C."""
-    paper = _cmp_mod(16, 128, 32, 16, 64, 16, 1, 2)
-    q = torch.zeros(1, 64, 16, 128)
-    assert paper.resolve_config(q, "topk")["sums"] == "dot"
-    assert paper.resolve_config(q, "topk", {"sums": "reshape", "BJ": 32, "BN": 128})["sums"] == "reshape"
-    for bad, why in (({"sums": "reshape", "BJ": 16, "BN": 32}, "BN must be BJ"),
-                     ({"sums": "sort"}, "sums must be")):
-        with pytest.raises(ValueError, match=why):
-            paper.resolve_config(q, "topk", bad)
-    space = paper.config_space("topk", 65536)
-    assert {c.get("sums", "dot") for c in space} == {"dot", "reshape"}
-    assert all(c["BN"] == c["BJ"] * 4 for c in space if c.get("sums") == "reshape")
-    odd = _cmp_mod(3, 32, 32, 16, 48, 3, 1, 1)                    # C = 3: 4 slots per select block
-    assert odd.CSP == 4 and odd.resolve_config(torch.zeros(1, 64, 3, 32), "topk", {"sums": "reshape", "BN": 64})
-    far = _cmp_mod(3, 32, 32, 8, 16, 3, 1, 1)                     # A = 4, C = 2: reaches 2 blocks on
-    with pytest.raises(ValueError, match="A - 1 <= C"):
-        far.resolve_config(torch.zeros(1, 64, 3, 32), "topk", {"sums": "reshape", "BN": 32})
-    assert all(c.get("sums", "dot") == "dot" for c in far.config_space("topk", 65536))
-
-
-_SM90_CHECK = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from codegen.loader import load_module
-from codegen.render import render
-
-for G, D, L, S, LS in ((16, 128, 32, 16, 64), (3, 48, 32, 16, 48)):   # the paper's blocks; C = 3
-    mod = load_module(render("topk.py.j2", G=G, DQK=D, L=L, STRIDE=S, LS=LS, TOPK=16, KEEP_FIRST=1,
-                             KEEP_LAST=2, SCORE="cmp"), f"topk_sm90_check_{G}")
-    fn = mod.topk_cmp_kernel
-    R = 128 // mod.GP
-    c = dict(G=G, GP=mod.GP, DQK=D, BK=mod.BK, L=L, STRIDE=S, A=mod.A, C=mod.C, LS=LS, TOPK=16, TK=16,
-             KEEP_FIRST=1, KEEP_LAST=2, IDX_MAX=mod.IDX_MAX, VALID=mod.VALID, EMPTY=mod.EMPTY,
-             INELIGIBLE=mod.INELIGIBLE, FLOOR=mod.FLOOR, R=R, BM=R * mod.GP, BJ=16, BN=16 * mod.CSP,
-             LOWP=True, CSP=mod.CSP, RESHAPE=True)
-    sig = {n: "constexpr" if n in c else "*i32" if n == "idx" else "*fp32" if n == "lse" else
-           "fp32" if n == "qk_scale" else "i32" if n.startswith("s_") or n in ("T", "H") else "*bf16"
-           for n in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n].startswith("*")}
-    kernel = triton.compile(ASTSource(fn, sig, constexprs=c, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=4))
-    assert kernel.asm["cubin"], (G, LS)
-print("compiled")
-"""
-
-
-@pytest.mark.skipif(HAS_CUDA, reason="on the device the kernels run for real")
-def test_topk_cmp_reshape_compiles_for_sm90(tmp_path):
-    """The interpreter accepts code the GPU compiler refuses (a loop-carried b_carry changing
-    shape between the constexpr branches, tl.gather): compile sums = "reshape" for sm_90 through
-    ptxas, in a process without TRITON_INTERPRET (no GPU needed)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")
-    run = subprocess.run([sys.executable, "-c", _SM90_CHECK], capture_output=True, text=True, env=env,
-                         timeout=600, cwd=root)
-    if "No module named" in run.stderr or "ptxas" in run.stderr and "not found" in run.stderr:
-        pytest.skip("no CUDA backend / ptxas in this triton build")
-    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
-
-
 # (B, T, H, G, D, LS, TOPK, KEEP_FIRST, KEEP_LAST)
 MP_CASES = [
     (1, 1, 1, 3, 32, 16, 2, 1, 0),
@@ -252,11 +139,6 @@ def test_topk_rendering_specializes():
     mp = render("topk.py.j2", G=1, DQK=48, LS=64, TOPK=4, KEEP_FIRST=1, KEEP_LAST=0, SCORE="mean_pool")
     assert mp.count("tl.store(") == 1 and "topk_cmp_kernel" not in mp and "b_lse" not in mp
     assert "(o_j[None, :] < KEEP_FIRST)" in mp and "o_own[:, None] - KEEP_LAST" not in mp
-    # sums = "reshape": rendered where valid (A - 1 <= C), the shift by tl.gather only with A > 1
-    assert "_score_chunk" in paper and "tl.gather(" in paper
-    assert "_score_chunk" in plain and "tl.gather(" not in plain
-    far = render("topk.py.j2", G=4, DQK=64, L=32, STRIDE=8, LS=16, TOPK=4, KEEP_FIRST=0, KEEP_LAST=0, SCORE="cmp")
-    assert "_score_chunk" not in far and "needs A - 1 <= C" in far
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -302,19 +184,16 @@ def _assert_near(idx, ref, scores, LS, K, KF, KL, rtol):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("sums", ["dot", "reshape"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", [pytest.param(c, id=_cmp_id(c)) for c in [
     (1, 4096, 2, 16, 128, 32, 16, 64, 16, 1, 2),
     (2, 3001, 1, 3, 64, 32, 16, 32, 8, 0, 0),
 ]])
-def test_topk_cmp_gpu(case, dtype, sums):
+def test_topk_cmp_gpu(case, dtype):
     B, T, H, G, D, L, S, LS, K, KF, KL = case
     q, k_cmp, lse = _cmp_inputs(B, T, H, G, D, L, S, dtype, "cuda")
     scale = D ** -0.5
-    mod = _cmp_mod(G, D, L, S, LS, K, KF, KL)
-    config = {"sums": "reshape", "BJ": 16, "BN": 16 * mod.CSP} if sums == "reshape" else None
-    idx = mod.topk(q, k_cmp, lse, scale, config=config)
+    idx = _cmp_mod(G, D, L, S, LS, K, KF, KL).topk(q, k_cmp, lse, scale)
     ref = select_blocks_cmp(q.double(), k_cmp.double(), lse.double(), scale, L, S, LS, K, KF, KL)
     scores = _scores_f64(q, k_cmp, lse, L, S, LS, scale, T)
     _assert_near(idx, ref, scores, LS, K, KF, KL, 2e-2)
