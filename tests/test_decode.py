@@ -247,6 +247,9 @@ SPLIT_CASES = [  # (spec, HQ, H, Dqk, Dv, lengths, chunks, config)
                  {"NS": 3, "BN": 16, "BJ": 16, "BJM": 32}, id="paper-G3-NS3"),
     pytest.param("paper", 16, 1, 16, 32, [300, 211], (64,) * 4 + (16, 7, 1, 1),
                  {"NS": 5, "BN": 32, "BJ": 16}, id="paper-G16-NS5"),
+    # without the split kernel's tail: decode_kernel merges the slices in a second launch
+    pytest.param("paper", 3, 1, 32, 16, [300, 211], (64,) * 4 + (16, 7, 1, 1),
+                 {"NS": 3, "BN": 16, "BJ": 16, "TAIL": False}, id="paper-G3-NS3-no-tail"),
     # the split kernel alone (NS = 1), chunked prefill (several tokens per program)
     pytest.param("paper", 2, 2, 16, 16, [100, 83], (7,), {"NS": 1, "SPLIT": True, "BN": 16, "BJ": 16},
                  id="paper-G1-NS1-chunk7"),
@@ -348,7 +351,7 @@ def signature(fn, consts):
     for name in fn.arg_names:
         if name in consts:
             sig[name] = "constexpr"
-        elif name in ("start", "nq") or name.startswith(("idx", "wsel")):
+        elif name in ("start", "nq", "tickets") or name.startswith(("idx", "wsel")):
             sig[name] = "*i32"
         elif name in ("ws_acc", "ws_m", "ws_l", "ws_u", "ws_mu", "blse") or name.startswith("kb"):   # kb: block means
             sig[name] = "*fp32"
@@ -370,7 +373,9 @@ for path in sys.argv[1:]:
     consts = dict(G=G, GP=G, R=R, BM=R * G, BN=32, BJ=16, DQK=D, DV=D, BK=D, BV=D, NP=mod.NP, LOWP=True)
     kernels = [(mod.decode_kernel, dict(SPLIT=False, AUX=True, BJ=32, BJM=32, NJ=16))]
     if mod.NP > 0:
-        kernels += [(mod.decode_kernel, dict(SPLIT=True, AUX=True, BJM=64, NJ=2048 // R)), (mod.decode_split_kernel, {})]
+        kernels += [(mod.decode_kernel, dict(SPLIT=True, AUX=True, BJM=64, NJ=2048 // R)),
+                    (mod.decode_split_kernel, dict(TAIL=True, AUX=True, BJM=64, NJ=2048 // R)),
+                    (mod.decode_split_kernel, dict(TAIL=False, AUX=False, BJM=64, NJ=16))]
     for fn, extra in kernels:
         c = dict(consts, **extra)
         sig = signature(fn, c)
