@@ -247,9 +247,9 @@ SPLIT_CASES = [  # (spec, HQ, H, Dqk, Dv, lengths, chunks, config)
                  {"NS": 3, "BN": 16, "BJ": 16, "BJM": 32}, id="paper-G3-NS3"),
     pytest.param("paper", 16, 1, 16, 32, [300, 211], (64,) * 4 + (16, 7, 1, 1),
                  {"NS": 5, "BN": 32, "BJ": 16}, id="paper-G16-NS5"),
-    # without the split kernel's tail: decode_kernel merges the slices in a second launch
+    # the split kernel's tail: the last of 3 slices to finish combines them (atomic tickets)
     pytest.param("paper", 3, 1, 32, 16, [300, 211], (64,) * 4 + (16, 7, 1, 1),
-                 {"NS": 3, "BN": 16, "BJ": 16, "TAIL": False}, id="paper-G3-NS3-no-tail"),
+                 {"NS": 3, "BN": 16, "BJ": 16, "TAIL": True}, id="paper-G3-NS3-tail"),
     # the split kernel alone (NS = 1), chunked prefill (several tokens per program)
     pytest.param("paper", 2, 2, 16, 16, [100, 83], (7,), {"NS": 1, "SPLIT": True, "BN": 16, "BJ": 16},
                  id="paper-G1-NS1-chunk7"),
