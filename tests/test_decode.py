@@ -242,14 +242,14 @@ SPLIT_CASES = [  # (spec, HQ, H, Dqk, Dv, lengths, chunks, config)
     # empty slices (NS = 5); A = 2, C = 2: the last block of a select block reaches into the next,
     # across chunks and slices
     pytest.param("paper", 4, 2, 16, 16, [300, 211], (64,) * 4 + (16, 7, 1, 1),
-                 {"NS": 2, "BN": 16, "BJ": 16, "BJM": 16}, id="paper-G2-NS2"),
+                 {"NS": 2, "BN": 16, "BJ": 16, "BJM": 16, "NJ": 16}, id="paper-G2-NS2-NJ16"),
     pytest.param("paper", 3, 1, 32, 16, [300, 211], (64,) * 4 + (16, 7, 1, 1),
                  {"NS": 3, "BN": 16, "BJ": 16, "BJM": 32}, id="paper-G3-NS3"),
     pytest.param("paper", 16, 1, 16, 32, [300, 211], (64,) * 4 + (16, 7, 1, 1),
                  {"NS": 5, "BN": 32, "BJ": 16}, id="paper-G16-NS5"),
     # the split kernel's tail: the last of 3 slices to finish combines them (atomic tickets)
     pytest.param("paper", 3, 1, 32, 16, [300, 211], (64,) * 4 + (16, 7, 1, 1),
-                 {"NS": 3, "BN": 16, "BJ": 16, "TAIL": True}, id="paper-G3-NS3-tail"),
+                 {"NS": 3, "BN": 16, "BJ": 16, "TAIL": True, "NJ": 16}, id="paper-G3-NS3-tail-NJ16"),
     # the split kernel alone (NS = 1), chunked prefill (several tokens per program)
     pytest.param("paper", 2, 2, 16, 16, [100, 83], (7,), {"NS": 1, "SPLIT": True, "BN": 16, "BJ": 16},
                  id="paper-G1-NS1-chunk7"),
@@ -366,7 +366,7 @@ def signature(fn, consts):
 
 for path in sys.argv[1:]:
   spec = nsa_dsl.load(path)
-  for HQ, H, D, R in ((64, 4, 128, 1), (64, 4, 128, 2), (4, 4, 64, 16)):   # G = 16, 1 and 2 tokens; G = 1, 16 tokens
+  for HQ, H, D, R in ((64, 4, 128, 1), (4, 4, 64, 16)):   # G = 16, one token; G = 1, 16 tokens
     G = HQ // H
     kp = lower_decode(spec, bind(spec, HQ, H, D, D)).kernels[0]
     mod = load_module(render(kp.template, **kp.vars()), f"decode_sm90_check_{spec.name}_{G}")
