@@ -732,15 +732,8 @@ def _table(rows, cols) -> list[str]:
 
 
 def _import_pyplot():
-    from .errors import SpecError
-    try:
-        import matplotlib
-    except ModuleNotFoundError:
-        raise SpecError("E617", "nsa-dsl bench --plot needs matplotlib, which is not installed",
-                        hint="pip install matplotlib (or: pip install 'nsa-dsl[bench]'), or drop --plot") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+    from .show import _import_pyplot
+    return _import_pyplot("E617", "nsa-dsl bench --plot", ", or drop --plot")
 
 
 def plot_rows(rows: list[dict], path, title: str = "") -> None:

@@ -380,12 +380,14 @@ def _rgb(hex_color: str) -> np.ndarray:
     return np.array([int(h[i:i + 2], 16) / 255.0 for i in (0, 2, 4)])
 
 
-def _import_pyplot():
+def _import_pyplot(code: str = "E630", needed_by: str = "nsa-dsl show", alternative: str = ""):
+    """matplotlib.pyplot on the Agg backend; without matplotlib a SpecError ``code`` naming what
+    needs it (``nsa-dsl bench --plot`` uses this too, with its own code)."""
     try:
         import matplotlib
     except ModuleNotFoundError:
-        raise SpecError("E630", "nsa-dsl show needs matplotlib, which is not installed",
-                        hint="pip install matplotlib (or: pip install 'nsa-dsl[bench]')") from None
+        raise SpecError(code, f"{needed_by} needs matplotlib, which is not installed",
+                        hint="pip install matplotlib (or: pip install 'nsa-dsl[bench]')" + alternative) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt

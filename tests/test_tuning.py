@@ -192,21 +192,28 @@ def _close(a, b, tol=1e-5):
     return all(rel_err(x, y) < tol for x, y in zip(a, b))
 
 
+def _default_and_pinned(spies, mod, inputs, do, config):
+    """Forward and backward of ``mod`` with the heuristic, then with ``config``: the kernels'
+    launch arguments of each run, and whether their outputs and gradients agree."""
+    fwd0 = mod.fwd(*inputs, 0.3)
+    bwd0 = mod.bwd(*inputs, *fwd0, do, 0.3)
+    base = _launches(spies)
+    fwd1 = mod.fwd(*inputs, 0.3, config=config)
+    bwd1 = mod.bwd(*inputs, *fwd1, do, 0.3, config=config)
+    tuned = _launches(spies)
+    return base, tuned, _close(fwd0, fwd1) and _close(bwd0, bwd1)
+
+
 def test_config_changes_compress(monkeypatch):
     mod = load_family("compress.py.j2", G=3, DQK=32, DV=16, L=16, STRIDE=8)
     spies = _spied(monkeypatch, mod, ["compress_fwd_kernel", "compress_bwd_dq_kernel", "compress_bwd_dkdv_kernel"])
     q, do = rand((1, 70, 3, 32), seed=1), rand((1, 70, 3, 16), seed=2)
     k, v = rand((1, 7, 1, 32), seed=3), rand((1, 7, 1, 16), seed=4)       # (70 - 16) // 8 + 1 blocks
     config = {"fwd": {"R": 4, "BN": 16}, "dq": {"R": 8, "BN": 16}, "dkdv": {"R": 4, "BN": 16, "QS": 24}}
-    outs = [mod.fwd(q, k, v, 0.3)]
-    outs.append(mod.bwd(q, k, v, *outs[0], do, 0.3))
-    base = _launches(spies)
-    outs.append(mod.fwd(q, k, v, 0.3, config=config))
-    outs.append(mod.bwd(q, k, v, *outs[2], do, 0.3, config=config))
-    tuned = _launches(spies)
+    base, tuned, same = _default_and_pinned(spies, mod, (q, k, v), do, config)
     assert base["compress_fwd_kernel"][0]["BN"] == 32 and tuned["compress_fwd_kernel"][0]["BN"] == 16
     assert tuned["compress_bwd_dq_kernel"][0]["R"] == 8 and tuned["compress_bwd_dkdv_kernel"][0]["BM"] == 16
-    assert _close(outs[0], outs[2]) and _close(outs[1], outs[3])
+    assert same
 
 
 def test_config_changes_select(monkeypatch):
@@ -221,16 +228,11 @@ def test_config_changes_select(monkeypatch):
     idx[0, :, 0, 0] = 0
     idx[0, :, 0, 1] = torch.where(own > 0, own, -1)
     config = {"fwd": {"R": 4, "BN": 16}, "dq": {"R": 8, "BN": 16}, "dkdv": {"RQ": 4, "BN": 16, "CHUNK": 16}}
-    outs = [mod.fwd(q, k, v, idx, 0.3)]
-    outs.append(mod.bwd(q, k, v, idx, *outs[0], do, 0.3))
-    base = _launches(spies)
-    outs.append(mod.fwd(q, k, v, idx, 0.3, config=config))
-    outs.append(mod.bwd(q, k, v, idx, *outs[2], do, 0.3, config=config))
-    tuned = _launches(spies)
+    base, tuned, same = _default_and_pinned(spies, mod, (q, k, v, idx), do, config)
     assert base["select_fwd_kernel"][0]["NT"] == 1 and tuned["select_fwd_kernel"][0]["NT"] == 2
     assert tuned["select_fwd_kernel"][0]["BN"] == 16 and tuned["select_bwd_dq_kernel"][0]["R"] == 8
     assert tuned["select_bwd_dkdv_kernel"][0]["BN"] == 16
-    assert _close(outs[0], outs[2]) and _close(outs[1], outs[3])
+    assert same
 
 
 def test_config_changes_window(monkeypatch):
@@ -239,15 +241,10 @@ def test_config_changes_window(monkeypatch):
     q, do = rand((1, 70, 3, 16), seed=1), rand((1, 70, 3, 32), seed=2)
     k, v = rand((1, 70, 1, 16), seed=3), rand((1, 70, 1, 32), seed=4)
     config = {"fwd": {"R": 4, "BN": 16}, "dq": {"R": 8}, "dkdv": {"BN": 16, "CHUNK": 16}}
-    outs = [mod.fwd(q, k, v, 0.3)]
-    outs.append(mod.bwd(q, k, v, *outs[0], do, 0.3))
-    base = _launches(spies)
-    outs.append(mod.fwd(q, k, v, 0.3, config=config))
-    outs.append(mod.bwd(q, k, v, *outs[2], do, 0.3, config=config))
-    tuned = _launches(spies)
+    base, tuned, same = _default_and_pinned(spies, mod, (q, k, v), do, config)
     assert (base["window_fwd_kernel"][0]["R"], tuned["window_fwd_kernel"][0]["R"]) == (16, 4)
     assert tuned["window_bwd_dq_kernel"][0]["R"] == 8 and tuned["window_bwd_dkdv_kernel"][0]["BN"] == 16
-    assert _close(outs[0], outs[2]) and _close(outs[1], outs[3])
+    assert same
 
 
 def test_config_changes_topk(monkeypatch):
