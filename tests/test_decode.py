@@ -253,9 +253,21 @@ SPLIT_CASES = [  # (spec, HQ, H, Dqk, Dv, lengths, chunks, config)
     # the split kernel alone (NS = 1), chunked prefill (several tokens per program)
     pytest.param("paper", 2, 2, 16, 16, [100, 83], (7,), {"NS": 1, "SPLIT": True, "BN": 16, "BJ": 16},
                  id="paper-G1-NS1-chunk7"),
+    # ONEPASS: decode_kernel alone, the compress branch scoring its select blocks in its one pass
+    # (windows of NJ = 16 and 32 select blocks: one and two chunks; decoding and chunked prefill)
+    pytest.param("paper", 3, 1, 32, 16, [300, 211], (64,) * 4 + (16, 7, 1, 1),
+                 {"ONEPASS": True, "BN": 16, "BJ": 16, "NJ": 16}, id="paper-G3-onepass-NJ16"),
+    pytest.param("paper", 2, 2, 16, 16, [300, 83], (64, 64, 64, 7, 1, 1),
+                 {"ONEPASS": True, "BN": 16, "BJ": 16, "NJ": 32}, id="paper-G1-onepass-NJ32"),
+    pytest.param("two_fused", 3, 1, 16, 16, [300, 211], (64,) * 4 + (16, 7, 1, 1),
+                 {"ONEPASS": True, "BN": 16, "BJ": 16}, id="two_fused-G3-onepass"),
+    pytest.param("carry", 16, 1, 32, 16, [200, 150], (16, 1), {"ONEPASS": True, "BN": 16, "BJ": 16},
+                 id="carry-G16-onepass-not-fused"),
     # A = 1, C = 1: one compressed block per select block
     pytest.param("l_eq_d", 1, 1, 16, 16, [300, 64], (16,) * 8 + (64, 64, 16, 1, 1), {"NS": 3, "BN": 16, "BJ": 16},
                  id="l_eq_d-G1-NS3"),
+    pytest.param("l_eq_d", 1, 1, 16, 16, [300, 64], (16,) * 8 + (64, 64, 16, 1, 1), {"ONEPASS": True, "BN": 16, "BJ": 16},
+                 id="l_eq_d-G1-onepass"),
     # A - 1 > C: not fused, scored in decode_kernel from the merged lse (the overlap carry)
     pytest.param("carry", 16, 1, 32, 16, [200, 150], (16,), {"NS": 2, "BN": 16, "BJ": 16}, id="carry-G16-NS2"),
     # C = 3 compressed blocks per select block (tiles of 4 slots per select block, one empty); window
@@ -295,6 +307,11 @@ def test_split_config():
     assert cfg["SPLIT"] is True and cfg["NS"] == 3 and cfg["BJM"] % cfg["BJ"] == 0
     assert mod._config(q, 100, {"NS": 3, "SPLIT": False})["NS"] == 1
     assert mod._config(q, 100, {"SPLIT": True})["NS"] == 1
+    cfg = mod._config(q, 100, {"ONEPASS": True, "NS": 3})          # ONEPASS: no split
+    assert cfg["ONEPASS"] is True and cfg["SPLIT"] is False and cfg["NS"] == 1
+    assert mod._config(q, 100)["ONEPASS"] is False                    # interpreter default
+    carry = DecodeOp(nsa_dsl.parse(SMALL["carry"])).module(4, 2, 16, 16)
+    assert carry._config(q, 100, {"ONEPASS": True})["ONEPASS"] is False   # nothing fused: nothing to do
     assert mod.FUSED == [(0, 0)]
     assert DecodeOp(nsa_dsl.parse(SMALL["carry"])).module(4, 2, 16, 16).FUSED == []       # A - 1 > C
     assert DecodeOp(nsa_dsl.parse(SMALL["two_sel"])).module(4, 2, 16, 16).FUSED == [(0, 0)]
@@ -371,9 +388,10 @@ for path in sys.argv[1:]:
     kp = lower_decode(spec, bind(spec, HQ, H, D, D)).kernels[0]
     mod = load_module(render(kp.template, **kp.vars()), f"decode_sm90_check_{spec.name}_{G}")
     consts = dict(G=G, GP=G, R=R, BM=R * G, BN=32, BJ=16, DQK=D, DV=D, BK=D, BV=D, NP=mod.NP, LOWP=True)
-    kernels = [(mod.decode_kernel, dict(SPLIT=False, AUX=True, BJ=32, BJM=32, NJ=16))]
+    kernels = [(mod.decode_kernel, dict(SPLIT=False, ONEPASS=False, AUX=True, BJ=32, BJM=32, NJ=32))]
     if mod.NP > 0:
-        kernels += [(mod.decode_kernel, dict(SPLIT=True, AUX=True, BJM=64, NJ=2048 // R)),
+        kernels += [(mod.decode_kernel, dict(SPLIT=True, ONEPASS=False, AUX=True, BJM=64, NJ=2048 // R)),
+                    (mod.decode_kernel, dict(SPLIT=False, ONEPASS=True, AUX=True, BJM=64, NJ=2048 // R)),
                     (mod.decode_split_kernel, dict(TAIL=True, AUX=True, BJM=64, NJ=2048 // R)),
                     (mod.decode_split_kernel, dict(TAIL=False, AUX=False, BJM=64, NJ=16))]
     for fn, extra in kernels:
