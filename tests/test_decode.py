@@ -556,18 +556,21 @@ def test_cache_errors():
 # ---------------------------------------------------------------------------------- GPU (bf16)
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("which", ["nsa_paper_mean", "cmp_select", "moba", "sinks", "multi:short_ctx",
-                                   "multi:long_ctx"])
-def test_gpu_bf16_decode(which):
-    """bf16 on the device: chunked prefill then decoding; outputs against the float64 reference run
-    with the kernels' own selected blocks (near-ties may flip in bf16), 5e-3; at least 90% of the
-    (position, kv head) choices equal the reference's own."""
+@pytest.mark.parametrize("which, config", [(w, None) for w in ("nsa_paper_mean", "cmp_select", "moba", "sinks",
+                                                               "multi:short_ctx", "multi:long_ctx")]
+                         + [("nsa_paper_mean", {"ONEPASS": True}), ("nsa_paper_mean", {"NS": 3, "TAIL": True})],
+                         ids=lambda x: x if isinstance(x, str) else "-".join(f"{k}{v}" for k, v in (x or {}).items()) or "default")
+def test_gpu_bf16_decode(which, config):
+    """bf16 on the device: chunked prefill then decoding (default configs: ONEPASS for the 512-token
+    chunks, split-K for the rest; pinned: every step ONEPASS, or split with the combining tail);
+    outputs against the float64 reference run with the kernels' own selected blocks (near-ties may
+    flip in bf16), 5e-3; at least 90% of the (position, kv head) choices equal the reference's own."""
     spec = example(which)
     HQ, H, Dqk, Dv = shapes_for(spec, 16, 1, 128, 128)
     lengths = [1500, 1100]
     q, k, v, gates = make_inputs(spec, 2, 1500, HQ, H, Dqk, Dv, dtype=torch.bfloat16, seed=4)
     out, idx = stream(spec, q, k, v, gates, schedule(lengths, (512, 512, 64, 8, 4, 1, 1, 1)),
-                      backend="kernels", dtype=torch.bfloat16)
+                      backend="kernels", dtype=torch.bfloat16, config=config)
     sel = {n: i.to(q.device) for n, i in idx.items()}
     for n in sel:   # positions of the shorter sequence past its length: any valid choice
         sel[n][1, lengths[1]:] = torch.where(torch.arange(sel[n].shape[-1], device=q.device) == 0, 0, -1).int()
