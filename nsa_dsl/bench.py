@@ -798,22 +798,26 @@ def _finish(plt, fig, a, b, xlabel, time_labels, speedup_labels, notes, path) ->
 
 def plot_decode(rows: list[dict], path, title: str = "") -> None:
     """A PNG of decoding (rows of ``nsa_dsl.decode.decode_bench``): time per step against the cache
-    length (log-log) per batch size, the decode kernels (solid; dotted: the whole step replayed as
-    a CUDA graph) beside SDPA cuDNN and flash over the whole cache; and cuDNN / nsa kernel."""
+    length (log-log) per batch size (and kv head count, when several), the decode kernels launched
+    from Python (solid) and replayed as a CUDA graph (dotted) beside SDPA cuDNN and flash over the
+    whole cache; and cuDNN / nsa (the graph's time where measured: the GPU's, not the host's)."""
     plt = _import_pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
     series = (("nsa_kernel_ms", "nsa kernels", "-", "C0"), ("nsa_graph_ms", "nsa step (graph)", ":", "C0"),
               ("sdpa_cudnn_ms", "cuDNN", "--", "C1"), ("sdpa_flash_ms", "flash", "--", "C2"))
     markers = ["o", "s", "^", "D", "v", "P"]
-    for n, B in enumerate(sorted({r["B"] for r in rows})):
-        grp = sorted((r for r in rows if r["B"] == B), key=lambda r: r["T"])
+    several_h = len({r.get("H") for r in rows}) > 1
+    groups = sorted({(r["B"], r.get("H") or 0) for r in rows})
+    for n, (B, H) in enumerate(groups):
+        grp = sorted((r for r in rows if (r["B"], r.get("H") or 0) == (B, H)), key=lambda r: r["T"])
+        tag = f"B={B}" + (f", H={H}" if several_h else "")
         for key, name, style, color in series:
             pts = [(r["T"], r[key]) for r in grp if _num(r.get(key))]
             if pts:
-                a.plot(*zip(*pts), style, marker=markers[n % len(markers)], color=color, label=f"{name}, B={B}")
-        pts = [(r["T"], r["sdpa_cudnn_ms"] / r["nsa_kernel_ms"]) for r in grp
-               if _num(r.get("sdpa_cudnn_ms")) and _num(r.get("nsa_kernel_ms"))]
+                a.plot(*zip(*pts), style, marker=markers[n % len(markers)], color=color, label=f"{name}, {tag}")
+        pts = [(r["T"], r["sdpa_cudnn_ms"] / (r["nsa_graph_ms"] if _num(r.get("nsa_graph_ms")) else r["nsa_kernel_ms"]))
+               for r in grp if _num(r.get("sdpa_cudnn_ms")) and _num(r.get("nsa_kernel_ms"))]
         if pts:
-            b.plot(*zip(*pts), "-", marker=markers[n % len(markers)], color=f"C{n}", label=f"B={B}")
-    _finish(plt, fig, a, b, "cache length", ("ms per step", "decoding: one new token per sequence"),
-            ("cuDNN / nsa kernels (x)", "speedup over SDPA cuDNN"), [title] if title else [], path)
+            b.plot(*zip(*pts), "-", marker=markers[n % len(markers)], color=f"C{n}", label=tag)
+    _finish(plt, fig, a, b, "cache length", ("ms per step", "decoding: new tokens per sequence per step"),
+            ("cuDNN / nsa graph (x)", "speedup over SDPA cuDNN"), [title] if title else [], path)

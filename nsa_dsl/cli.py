@@ -208,7 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", metavar="PATH", help="write the results as JSON (fields: nsa_dsl/bench.py)")
     sp.add_argument("--plot", metavar="PATH",
                     help="write a PNG: time and speedup over cuDNN against T (needs matplotlib)")
-    sp.add_argument("--decode", action="store_true", help="time decoding (one new token per sequence)")
+    sp.add_argument("--decode", action="store_true",
+                    help="time decoding steps over a KV cache (default lengths 4k,16k,64k,128k; batches "
+                         "1, 8 and 64 unless --batch)")
+    sp.add_argument("--q-len", type=_positive_int, metavar="N",
+                    help="with --decode: new tokens per sequence and step (default 1; more: speculative decoding)")
     sp.add_argument("--workload", choices=("random", "local", "both"), default="random",
                     help="inputs: iid random, 'local' (slowly drifting keys, queries following them: "
                          "neighbouring tokens choose similar blocks, as in trained models), or both")
@@ -218,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--peer-max-len", type=_positive_int, default=65536, metavar="T",
                     help="skip the SDPA peers above this length (default 65536: SDPA takes minutes at 256k)")
     sp.add_argument("--forward-only", action="store_true", help="time the forward only")
-    sp.add_argument("--batch", type=_positive_int, metavar="B", help="batch size (default 1)")
+    sp.add_argument("--batch", type=_positive_int, metavar="B",
+                    help="batch size (default 1; with --decode: 1, 8 and 64)")
     sp.add_argument("--heads", type=_positive_int, metavar="N",
                     help="query heads (default: the spec's, else 64)")
     sp.add_argument("--kv-heads", type=_positive_ints, metavar="N[,N...]",

@@ -168,11 +168,7 @@ def bench_cmd(args, emit=print) -> int:
     import nsa_dsl
 
     spec = nsa_dsl.load(args.file, getattr(args, "name", None))
-    if getattr(args, "decode", False):
-        return _bench_decode(spec, args, emit)
-    lengths = [int(x) for x in str(getattr(args, "lengths", None) or "8192,16384,32768,65536").split(",")]
     dim = getattr(args, "dim", None)
-    B = getattr(args, "batch", None) or 1
     HQ = getattr(args, "heads", None) or spec.heads or 64
     kv = getattr(args, "kv_heads", None) or spec.kv_heads or 4
     kv = (kv,) if isinstance(kv, int) else tuple(kv)
@@ -182,6 +178,10 @@ def bench_cmd(args, emit=print) -> int:
         if HQ % h:
             raise SpecError("E617", f"{HQ} query heads are not a multiple of {h} kv heads",
                             hint="pick --kv-heads that divide --heads, e.g. --heads 32 --kv-heads 4,8")
+    if getattr(args, "decode", False):
+        return _bench_decode(spec, args, emit, HQ=HQ, kv=kv, Dqk=Dqk, Dv=Dv)
+    lengths = [int(x) for x in str(getattr(args, "lengths", None) or "8192,16384,32768,65536").split(",")]
+    B = getattr(args, "batch", None) or 1
     workload = getattr(args, "workload", None) or "random"
     workloads = bench.WORKLOADS if workload == "both" else (workload,)
     requested = getattr(args, "peers", None)
@@ -229,9 +229,13 @@ def bench_cmd(args, emit=print) -> int:
     return 0
 
 
-def _bench_decode(spec, args, emit) -> int:
-    """`nsa-dsl bench FILE --decode`: one new token per sequence against SDPA over the whole cache."""
+def _bench_decode(spec, args, emit, *, HQ, kv, Dqk, Dv) -> int:
+    """`nsa-dsl bench FILE --decode`: decoding steps (``--q-len`` new tokens per sequence; more than
+    one: speculative decoding) against SDPA over the whole cache, at each cache length, batch
+    (``--batch``, else 1, 8 and 64) and kv head count."""
     import json
+    import sys
+    from dataclasses import replace
 
     import torch
     from tqdm import tqdm
@@ -239,28 +243,40 @@ def _bench_decode(spec, args, emit) -> int:
     from . import bench
     from .decode import decode_bench
     lengths = [int(x) for x in str(getattr(args, "lengths", None) or "4096,16384,65536,131072").split(",")]
-    batches = (1, 8, 64)
-    bar = tqdm(total=len(lengths) * len(batches), desc="decode", unit="case")
+    batches = (args.batch,) if getattr(args, "batch", None) else (1, 8, 64)
+    q_len = getattr(args, "q_len", None) or 1
+    # the shapes come from the options (the spec's as defaults): the declared ones are dropped
+    spec = replace(spec, heads=None, kv_heads=None, qk_dim=None, v_dim=None)
+    bar = tqdm(total=len(lengths) * len(batches) * len(kv), desc="decode", unit="case", file=sys.stderr,
+               dynamic_ncols=True)
     rows = []
-    for T in lengths:
-        for B in batches:
-            rows += decode_bench(spec, [T], [B], HQ=spec.heads or 64, H=spec.kv_heads or 4,
-                                 Dqk=spec.qk_dim or 128, Dv=spec.v_dim or 128,
-                                 progress=lambda m: bar.set_postfix_str(m))
-            bar.update(1)
-    bar.close()
-    keys = [k for k in rows[0] if k.endswith("_ms") or k in ("speedup",)]
-    emit(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  spec {args.file}  (decode, ms per step)")
-    emit("| B | cache | " + " | ".join(keys) + " |")
-    emit("|" + "---|" * (len(keys) + 2))
+    try:
+        for H in kv:
+            for T in lengths:
+                for B in batches:
+                    rows += decode_bench(spec, [T], [B], HQ=HQ, H=H, Dqk=Dqk, Dv=Dv, q_len=q_len,
+                                         progress=lambda m: bar.set_postfix_str(m))
+                    bar.update(1)
+    finally:
+        bar.close()
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "spec": str(args.file), "spec_name": spec.name,
+            "HQ": HQ, "kv_heads": list(kv), "Dqk": Dqk, "Dv": Dv, "q_len": q_len, "dtype": "bfloat16",
+            "timing": "median ms per step (triton.testing.do_bench); graph: the step's kernels replayed "
+                      "from a CUDA graph; speedup: the faster SDPA backend / nsa_kernel_ms"}
+    keys = [k for k in rows[0] if k.endswith("_ms") or k.startswith("speedup")]
+    emit(f"{meta['gpu']}  torch {meta['torch']}  spec {args.file}  HQ={HQ} H={','.join(map(str, kv))} "
+         f"Dqk={Dqk} Dv={Dv} q_len={q_len} bf16  (decode, ms per step)")
+    emit("| B | H | cache | " + " | ".join(keys) + " |")
+    emit("|" + "---|" * (len(keys) + 3))
     for r in rows:
-        emit(f"| {r.get('B', '-')} | {r.get('T', '-')} | "
+        emit(f"| {r.get('B', '-')} | {r.get('H', '-')} | {r.get('T', '-')} | "
              + " | ".join(f"{r[k]:.4f}" if isinstance(r.get(k), float) else "-" for k in keys) + " |")
     if getattr(args, "json", None):
-        Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         emit(f"wrote {args.json}")
     if getattr(args, "plot", None):
-        bench.plot_decode(rows, args.plot, title=f"{spec.name} on {torch.cuda.get_device_name()}: decoding")
+        bench.plot_decode(rows, args.plot, title=f"{spec.name} on {meta['gpu']}: decoding")
         emit(f"wrote {args.plot}")
     return 0
 

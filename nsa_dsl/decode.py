@@ -616,7 +616,8 @@ def decode_bench(op: Union[DecodeOp, Spec, str, os.PathLike], cache_lengths: Seq
       ``nsa_graph_ms``   the same replayed from a CUDA graph (``cuda_graph``; launch overhead gone),
       ``sdpa_<peer>_ms`` SDPA (``peers``: cudnn / flash backends) of the ``q_len`` queries over all
                          ``T`` keys of the same cache (GQA), the dense baseline,
-      ``speedup``        fastest SDPA / ``nsa_kernel_ms``.
+      ``speedup``        fastest SDPA / ``nsa_kernel_ms`` (``speedup_graph``: / ``nsa_graph_ms``, the
+                         GPU's time without the host's launches).
     Medians of ``triton.testing.do_bench`` (``timer`` replaces it, e.g. for a dry run on the CPU
     with ``device="cpu"``, ``cuda_graph=False``, ``peers=()``). Returns one dict per case.
     """
@@ -698,6 +699,8 @@ def decode_bench(op: Union[DecodeOp, Spec, str, os.PathLike], cache_lengths: Seq
             best = min((row[f"sdpa_{p}_ms"] for p in peers if f"sdpa_{p}_ms" in row), default=None)
             if best is not None and row["nsa_kernel_ms"] > 0:
                 row["speedup"] = best / row["nsa_kernel_ms"]
+            if best is not None and row.get("nsa_graph_ms", 0) > 0:
+                row["speedup_graph"] = best / row["nsa_graph_ms"]
             rows.append(row)
             del cache, k_full, v_full
             if dev.type == "cuda":

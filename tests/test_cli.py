@@ -169,6 +169,8 @@ def fake_commands(monkeypatch):
     (["bench", "s.nsa"], "bench_cmd", dict(file="s.nsa", lengths=None, json=None, plot=None, decode=False)),
     (["bench", "s.nsa", "--lengths", "8k,16384", "--json", "r.json", "--plot", "r.png", "--decode"],
      "bench_cmd", dict(lengths="8192,16384", json="r.json", plot="r.png", decode=True)),
+    (["bench", "s.nsa", "--decode", "--q-len", "4", "--batch", "8", "--kv-heads", "2,4"], "bench_cmd",
+     dict(decode=True, q_len=4, batch=8, kv_heads=(2, 4))),
     (["show", "s.nsa", "--seq-len", "256", "--out", "p.png", "--from-model", "ckpt.pt"], "show_cmd",
      dict(file="s.nsa", seq_len=256, out="p.png", from_model="ckpt.pt")),
     (["tune", "s.nsa"], "tune_cmd", dict(file="s.nsa", name=None)),
@@ -255,3 +257,35 @@ def test_demo_runs_end_to_end(capsys, tmp_path, monkeypatch):
     assert cli.main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "result    OK" in out and "rows choose the same blocks" in out
+
+
+def test_bench_decode_cases_and_json(tmp_path, monkeypatch):
+    """`bench --decode`: one decode_bench case per (kv heads, length, batch), the options' shapes
+    (the spec's declared ones dropped), q_len through; the JSON carries the run's meta."""
+    import json
+    import types
+
+    import torch
+
+    import nsa_dsl
+    import nsa_dsl.decode
+    from nsa_dsl import commands
+    calls = []
+
+    def fake_bench(spec, lengths, batches, **kw):
+        calls.append((spec.heads, tuple(lengths), tuple(batches), kw["HQ"], kw["H"], kw["Dqk"], kw["q_len"]))
+        return [dict(B=batches[0], T=lengths[0], H=kw["H"], nsa_kernel_ms=0.5, nsa_graph_ms=0.25, speedup=2.0,
+                     speedup_graph=4.0)]
+    monkeypatch.setattr(nsa_dsl.decode, "decode_bench", fake_bench)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a stand-in GPU")
+    spec = nsa_dsl.load(Path(__file__).resolve().parents[1] / "examples" / "nsa_paper_mean.nsa")
+    args = types.SimpleNamespace(file="x.nsa", lengths="4096,8192", batch=None, q_len=3,
+                                 json=str(tmp_path / "d.json"), plot=None)
+    lines = []
+    assert commands._bench_decode(spec, args, lines.append, HQ=32, kv=(4, 8), Dqk=64, Dv=64) == 0
+    assert len(calls) == 2 * 2 * 3 and {c[2] for c in calls} == {(1,), (8,), (64,)}
+    assert all(c[0] is None and c[3] == 32 and c[5] == 64 and c[6] == 3 for c in calls)
+    assert {c[4] for c in calls} == {4, 8}
+    out = json.loads((tmp_path / "d.json").read_text())
+    assert out["meta"]["q_len"] == 3 and out["meta"]["kv_heads"] == [4, 8] and len(out["rows"]) == 12
+    assert any("speedup_graph" in line for line in lines)
