@@ -206,24 +206,42 @@ class NSACache:
                        hint="allocate a longer cache (new_cache(batch_size, max_len)) or reset() it")
         dev = self.device
 
-        # raw keys / values: token c of sequence b goes to position old[b] + c
-        bi, ci = _ranges([0] * B, n_host, dev)                                 # (sequence, token) pairs
-        if len(bi):
+        # raw keys / values: token c of sequence b goes to position old[b] + c. Decoding (every
+        # sequence takes the whole chunk) writes with a slice (one start) or one index_put from the
+        # device lengths: a handful of ops and no host-to-device copy per step
+        whole = all(n == C for n in n_host)
+        if C == 0 or not any(n_host):
+            write = None
+        elif whole and len(set(old)) == 1:
+            def write(buf, src):
+                buf[:, old[0]:old[0] + C].copy_(src)
+        elif whole:
+            rows = torch.arange(B, device=dev)[:, None]                              # [B, 1]
+            pos = self.lengths.long()[:, None] + torch.arange(C, device=dev)         # [B, C]
+
+            def write(buf, src):
+                buf.index_put_((rows, pos), src.to(buf.dtype))
+        else:
+            bi, ci = _ranges([0] * B, n_host, dev)                                  # (sequence, token) pairs
             pos = torch.tensor(old, device=dev)[bi] + ci
+
+            def write(buf, src):
+                buf[bi, pos] = src[bi, ci].to(buf.dtype)
+        if write is not None:
             done = set()
             for name in self.spec.branch_names:
                 for buf, src in ((self.k[name], ks[name]), (self.v[name], vs[name])):
-                    if id(buf) in done:
-                        continue
-                    done.add(id(buf))
-                    buf[bi, pos] = src[bi, ci].to(buf.dtype)
+                    if id(buf) not in done:
+                        done.add(id(buf))
+                        write(buf, src)
 
         # compressed blocks completed by the chunk: block i of (l, d) ends at i*d + l - 1
         for b in self.spec.of_kind("compress"):
             first = [_n_compressed(x, b.block, b.stride) for x in old]
-            si, ii = _ranges(first, [_n_compressed(x, b.block, b.stride) - f for x, f in zip(new, first)], dev)
-            if not len(si):
+            counts = [_n_compressed(x, b.block, b.stride) - f for x, f in zip(new, first)]
+            if not any(counts):                  # most decoding steps complete no block
                 continue
+            si, ii = _ranges(first, counts, dev)
             pos = ii[:, None] * b.stride + torch.arange(b.block, device=dev)       # [P, l]
             kb = self.k[b.name][si[:, None], pos]                                 # [P, l, H, Dqk]
             vb = self.v[b.name][si[:, None], pos]                                 # [P, l, H, Dv]
@@ -242,16 +260,21 @@ class NSACache:
         for b in self.spec.of_kind("select"):
             if b.score != "mean_pool":
                 continue
-            si, ji = _ranges([x // b.block for x in old], [y // b.block - x // b.block for x, y in zip(old, new)], dev)
-            if not len(si):
+            counts = [y // b.block - x // b.block for x, y in zip(old, new)]
+            if not any(counts):
                 continue
+            si, ji = _ranges([x // b.block for x in old], counts, dev)
             pos = ji[:, None] * b.block + torch.arange(b.block, device=dev)
             self.k_mean[b.name][si, ji] = self.k[b.name][si[:, None], pos].float().mean(1)
 
         self._lengths = new
         start = self.lengths.clone()
-        n_dev = torch.tensor(n_host, dtype=torch.int32, device=dev)
-        self.lengths += n_dev
+        if whole:
+            n_dev = torch.full((B,), C, dtype=torch.int32, device=dev)
+            self.lengths += C
+        else:
+            n_dev = torch.tensor(n_host, dtype=torch.int32, device=dev)
+            self.lengths += n_dev
         return DecodeStep(start, n_dev, tuple(old), tuple(n_host), C)
 
 

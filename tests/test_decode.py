@@ -564,6 +564,34 @@ def test_ragged_module_chunks_and_aux():
 
 # ---------------------------------------------------------------------------------- errors
 
+def test_cache_append_paths():
+    """append's three ways of writing raw keys (one start: a slice; whole chunks at different
+    starts: one index_put from the device lengths; ragged: the (sequence, token) pairs) put every
+    token at its position; lengths and the returned step agree."""
+    spec = nsa_dsl.parse(SMALL["mean_pool"])
+    B, H, D = 3, 2, 16
+    cache = NSACache(spec, B, 64, kv_heads=H, qk_dim=D, v_dim=D, device=DEVICE)
+    ref_k = torch.full((B, 64, H, D), float("nan"))
+    g = torch.Generator().manual_seed(3)
+    for C, n_new in ((4, None), (5, [5, 2, 0]), (3, None), (1, None), (2, [1, 2, 2]), (6, None), (12, None)):
+        k = torch.randn(B, C, H, D, generator=g)
+        start = cache.lengths_host
+        st = cache.append(k.to(DEVICE), (2 * k).to(DEVICE), n_new=n_new)
+        n = n_new or [C] * B
+        for b in range(B):
+            ref_k[b, start[b]:start[b] + n[b]] = k[b, :n[b]]
+        assert st.start_host == start and st.n_host == tuple(n) and st.chunk == C
+        assert st.start.tolist() == list(start) and st.n_new.tolist() == n
+        assert cache.lengths.tolist() == list(cache.lengths_host) == [s + m for s, m in zip(start, n)]
+    for b in range(B):
+        t = cache.lengths_host[b]
+        assert torch.equal(cache.k["slc"][b, :t].cpu(), ref_k[b, :t])
+        assert torch.equal(cache.v["slc"][b, :t].cpu(), 2 * ref_k[b, :t])
+        assert t >= 24
+        for j in range(t // 24):   # block means of the complete select blocks
+            assert torch.allclose(cache.k_mean["slc"][b, j].cpu(), ref_k[b, j * 24:(j + 1) * 24].mean(0))
+
+
 def test_cache_errors():
     spec = nsa_dsl.parse(MODULE_SPECS["mlp"])
     cache = NSACache(spec, 2, 8, kv_heads=1, qk_dim=16, v_dim=16)
