@@ -136,10 +136,54 @@ def demo_cmd(args, emit=print) -> int:
         emit(f"timing    first forward (render + load + run) {t1 - t0:.1f} s; backward {t2 - t1:.1f} s "
              "(interpreter: correctness, not speed)")
     emit("source    op.source('all') prints the generated Triton; `nsa-dsl compile FILE --emit DIR` writes it")
-    worst = max([_rel(o, o_ref)] + [_rel(a, b) for a, b in zip(grads, ref_grads)])
+    dec_err = _demo_decode(spec, q.detach(), k.detach(), v.detach(), None if gates is None else gates.detach(),
+                           selection, (q64, k64, v64, g64, c64), emit)
+    worst = max([_rel(o, o_ref), dec_err] + [_rel(a, b) for a, b in zip(grads, ref_grads)])
     tol = 2e-2 if on_gpu else 1e-4
     emit(f"result    {'OK' if worst < tol else 'MISMATCH'} (worst rel. error {worst:.2e}, tolerance {tol:.0e})")
     return 0 if worst < tol else 1
+
+
+def _demo_decode(spec, q, k, v, gates, selection, ref_inputs, emit, steps: int = 8) -> float:
+    """The inference path on the same inputs: a KV cache prefilled with all but the last ``steps``
+    tokens (chunked prefill), then one token per step (the decode kernels); the outputs against the
+    float64 reference at those positions, run with the decode's own selected blocks (bf16 may flip
+    near-tied choices). Returns the relative error."""
+    import torch
+
+    from .decode import DecodeOp, NSACache
+    from .semantics import reference
+    B, T, HQ, Dqk = q.shape
+    H, Dv = k.shape[2], v.shape[3]
+    steps = min(steps, T - 1)
+    cache = NSACache(spec, B, T, kv_heads=H, qk_dim=Dqk, v_dim=Dv, dtype=q.dtype, device=q.device)
+
+    def pool(name, kb, vb):   # the demo's caller-supplied compressed keys are mean-pooled (see above)
+        return kb.mean(1), vb.mean(1)
+    dec = DecodeOp(spec)
+    outs, idx = [], {n: [] for n in selection}
+    t0 = time.perf_counter()
+    for a, b in [(0, T - steps)] + [(t, t + 1) for t in range(T - steps, T)]:
+        step = cache.append(k[:, a:b], v[:, a:b], pool=pool)
+        o, aux = dec(q[:, a:b], cache, step, None if gates is None else gates[:, a:b], return_aux=True)
+        if a >= T - steps:
+            outs.append(o)
+            for n in idx:
+                idx[n].append(aux.indices[n])
+    if q.is_cuda:
+        torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    y = torch.cat(outs, 1)
+    sel = {n: i.clone() for n, i in selection.items()}
+    for n in sel:
+        sel[n][:, T - steps:] = torch.cat(idx[n], 1).to(sel[n].device).long()
+    q64, k64, v64, g64, c64 = ref_inputs
+    o_ref = reference(spec, q64.detach(), k64.detach(), v64.detach(), None if g64 is None else g64.detach(),
+                      compressed={n: (a.detach(), b.detach()) for n, (a, b) in c64.items()} or None, selection=sel)
+    err = _rel(y, o_ref[:, T - steps:])
+    emit(f"decode    KV cache: prefill {T - steps} tokens, then {steps} steps of one token "
+         f"({t1 - t0:.1f} s); rel. error vs float64 reference: {err:.2e}")
+    return err
 
 
 def _shrink(spec, heads, kv_heads):
@@ -168,18 +212,9 @@ def bench_cmd(args, emit=print) -> int:
     import nsa_dsl
 
     spec = nsa_dsl.load(args.file, getattr(args, "name", None))
-    dim = getattr(args, "dim", None)
-    HQ = getattr(args, "heads", None) or spec.heads or 64
-    kv = getattr(args, "kv_heads", None) or spec.kv_heads or 4
-    kv = (kv,) if isinstance(kv, int) else tuple(kv)
-    Dqk = getattr(args, "qk_dim", None) or dim or spec.qk_dim or 128
-    Dv = getattr(args, "v_dim", None) or dim or spec.v_dim or 128
-    for h in kv:
-        if HQ % h:
-            raise SpecError("E617", f"{HQ} query heads are not a multiple of {h} kv heads",
-                            hint="pick --kv-heads that divide --heads, e.g. --heads 32 --kv-heads 4,8")
     if getattr(args, "decode", False):
-        return _bench_decode(spec, args, emit, HQ=HQ, kv=kv, Dqk=Dqk, Dv=Dv)
+        return _bench_decode(spec, args, emit)
+    HQ, kv, Dqk, Dv = _bench_shapes(spec, args)
     lengths = [int(x) for x in str(getattr(args, "lengths", None) or "8192,16384,32768,65536").split(",")]
     B = getattr(args, "batch", None) or 1
     workload = getattr(args, "workload", None) or "random"
@@ -229,7 +264,22 @@ def bench_cmd(args, emit=print) -> int:
     return 0
 
 
-def _bench_decode(spec, args, emit, *, HQ, kv, Dqk, Dv) -> int:
+def _bench_shapes(spec, args):
+    """(HQ, kv heads tuple, Dqk, Dv) of `nsa-dsl bench`: the options, else the spec's, else 64 / 4 / 128."""
+    dim = getattr(args, "dim", None)
+    HQ = getattr(args, "heads", None) or spec.heads or 64
+    kv = getattr(args, "kv_heads", None) or spec.kv_heads or 4
+    kv = (kv,) if isinstance(kv, int) else tuple(kv)
+    Dqk = getattr(args, "qk_dim", None) or dim or spec.qk_dim or 128
+    Dv = getattr(args, "v_dim", None) or dim or spec.v_dim or 128
+    for h in kv:
+        if HQ % h:
+            raise SpecError("E617", f"{HQ} query heads are not a multiple of {h} kv heads",
+                            hint="pick --kv-heads that divide --heads, e.g. --heads 32 --kv-heads 4,8")
+    return HQ, kv, Dqk, Dv
+
+
+def _bench_decode(spec, args, emit) -> int:
     """`nsa-dsl bench FILE --decode`: decoding steps (``--q-len`` new tokens per sequence; more than
     one: speculative decoding) against SDPA over the whole cache, at each cache length, batch
     (``--batch``, else 1, 8 and 64) and kv head count."""
@@ -242,6 +292,7 @@ def _bench_decode(spec, args, emit, *, HQ, kv, Dqk, Dv) -> int:
 
     from . import bench
     from .decode import decode_bench
+    HQ, kv, Dqk, Dv = _bench_shapes(spec, args)
     lengths = [int(x) for x in str(getattr(args, "lengths", None) or "4096,16384,65536,131072").split(",")]
     batches = (args.batch,) if getattr(args, "batch", None) else (1, 8, 64)
     q_len = getattr(args, "q_len", None) or 1

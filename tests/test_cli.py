@@ -279,10 +279,10 @@ def test_bench_decode_cases_and_json(tmp_path, monkeypatch):
     monkeypatch.setattr(nsa_dsl.decode, "decode_bench", fake_bench)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a stand-in GPU")
     spec = nsa_dsl.load(Path(__file__).resolve().parents[1] / "examples" / "nsa_paper_mean.nsa")
-    args = types.SimpleNamespace(file="x.nsa", lengths="4096,8192", batch=None, q_len=3,
-                                 json=str(tmp_path / "d.json"), plot=None)
+    args = types.SimpleNamespace(file="x.nsa", lengths="4096,8192", batch=None, q_len=3, heads=32,
+                                 kv_heads=(4, 8), dim=64, json=str(tmp_path / "d.json"), plot=None)
     lines = []
-    assert commands._bench_decode(spec, args, lines.append, HQ=32, kv=(4, 8), Dqk=64, Dv=64) == 0
+    assert commands._bench_decode(spec, args, lines.append) == 0
     assert len(calls) == 2 * 2 * 3 and {c[2] for c in calls} == {(1,), (8,), (64,)}
     assert all(c[0] is None and c[3] == 32 and c[5] == 64 and c[6] == 3 for c in calls)
     assert {c[4] for c in calls} == {4, 8}

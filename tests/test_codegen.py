@@ -174,7 +174,7 @@ def test_bench_decode_wiring_formats_a_table(monkeypatch, tmp_path):
     args = argparse.Namespace(file="examples/nsa_paper_mean.nsa", lengths="4096", json=str(tmp_path / "d.json"))
     spec = nsa_dsl.load(args.file)
     assert commands._bench_decode(spec, args, lines.append) == 0
-    assert any("| 64 | 4096 | 0.1000 | 0.8000 | 8.0000 |" in line for line in lines)
+    assert any("| 64 | - | 4096 | 0.1000 | 0.8000 | 8.0000 |" in line for line in lines)   # B, H (not in these rows), T
     assert (tmp_path / "d.json").exists()
 
 
