@@ -19,7 +19,6 @@ stream keys are timed well, single loads are not.
 import argparse
 import importlib.util
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -111,42 +110,13 @@ def run(args) -> None:
 
 
 def check(args) -> None:
-    import glob
-    import subprocess
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from codegen.sm90 import compile_decode, ptxas_usage
     op = DecodeOp(nsa_dsl.load(args.spec))
     mod = load(patch(op.source(*SHAPES), args.kernel)[0])
-    fn = getattr(mod, args.kernel)
     c = dict(G=16, GP=16, R=1, BM=16, BN=32, BJ=16, DQK=128, DV=128, BK=128, BV=128, NP=mod.NP, LOWP=True,
              TAIL=True, AUX=False, BJM=64, NJ=1024, SPLIT=False, ONEPASS=True)
-    sig = {}
-    for name in fn.arg_names:
-        if name in c:
-            sig[name] = "constexpr"
-        elif name in ("start", "nq", "tickets") or name.startswith(("wsel", "idx")):
-            sig[name] = "*i32"
-        elif name in ("ws_acc", "ws_m", "ws_l", "ws_u", "ws_mu", "blse"):
-            sig[name] = "*fp32"
-        elif name == "qk_scale":
-            sig[name] = "fp32"
-        elif name.startswith("s_") or name in ("C", "H", "NS", "NK", "B"):
-            sig[name] = "i32"
-        else:
-            sig[name] = "*bf16"
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if sig[name].startswith("*") or (name.startswith("s_") and sig[name] == "i32")}
-    src = ASTSource(fn, sig, constexprs={k: v for k, v in c.items() if k in fn.arg_names}, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
-    ptx = Path(tempfile.mkdtemp()) / "k.ptx"
-    ptx.write_text(kernel.asm["ptx"])
-    ptxas = sorted(glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas*")), key=len)
-    r = subprocess.run([ptxas[-1] if ptxas else "ptxas", "-v", "--gpu-name", "sm_90a", str(ptx), "-o", f"{ptx}.o"],
-                       capture_output=True, text=True)
-    print(f"{args.kernel}: shared {kernel.metadata.shared} B;",
-          "; ".join(line.split(":")[-1].strip() for line in r.stderr.splitlines() if "registers" in line or "spill" in line))
+    kernel = compile_decode(getattr(mod, args.kernel), c, num_warps=4, num_stages=3)
+    print(f"{args.kernel}: shared {kernel.metadata.shared} B; {ptxas_usage(kernel)}")
 
 
 if __name__ == "__main__":

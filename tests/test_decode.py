@@ -354,31 +354,11 @@ def test_edge_cases(backend, config):
 
 _SM90_CHECK = r"""
 import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 import nsa_dsl
 from codegen.loader import load_module
 from codegen.plan import bind, lower_decode
 from codegen.render import render
-
-
-def signature(fn, consts):
-    sig = {}
-    for name in fn.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in ("start", "nq", "tickets") or name.startswith(("idx", "wsel")):
-            sig[name] = "*i32"
-        elif name in ("ws_acc", "ws_m", "ws_l", "ws_u", "ws_mu", "blse") or name.startswith("kb"):   # kb: block means
-            sig[name] = "*fp32"
-        elif name == "qk_scale":
-            sig[name] = "fp32"
-        elif name.startswith("s_") or name in ("C", "H", "NS", "NK", "B"):
-            sig[name] = "i32"
-        else:
-            sig[name] = "*bf16"
-    return sig
+from codegen.sm90 import compile_decode
 
 
 for path in sys.argv[1:]:
@@ -395,13 +375,7 @@ for path in sys.argv[1:]:
                     (mod.decode_split_kernel, dict(TAIL=True, AUX=True, BJM=64, NJ=2048 // R)),
                     (mod.decode_split_kernel, dict(TAIL=False, AUX=False, BJM=64, NJ=16))]
     for fn, extra in kernels:
-        c = dict(consts, **extra)
-        sig = signature(fn, c)
-        # pointers and strides 16-aligned, as the launcher's specialization sees them (pipelined loads)
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-                 if sig[n].startswith("*") or (n.startswith("s_") and sig[n] == "i32")}
-        src = ASTSource(fn, sig, constexprs={k: v for k, v in c.items() if k in fn.arg_names}, attrs=attrs)
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3))
+        kernel = compile_decode(fn, dict(consts, **extra), num_warps=8, num_stages=3)
         assert kernel.asm["cubin"], fn.__name__
         # the H200's 227 KiB of shared memory per block (the driver refuses more at launch)
         assert kernel.metadata.shared <= 232448, (path, fn.__name__, R, kernel.metadata.shared)
