@@ -126,6 +126,44 @@ def test_topk_mean_pool_equal_keys(keep):
     _assert_same(idx, select_blocks_mean_pool(q.double(), k.double(), LS, K, *keep))
 
 
+# both merges of a chunk into the top-k buffer on cases where BJ == TK is possible
+MERGE_CASES = [
+    ("cmp", (1, 700, 1, 4, 32, 32, 16, 16, 16, 1, 2)),   # TOPK = 16 of 44 blocks, carried overlap
+    ("cmp", (1, 1500, 1, 2, 32, 32, 16, 16, 12, 0, 0)),  # TOPK = 12: TK = 16, padded slots
+    ("cmp", (2, 1200, 1, 3, 32, 16, 16, 16, 32, 1, 1)),  # TK = 32 of 75 blocks
+    ("mean_pool", (1, 700, 1, 4, 64, 16, 16, 1, 2)),
+]
+
+
+@pytest.mark.parametrize("merge", ["bitonic", "rank"])
+@pytest.mark.parametrize("score, case", MERGE_CASES, ids=[f"{s}-{i}" for i, (s, _) in enumerate(MERGE_CASES)])
+def test_topk_merges(score, case, merge):
+    """The bitonic merge (sorted chunk, half-cleaners) and the pairwise-rank merge pick the same
+    blocks as the reference; one chunk is TK blocks, so the merge runs many times per row."""
+    if score == "cmp":
+        B, T, H, G, D, L, S, LS, K, KF, KL = case
+        TK = 1 << (K - 1).bit_length()
+        q, k_cmp, lse = _cmp_inputs(B, T, H, G, D, L, S)
+        mod = _cmp_mod(G, D, L, S, LS, K, KF, KL)
+        idx = mod.topk(q, k_cmp, lse, D ** -0.5, config={"BJ": TK, "BN": 16 if TK == 16 else 32, "merge": merge})
+        ref = select_blocks_cmp(q.double(), k_cmp.double(), lse.double(), D ** -0.5, L, S, LS, K, KF, KL)
+    else:
+        B, T, H, G, D, LS, K, KF, KL = case
+        TK = 1 << (K - 1).bit_length()
+        q = rand((B, T, H * G, D), torch.float32, 1)
+        k = rand((B, T, H, D), torch.float32, 2)
+        idx = _mp_mod(G, D, LS, K, KF, KL).topk_mean_pool(q, k, config={"BJ": TK, "merge": merge})
+        ref = select_blocks_mean_pool(q.double(), k.double(), LS, K, KF, KL)
+    _assert_same(idx, ref)
+
+
+def test_topk_bitonic_needs_bj_tk():
+    mod = _cmp_mod(2, 32, 32, 16, 16, 4, 1, 0)              # TOPK = 4: TK = 4 < every BJ
+    q, k_cmp, lse = _cmp_inputs(1, 100, 1, 2, 32, 32, 16)
+    with pytest.raises(ValueError, match="bitonic merge needs BJ == TK"):
+        mod.topk(q, k_cmp, lse, 32 ** -0.5, config={"merge": "bitonic"})
+
+
 def test_topk_rendering_specializes():
     """One store (the indices: no score tensor is written); code only for the features in use."""
     paper = render("topk.py.j2", G=16, DQK=128, L=32, STRIDE=16, LS=64, TOPK=16,
@@ -189,11 +227,12 @@ def _assert_near(idx, ref, scores, LS, K, KF, KL, rtol):
     (1, 4096, 2, 16, 128, 32, 16, 64, 16, 1, 2),
     (2, 3001, 1, 3, 64, 32, 16, 32, 8, 0, 0),
 ]])
-def test_topk_cmp_gpu(case, dtype):
+@pytest.mark.parametrize("merge", ["auto", "rank"])
+def test_topk_cmp_gpu(case, dtype, merge):
     B, T, H, G, D, L, S, LS, K, KF, KL = case
     q, k_cmp, lse = _cmp_inputs(B, T, H, G, D, L, S, dtype, "cuda")
     scale = D ** -0.5
-    idx = _cmp_mod(G, D, L, S, LS, K, KF, KL).topk(q, k_cmp, lse, scale)
+    idx = _cmp_mod(G, D, L, S, LS, K, KF, KL).topk(q, k_cmp, lse, scale, config={"merge": merge})
     ref = select_blocks_cmp(q.double(), k_cmp.double(), lse.double(), scale, L, S, LS, K, KF, KL)
     scores = _scores_f64(q, k_cmp, lse, L, S, LS, scale, T)
     _assert_near(idx, ref, scores, LS, K, KF, KL, 2e-2)
