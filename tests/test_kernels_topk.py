@@ -126,7 +126,7 @@ def test_topk_mean_pool_equal_keys(keep):
     _assert_same(idx, select_blocks_mean_pool(q.double(), k.double(), LS, K, *keep))
 
 
-# both merges of a chunk into the top-k buffer on cases where BJ == TK is possible
+# both merges of a chunk into the top-k buffer, one chunk of TK blocks so that they run often
 MERGE_CASES = [
     ("cmp", (1, 700, 1, 4, 32, 32, 16, 16, 16, 1, 2)),   # TOPK = 16 of 44 blocks, carried overlap
     ("cmp", (1, 1500, 1, 2, 32, 32, 16, 16, 12, 0, 0)),  # TOPK = 12: TK = 16, padded slots
@@ -135,11 +135,11 @@ MERGE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("merge", ["bitonic", "rank"])
+@pytest.mark.parametrize("merge", ["insert", "rank"])
 @pytest.mark.parametrize("score, case", MERGE_CASES, ids=[f"{s}-{i}" for i, (s, _) in enumerate(MERGE_CASES)])
 def test_topk_merges(score, case, merge):
-    """The bitonic merge (sorted chunk, half-cleaners) and the pairwise-rank merge pick the same
-    blocks as the reference; one chunk is TK blocks, so the merge runs many times per row."""
+    """The insert merge (entrants replace the worst entry) and the pairwise-rank merge pick the
+    same blocks as the reference, padded slots (TOPK < TK) included."""
     if score == "cmp":
         B, T, H, G, D, L, S, LS, K, KF, KL = case
         TK = 1 << (K - 1).bit_length()
@@ -157,10 +157,10 @@ def test_topk_merges(score, case, merge):
     _assert_same(idx, ref)
 
 
-def test_topk_bitonic_needs_bj_tk():
-    mod = _cmp_mod(2, 32, 32, 16, 16, 4, 1, 0)              # TOPK = 4: TK = 4 < every BJ
+def test_topk_merge_validated():
+    mod = _cmp_mod(2, 32, 32, 16, 16, 4, 1, 0)
     q, k_cmp, lse = _cmp_inputs(1, 100, 1, 2, 32, 32, 16)
-    with pytest.raises(ValueError, match="bitonic merge needs BJ == TK"):
+    with pytest.raises(ValueError, match='merge must be "insert" or "rank"'):
         mod.topk(q, k_cmp, lse, 32 ** -0.5, config={"merge": "bitonic"})
 
 
@@ -227,7 +227,7 @@ def _assert_near(idx, ref, scores, LS, K, KF, KL, rtol):
     (1, 4096, 2, 16, 128, 32, 16, 64, 16, 1, 2),
     (2, 3001, 1, 3, 64, 32, 16, 32, 8, 0, 0),
 ]])
-@pytest.mark.parametrize("merge", ["auto", "rank"])
+@pytest.mark.parametrize("merge", ["insert", "rank"])
 def test_topk_cmp_gpu(case, dtype, merge):
     B, T, H, G, D, L, S, LS, K, KF, KL = case
     q, k_cmp, lse = _cmp_inputs(B, T, H, G, D, L, S, dtype, "cuda")
