@@ -7,6 +7,7 @@ orchestrates the branches and returns outputs (and, on request, the selected blo
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,7 +151,7 @@ class CompiledOp:
             cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
         binding = self._check(q, ks, vs, gates, compressed, cu)
         plan, keys = self._kernels(binding, cu is not None)
-        scale = float(binding.qk_dim ** -0.5 if scale is None else scale)
+        scale = _check_scale(binding.qk_dim ** -0.5 if scale is None else scale)
         q = _unit_last_stride(q)
         seq = () if cu is None else (cu_seqlens,)  # the ops' last argument, with packed sequences
 
@@ -282,6 +283,19 @@ class CompiledOp:
             raise _err("E609", f"output = {spec.output.kind}(...) takes no gates, but gates were given",
                        hint="drop the gates argument, or use output = gate(sigmoid, ...)")
         return bind(spec, HQ, H, Dqk, Dv)
+
+
+def _check_scale(scale) -> float:
+    """The softmax scale as a float; the kernels take a finite scale > 0 (they find a row's max
+    before scaling, which only a positive scale leaves in place)."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise _err("E618", f"scale must be a finite number > 0, got {scale!r}",
+                   hint="leave scale=None for qk_dim ** -0.5, or pass a positive float")
+    return value
 
 
 def _expect(x, name: str, shape: tuple, q: Tensor) -> None:

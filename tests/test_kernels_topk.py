@@ -126,42 +126,28 @@ def test_topk_mean_pool_equal_keys(keep):
     _assert_same(idx, select_blocks_mean_pool(q.double(), k.double(), LS, K, *keep))
 
 
-# both merges of a chunk into the top-k buffer, one chunk of TK blocks so that they run often
-MERGE_CASES = [
-    ("cmp", (1, 700, 1, 4, 32, 32, 16, 16, 16, 1, 2)),   # TOPK = 16 of 44 blocks, carried overlap
-    ("cmp", (1, 1500, 1, 2, 32, 32, 16, 16, 12, 0, 0)),  # TOPK = 12: TK = 16, padded slots
-    ("cmp", (2, 1200, 1, 3, 32, 16, 16, 16, 32, 1, 1)),  # TK = 32 of 75 blocks
+@pytest.mark.parametrize("ni", [0, 1, 3])
+@pytest.mark.parametrize("score, case", [
+    ("cmp", (1, 700, 1, 4, 32, 32, 16, 16, 16, 1, 2)),    # TOPK = 16 of 44 blocks, carried overlap
+    ("cmp", (2, 1100, 1, 3, 32, 16, 16, 16, 12, 0, 0)),   # TOPK = 12: TK = 16, padded slots
     ("mean_pool", (1, 700, 1, 4, 64, 16, 16, 1, 2)),
-]
-
-
-@pytest.mark.parametrize("merge", ["insert", "rank"])
-@pytest.mark.parametrize("score, case", MERGE_CASES, ids=[f"{s}-{i}" for i, (s, _) in enumerate(MERGE_CASES)])
-def test_topk_merges(score, case, merge):
-    """The insert merge (entrants replace the worst entry) and the pairwise-rank merge pick the
-    same blocks as the reference, padded slots (TOPK < TK) included."""
+], ids=["cmp-K16", "cmp-K12", "mean_pool-K16"])
+def test_topk_insert_steps(score, case, ni):
+    """A chunk's first NI entrants are inserted one by one, the rest ranked (NI = 0: all ranked);
+    chunks of 16 blocks make both paths run many times per row."""
+    cfg = {"NI": ni, "BJ": 16, "BN": 16}
     if score == "cmp":
         B, T, H, G, D, L, S, LS, K, KF, KL = case
-        TK = 1 << (K - 1).bit_length()
         q, k_cmp, lse = _cmp_inputs(B, T, H, G, D, L, S)
-        mod = _cmp_mod(G, D, L, S, LS, K, KF, KL)
-        idx = mod.topk(q, k_cmp, lse, D ** -0.5, config={"BJ": TK, "BN": 16 if TK == 16 else 32, "merge": merge})
+        idx = _cmp_mod(G, D, L, S, LS, K, KF, KL).topk(q, k_cmp, lse, D ** -0.5, config=cfg)
         ref = select_blocks_cmp(q.double(), k_cmp.double(), lse.double(), D ** -0.5, L, S, LS, K, KF, KL)
     else:
         B, T, H, G, D, LS, K, KF, KL = case
-        TK = 1 << (K - 1).bit_length()
         q = rand((B, T, H * G, D), torch.float32, 1)
         k = rand((B, T, H, D), torch.float32, 2)
-        idx = _mp_mod(G, D, LS, K, KF, KL).topk_mean_pool(q, k, config={"BJ": TK, "merge": merge})
+        idx = _mp_mod(G, D, LS, K, KF, KL).topk_mean_pool(q, k, config=cfg)
         ref = select_blocks_mean_pool(q.double(), k.double(), LS, K, KF, KL)
     _assert_same(idx, ref)
-
-
-def test_topk_merge_validated():
-    mod = _cmp_mod(2, 32, 32, 16, 16, 4, 1, 0)
-    q, k_cmp, lse = _cmp_inputs(1, 100, 1, 2, 32, 32, 16)
-    with pytest.raises(ValueError, match='merge must be "insert" or "rank"'):
-        mod.topk(q, k_cmp, lse, 32 ** -0.5, config={"merge": "bitonic"})
 
 
 def test_topk_rendering_specializes():
@@ -227,12 +213,12 @@ def _assert_near(idx, ref, scores, LS, K, KF, KL, rtol):
     (1, 4096, 2, 16, 128, 32, 16, 64, 16, 1, 2),
     (2, 3001, 1, 3, 64, 32, 16, 32, 8, 0, 0),
 ]])
-@pytest.mark.parametrize("merge", ["insert", "rank"])
-def test_topk_cmp_gpu(case, dtype, merge):
+@pytest.mark.parametrize("ni", [0, 2])
+def test_topk_cmp_gpu(case, dtype, ni):
     B, T, H, G, D, L, S, LS, K, KF, KL = case
     q, k_cmp, lse = _cmp_inputs(B, T, H, G, D, L, S, dtype, "cuda")
     scale = D ** -0.5
-    idx = _cmp_mod(G, D, L, S, LS, K, KF, KL).topk(q, k_cmp, lse, scale, config={"merge": merge})
+    idx = _cmp_mod(G, D, L, S, LS, K, KF, KL).topk(q, k_cmp, lse, scale, config={"NI": ni})
     ref = select_blocks_cmp(q.double(), k_cmp.double(), lse.double(), scale, L, S, LS, K, KF, KL)
     scores = _scores_f64(q, k_cmp, lse, L, S, LS, scale, T)
     _assert_near(idx, ref, scores, LS, K, KF, KL, 2e-2)

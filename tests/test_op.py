@@ -135,6 +135,9 @@ def test_wrong_shapes_dtypes_and_missing_args(paper_op):
         (lambda: paper_op(q[0], k, v, gates), "E601", "4-D"),
         (lambda: paper_op(q, {"nope": k}, v, gates), "E608", "unknown branches"),
         (lambda: paper_op(torch.randn(1, 20, 5, 16), k, v.float(), gates), "E601", None),
+        (lambda: paper_op(q, k, v, gates, scale=0.0), "E618", "finite number > 0"),
+        (lambda: paper_op(q, k, v, gates, scale=-0.25), "E618", "got -0.25"),
+        (lambda: paper_op(q, k, v, gates, scale=float("nan")), "E618", None),
     ]
     for call, code, text in cases:
         with pytest.raises(SpecError) as e:
