@@ -7,7 +7,6 @@ orchestrates the branches and returns outputs (and, on request, the selected blo
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -157,18 +156,6 @@ class CompiledOp:
         seq = () if cu is None else (cu_seqlens,)  # the ops' last argument, with packed sequences
 
         outs, lses, idxs, kcmp = {}, {}, {}, {}
-        # Window branches need only q, k, v: launched first on a side stream, they run beside the
-        # compress -> top-k -> select chain (their backward then runs on that stream too).
-        side = _side_stream(q, 0) if spec.of_kind("window") else None
-        side2 = _side_stream(q, 1) if os.environ.get("NSA_DSL_STREAMS") == "2" else None
-        main = torch.cuda.current_stream(q.device) if q.is_cuda else None
-        if side is not None:
-            side.wait_stream(main)
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            for b in spec.of_kind("window"):
-                k_w, v_w = _unit_last_stride(ks[b.name]), _unit_last_stride(vs[b.name])
-                _used_on(side, q, k_w, v_w, *seq)
-                outs[b.name], lses[b.name] = ops.window_fwd(keys[f"window_{b.name}"], q, k_w, v_w, scale, *seq)
         for b in spec.of_kind("compress"):
             if b.name in compressed:
                 k_c, v_c = compressed[b.name]
@@ -190,17 +177,10 @@ class CompiledOp:
                 idx = ops.topk_cmp(keys[f"topk_{b.name}"], q.detach(), kcmp[b.score].detach(),
                                    lses[b.score].detach(), scale, b.top_k, *seq)
             idxs[b.name] = idx
-            if side2 is not None:
-                side2.wait_stream(main)
-            _used_on(side2, q, k_s, v_s, idx, *seq)
-            with torch.cuda.stream(side2) if side2 is not None else contextlib.nullcontext():
-                outs[b.name], lses[b.name] = ops.select_fwd(keys[f"select_{b.name}"], q, k_s, v_s, idx, scale, *seq)
-        for st, kind in ((side, "window"), (side2, "select")):
-            if st is not None:
-                main.wait_stream(st)
-                for b in spec.of_kind(kind):      # made on the side stream, used on this one
-                    outs[b.name].record_stream(main)
-                    lses[b.name].record_stream(main)
+            outs[b.name], lses[b.name] = ops.select_fwd(keys[f"select_{b.name}"], q, k_s, v_s, idx, scale, *seq)
+        for b in spec.of_kind("window"):
+            k_w, v_w = _unit_last_stride(ks[b.name]), _unit_last_stride(vs[b.name])
+            outs[b.name], lses[b.name] = ops.window_fwd(keys[f"window_{b.name}"], q, k_w, v_w, scale, *seq)
 
         branch_outs = [outs[n] for n in spec.output.branches]
         g = _unit_last_stride(gates) if spec.output.kind == "gate" else None
@@ -303,28 +283,6 @@ class CompiledOp:
             raise _err("E609", f"output = {spec.output.kind}(...) takes no gates, but gates were given",
                        hint="drop the gates argument, or use output = gate(sigmoid, ...)")
         return bind(spec, HQ, H, Dqk, Dv)
-
-
-_SIDE_STREAMS: dict = {}
-
-
-def _side_stream(q: Tensor, slot: int = 0):
-    """The side stream of q's device for the window branches, or None: on the CPU, while
-    torch.compile traces, or with NSA_DSL_STREAMS=0 (everything on the caller's stream)."""
-    if not q.is_cuda or os.environ.get("NSA_DSL_STREAMS", "1") == "0" or torch.compiler.is_compiling():
-        return None
-    dev = (q.device.index if q.device.index is not None else torch.cuda.current_device(), slot)
-    if dev not in _SIDE_STREAMS:
-        _SIDE_STREAMS[dev] = torch.cuda.Stream(device=dev[0])
-    return _SIDE_STREAMS[dev]
-
-
-def _used_on(stream, *tensors) -> None:
-    """Tensors made on another stream and read on ``stream`` (in this call and in the backward,
-    which runs there too): their memory is not reused before that stream's work is done."""
-    if stream is not None:
-        for x in tensors:
-            x.record_stream(stream)
 
 
 def _check_scale(scale) -> float:
