@@ -47,7 +47,18 @@ def mean_pool(k: Tensor, block: int, stride: int) -> Tensor:
     B, T, H, D = k.shape
     if T < block:
         return k.new_zeros(B, 0, H, D)
-    return k.unfold(1, block, stride).mean(-1)
+    if block % stride:
+        return k.unfold(1, block, stride).mean(-1)
+    # stride | block: a block is block / stride whole segments of stride keys. Segment sums in fp32
+    # (or k's wider dtype), added in turn: the backward is a few small adds and one expand (the
+    # unfold's backward scatters every key block / stride times: 0.8 ms of a 64k step, H200)
+    nc, a = (T - block) // stride + 1, block // stride
+    seg = k[:, :(nc + a - 1) * stride].unflatten(1, (nc + a - 1, stride))
+    seg = seg.to(torch.promote_types(k.dtype, torch.float32)).sum(2)   # [B, nc + a - 1, H, D]
+    out = seg[:, :nc]
+    for i in range(1, a):
+        out = out + seg[:, i:i + nc]
+    return (out / block).to(k.dtype)
 
 
 class CompiledOp:

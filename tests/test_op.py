@@ -207,3 +207,19 @@ def test_gpu_low_precision_matches_reference(which, shape, dtype, tmp_path, monk
     assert rel(o, o64) <= max(5e-3, 2 * rel(olp, o64))
     for name, a, b, c in zip("q k v gates".split(), g_k, g64, glp):
         assert rel(a, b) <= max(5e-3, 2 * rel(c, b)), name
+
+
+@pytest.mark.parametrize("T, block, stride", [(100, 32, 16), (32, 32, 16), (257, 48, 16), (64, 16, 16),
+                                              (200, 32, 8), (90, 24, 16), (77, 20, 8)])
+def test_mean_pool_by_segments(T, block, stride):
+    """The op's mean pooling (segment sums when stride | block, else unfold) equals the reference
+    pooling in float64, with its gradient, and rounds bf16 alike."""
+    from nsa_dsl.op import mean_pool
+    from nsa_dsl.semantics import mean_pool as ref
+    k = torch.randn(2, T, 3, 8, dtype=torch.float64, requires_grad=True)
+    a, b = mean_pool(k, block, stride), ref(k, block, stride)
+    assert a.shape == b.shape and rel(a, b) < 1e-14
+    g = torch.randn_like(b)
+    assert rel(torch.autograd.grad(a, k, g)[0], torch.autograd.grad(b, k, g)[0]) < 1e-14
+    kb = k.detach().bfloat16()
+    assert rel(mean_pool(kb, block, stride), ref(kb, block, stride)) < 1e-2
