@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One device session, in stages; logs and JSON under $OUT.
 # Usage on the GPU machine (repo root): bash benchmarks/device_run.sh STAGE...
+#   gpu     GPU tests only (bf16, fp16; pytest -m gpu, xdist over CPU cores)
 #   check   GPU tests (bf16, fp16; pytest -m gpu, xdist over CPU cores) on GPU 0, and meanwhile the
 #           training example (NSA vs SDPA) on the last GPU; then the DDP / FSDP2 gradient check
 #           when there are two GPUs
-#   bench   the paper pattern against SDPA: 8k..64k (random and local inputs), 128k / 256k (memory),
-#           GQA groups, decoding
+#   bench   the paper pattern against SDPA and fla-core: 8k..64k (random and local inputs), 128k / 256k (memory),
+#           GQA groups
+#   decode  decoding steps against cuDNN over the whole cache
 #   tune    `nsa-dsl tune` of the forward kernels at 64k (stored next to the kernel cache)
 set -u
 OUT="${OUT:-/tmp/nsa-out}"; mkdir -p "$OUT"
@@ -24,6 +26,9 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 for stage in "$@"; do
 case $stage in
+gpu)
+  timeout 330 python3 -m pytest -m gpu -q -p no:cacheprovider $XDIST tests/ > "$OUT/gpu_tests.log" 2>&1
+  grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -15 ;;
 check)
   CUDA_VISIBLE_DEVICES=$((NGPU - 1)) timeout 280 python3 examples/train_tiny_lm.py --device cuda --compare \
       --steps 20000 --max-time 65 --log-json "$OUT/tiny_lm.json" > "$OUT/tiny_lm.log" 2>&1 &
@@ -38,16 +43,17 @@ check)
     grep -E "vs single|vs fsdp|PASS|FAIL|Error" "$OUT/check_distributed.log" | tail -6
   fi ;;
 bench)
-  timeout 200 python3 -m nsa_dsl bench $S --lengths 8192,16384,32768,65536 --workload both --peers cudnn,flash \
+  timeout 330 python3 -m nsa_dsl bench $S --lengths 8192,16384,32768,65536 --workload both --peers cudnn,flash,fla \
       --json "$OUT/bench.json" --plot "$OUT/bench.png" 2>/dev/null | tee "$OUT/bench.log" | head -12
   timeout 120 python3 -m nsa_dsl bench $S --lengths 131072,262144 --peers none \
       --json "$OUT/bench_long.json" 2>/dev/null | tee "$OUT/bench_long.log" | head -6
   timeout 120 python3 -m nsa_dsl bench $S --lengths 65536 --heads 32 --kv-heads 2,4,8 --peers none \
-      --json "$OUT/bench_gqa.json" 2>/dev/null | tee "$OUT/bench_gqa.log" | head -7
+      --json "$OUT/bench_gqa.json" 2>/dev/null | tee "$OUT/bench_gqa.log" | head -7 ;;
+decode)
   timeout 100 python3 -m nsa_dsl bench $S --decode --lengths 4096,16384,65536,131072 \
       --json "$OUT/decode.json" --plot "$OUT/decode.png" 2>/dev/null | tee "$OUT/decode.log" | tail -14 ;;
 tune)
   timeout 300 python3 -m nsa_dsl tune $S --lengths 65536 --no-backward 2>&1 | tee "$OUT/tune.log" | tail -12 ;;
-*) echo "unknown stage $stage (check, bench, tune)"; exit 2 ;;
+*) echo "unknown stage $stage (gpu, check, bench, decode, tune)"; exit 2 ;;
 esac
 done
