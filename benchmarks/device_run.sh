@@ -50,7 +50,7 @@ bench)
   timeout 120 python3 -m nsa_dsl bench $S --lengths 65536 --heads 32 --kv-heads 2,4,8 --peers none \
       --json "$OUT/bench_gqa.json" 2>/dev/null | tee "$OUT/bench_gqa.log" | head -7 ;;
 decode)
-  timeout 100 python3 -m nsa_dsl bench $S --decode --lengths 4096,16384,65536,131072 \
+  timeout 240 python3 -m nsa_dsl bench $S --decode --lengths 4096,16384,65536,131072 \
       --json "$OUT/decode.json" --plot "$OUT/decode.png" 2>/dev/null | tee "$OUT/decode.log" | tail -14 ;;
 tune)
   timeout 300 python3 -m nsa_dsl tune $S --lengths 65536 --no-backward 2>&1 | tee "$OUT/tune.log" | tail -12 ;;
