@@ -1,4 +1,4 @@
-"""Compile a generated decode kernel for sm_90 (H100 / H200) on a machine without a GPU.
+"""Compile a generated kernel for sm_90 (H100 / H200) on a machine without a GPU.
 
 Triton's interpreter accepts code the GPU compiler refuses and knows no shared-memory limit; this
 runs the real compiler and ptxas instead (the CUDA backend ships both), for the tests and for
@@ -32,17 +32,36 @@ def decode_signature(fn, consts: dict) -> dict:
     return sig
 
 
-def compile_decode(fn, consts: dict, *, num_warps: int, num_stages: int):
-    """The compiled kernel (``.asm``, ``.metadata``) of decode kernel ``fn`` for sm_90, with pointers
-    and strides 16-aligned as the launcher's specialization sees them (the loop pipelining needs it)."""
+def signature(fn, consts: dict, pointers: dict, floats=("qk_scale", "scale")) -> dict:
+    """Triton argument types of kernel ``fn``: ``pointers`` maps argument names to pointer types
+    ("*bf16", "*fp32", "*i32"), ``floats`` are fp32 scalars, other arguments i32."""
+    return {n: "constexpr" if n in consts else pointers.get(n, "fp32" if n in floats else "i32")
+            for n in fn.arg_names}
+
+
+def compile_kernel(fn, consts: dict, sig: dict, **options):
+    """The compiled kernel (``.asm``, ``.metadata``) of ``fn`` for sm_90 with argument types ``sig``,
+    pointers and strides 16-aligned as the launcher's specialization sees them (the loop pipelining
+    needs it); ``options``: num_warps, num_stages, maxnreg."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    sig = decode_signature(fn, consts)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if sig[n].startswith("*") or (n.startswith("s_") and sig[n] == "i32")}
+             if sig[n].startswith("*") or (n.startswith(("s_", "stride")) and sig[n] == "i32")}
     src = ASTSource(fn, sig, constexprs={k: v for k, v in consts.items() if k in fn.arg_names}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def compile_decode(fn, consts: dict, *, num_warps: int, num_stages: int):
+    """``compile_kernel`` for a decode kernel (templates/decode.py.j2) with bf16 tensors."""
+    return compile_kernel(fn, consts, decode_signature(fn, consts), num_warps=num_warps, num_stages=num_stages)
+
+
+def spill_bytes(usage: str) -> int:
+    """Bytes of spill stores in a ``ptxas_usage`` line."""
+    import re
+    m = re.search(r"(\d+) bytes spill stores", usage)
+    return int(m.group(1)) if m else 0
 
 
 def ptxas_usage(kernel) -> str:
