@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -59,7 +60,6 @@ def compile_decode(fn, consts: dict, *, num_warps: int, num_stages: int):
 
 def spill_bytes(usage: str) -> int:
     """Bytes of spill stores in a ``ptxas_usage`` line."""
-    import re
     m = re.search(r"(\d+) bytes spill stores", usage)
     return int(m.group(1)) if m else 0
 

@@ -389,17 +389,8 @@ def test_kernels_compile_for_sm90(tmp_path):
     types) and knows no shared-memory limit: compile both kernels of the paper pattern and of MoBA
     (512-key blocks) for sm_90 (H100/H200) through ptxas, in a process without TRITON_INTERPRET (no
     GPU needed), within 227 KiB of shared memory."""
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(EXAMPLES.parent) + os.pathsep + env.get("PYTHONPATH", "")
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")
-    run = subprocess.run([sys.executable, "-c", _SM90_CHECK, str(EXAMPLES / "nsa_paper_mean.nsa"), str(EXAMPLES / "moba.nsa")],
-                         capture_output=True, text=True, env=env, timeout=600)
-    if "No module named" in run.stderr or "ptxas" in run.stderr and "not found" in run.stderr:
-        pytest.skip("no CUDA backend / ptxas in this triton build")
-    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+    from kernel_utils import run_sm90_check
+    run_sm90_check(_SM90_CHECK, [EXAMPLES / "nsa_paper_mean.nsa", EXAMPLES / "moba.nsa"], tmp_path)
 
 
 def test_kernels_source_is_readable():

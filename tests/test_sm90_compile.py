@@ -2,15 +2,10 @@
 (H100 / H200) through ptxas on a machine without a GPU: within 227 KiB of shared memory and
 without register spills beyond a few bytes (the 64-row dkdv tiles once held 255 registers and
 spilled; the top-k's 168-register cap leaves 16 bytes)."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from kernel_utils import run_sm90_check
 
 _CHECK = r"""
 from codegen.loader import load_module
@@ -67,10 +62,4 @@ print("compiled")
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on the device the kernels run for real")
 def test_training_kernels_compile_for_sm90(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")
-    run = subprocess.run([sys.executable, "-c", _CHECK], capture_output=True, text=True, env=env, timeout=900)
-    if "No module named" in run.stderr or "ptxas" in run.stderr and "not found" in run.stderr:
-        pytest.skip("no CUDA backend / ptxas in this triton build")
-    assert run.returncode == 0 and "compiled" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    run_sm90_check(_CHECK, [], tmp_path)
