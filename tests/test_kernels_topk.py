@@ -57,11 +57,17 @@ def _cmp_id(c):
     return f"B{B}-T{T}-H{H}-G{G}-D{D}-L{L}-S{S}-LS{LS}-K{K}-F{KF}-L{KL}"
 
 
+# NI: insertion steps of the unsorted-buffer merge (0: the sorted buffer, rank merges only; 1:
+# nearly every chunk past the first ranks too; 3: most late chunks insert)
+NIS = [pytest.param(0, id="NI0"), pytest.param(1, id="NI1"), pytest.param(3, id="NI3")]
+
+
+@pytest.mark.parametrize("ni", NIS)
 @pytest.mark.parametrize("case", [pytest.param(c, id=_cmp_id(c)) for c in CMP_CASES])
-def test_topk_cmp(case):
+def test_topk_cmp(case, ni):
     B, T, H, G, D, L, S, LS, K, KF, KL = case
     q, k_cmp, lse = _cmp_inputs(B, T, H, G, D, L, S)
-    idx = _cmp_mod(G, D, L, S, LS, K, KF, KL).topk(q, k_cmp, lse, D ** -0.5)
+    idx = _cmp_mod(G, D, L, S, LS, K, KF, KL).topk(q, k_cmp, lse, D ** -0.5, config={"NI": ni})
     ref = select_blocks_cmp(q.double(), k_cmp.double(), lse.double(), D ** -0.5, L, S, LS, K, KF, KL)
     _assert_same(idx, ref)
 
@@ -78,15 +84,16 @@ def test_topk_cmp_small_tiles(monkeypatch):
                                         L, S, LS, K, KF, KL))
 
 
+@pytest.mark.parametrize("ni", NIS)
 @pytest.mark.parametrize("keep", [(0, 0), (1, 1)], ids=["F0-L0", "F1-L1"])
-def test_topk_cmp_exact_ties(keep):
+def test_topk_cmp_exact_ties(keep, ni):
     """q = 0 and lse = 0 make every visible p exactly 1: scores are integer overlap counts and
     most blocks tie exactly; the lower block must win everywhere."""
     B, T, H, G, D, L, S, LS, K = 1, 700, 1, 3, 32, 32, 16, 16, 4
     q, k_cmp, lse = _cmp_inputs(B, T, H, G, D, L, S)
     q = torch.zeros_like(q)
     lse = torch.where(torch.isfinite(lse), 0.0, lse)
-    idx = _cmp_mod(G, D, L, S, LS, K, *keep).topk(q, k_cmp, lse, D ** -0.5)
+    idx = _cmp_mod(G, D, L, S, LS, K, *keep).topk(q, k_cmp, lse, D ** -0.5, config={"NI": ni})
     _assert_same(idx, select_blocks_cmp(q.double(), k_cmp.double(), lse.double(), D ** -0.5,
                                         L, S, LS, K, *keep))
 
@@ -107,22 +114,24 @@ def _mp_id(c):
     return f"B{B}-T{T}-H{H}-G{G}-D{D}-LS{LS}-K{K}-F{KF}-L{KL}"
 
 
+@pytest.mark.parametrize("ni", NIS)
 @pytest.mark.parametrize("case", [pytest.param(c, id=_mp_id(c)) for c in MP_CASES])
-def test_topk_mean_pool(case):
+def test_topk_mean_pool(case, ni):
     B, T, H, G, D, LS, K, KF, KL = case
     q = rand((B, T, H * G, D), torch.float32, 1)
     k = rand((B, T, H, D), torch.float32, 2)
-    idx = _mp_mod(G, D, LS, K, KF, KL).topk_mean_pool(q, k)
+    idx = _mp_mod(G, D, LS, K, KF, KL).topk_mean_pool(q, k, config={"NI": ni})
     _assert_same(idx, select_blocks_mean_pool(q.double(), k.double(), LS, K, KF, KL))
 
 
+@pytest.mark.parametrize("ni", NIS)
 @pytest.mark.parametrize("keep", [(0, 0), (1, 2)], ids=["F0-L0", "F1-L2"])
-def test_topk_mean_pool_equal_keys(keep):
+def test_topk_mean_pool_equal_keys(keep, ni):
     """All keys equal (integer-valued, so every score is exact): every complete block ties."""
     B, T, H, G, D, LS, K = 1, 600, 2, 3, 32, 16, 4
     q = rand((B, T, H * G, D), torch.float32, 1).round()
     k = rand((B, 1, H, D), torch.float32, 2).round().expand(B, T, H, D).contiguous()
-    idx = _mp_mod(G, D, LS, K, *keep).topk_mean_pool(q, k)
+    idx = _mp_mod(G, D, LS, K, *keep).topk_mean_pool(q, k, config={"NI": ni})
     _assert_same(idx, select_blocks_mean_pool(q.double(), k.double(), LS, K, *keep))
 
 

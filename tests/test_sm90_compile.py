@@ -40,7 +40,8 @@ for kind, fn in (("fwd", cm.compress_fwd_kernel), ("dq", cm.compress_bwd_dq_kern
 cfg = tk._heuristic("topk", True, T)
 consts = dict(G=G, GP=G, DQK=D, BK=D, L=L, STRIDE=S, A=L // S, C=LS // S, LS=LS, TOPK=K, TK=K, KEEP_FIRST=1,
               KEEP_LAST=2, IDX_MAX=tk.IDX_MAX, VALID=tk.VALID, EMPTY=tk.EMPTY, INELIGIBLE=tk.INELIGIBLE,
-              FLOOR=tk.FLOOR, R=cfg["R"], BM=G * cfg["R"], BN=cfg["BN"], BJ=cfg["BJ"], LOWP=True)
+              FLOOR=tk.FLOOR, PINNED=tk.PINNED, NI=cfg.get("NI", 0), R=cfg["R"], BM=G * cfg["R"], BN=cfg["BN"],
+              BJ=cfg["BJ"], LOWP=True)
 run("topk", tk.topk_cmp_kernel, cfg, consts, {**BF16, **F32, **I32})
 
 for kind, fn in (("fwd", sm.select_fwd_kernel), ("dq", sm.select_bwd_dq_kernel), ("dkdv", sm.select_bwd_dkdv_kernel)):
