@@ -198,11 +198,12 @@ def _assert_near(idx, ref, scores, LS, K, KF, KL, rtol):
     (1, 4096, 2, 16, 128, 32, 16, 64, 16, 1, 2),
     (2, 3001, 1, 3, 64, 32, 16, 32, 8, 0, 0),
 ]])
-def test_topk_cmp_gpu(case, dtype):
+@pytest.mark.parametrize("ni", [0, 2], ids=["NI0", "NI2"])   # NI = 2: the heuristic from 48 chunks on
+def test_topk_cmp_gpu(case, dtype, ni):
     B, T, H, G, D, L, S, LS, K, KF, KL = case
     q, k_cmp, lse = _cmp_inputs(B, T, H, G, D, L, S, dtype, "cuda")
     scale = D ** -0.5
-    idx = _cmp_mod(G, D, L, S, LS, K, KF, KL).topk(q, k_cmp, lse, scale)
+    idx = _cmp_mod(G, D, L, S, LS, K, KF, KL).topk(q, k_cmp, lse, scale, config={"NI": ni})
     ref = select_blocks_cmp(q.double(), k_cmp.double(), lse.double(), scale, L, S, LS, K, KF, KL)
     scores = _scores_f64(q, k_cmp, lse, L, S, LS, scale, T)
     _assert_near(idx, ref, scores, LS, K, KF, KL, 2e-2)
