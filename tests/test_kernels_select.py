@@ -124,78 +124,6 @@ def test_select_fp16(B, T, H, G, DQK, DV, LS, TOPK, idx_kind, config):
     _assert_close(errs, 5e-3)
 
 
-# S > 1: a program of fwd / dq walks S consecutive groups of R positions in one flat loop (a
-# group's rows loaded on its first iteration, stored on its last). Odd sizes: T no multiple of
-# S * R, programs whose last groups lie past the end, G no power of two, R > 1 union lists, short
-# -1 padded lists (early positions, and "random" drops picks everywhere).
-S_CASES = [
-    _p(2, 37, 2, 3, 32, 16, 16, 3, "random", dict(R=4, S=3)),    # 10 groups: the last program 1 real + 2 past
-    _p(1, 50, 1, 16, 32, 32, 32, 3, "forced", dict(R=1, S=4, BN=16)),   # R = 1 (idx itself), 2 key tiles a block
-    _p(1, 230, 1, 5, 32, 16, 100, 2, "random", dict(R=2, S=2)),  # LS = 100: masked block end, 2 tiles; 1 past
-    _p(1, 45, 1, 3, 16, 32, 16, 3, "random", dict(R=8, S=4)),    # lists of 8 positions (RK = 24); 2 past
-    _p(1, 33, 2, 7, 32, 32, 16, 4, "forced", dict(R=2, S=2, RQ=2)),   # G = 7 (GP 8): 17 groups, 1 past
-]
-
-
-@pytest.mark.parametrize("B,T,H,G,DQK,DV,LS,TOPK,idx_kind,config", S_CASES)
-def test_select_groups_per_program_fp32(B, T, H, G, DQK, DV, LS, TOPK, idx_kind, config):
-    errs, *_ = run_case(B, T, H, G, DQK, DV, LS, TOPK, torch.float32, idx_kind=idx_kind, config=config)
-    _assert_close(errs, 1e-5)
-
-
-@pytest.mark.parametrize("B,T,H,G,DQK,DV,LS,TOPK,idx_kind,config", [
-    _p(1, 61, 2, 3, 32, 64, 16, 3, "meanpool", dict(R=4, S=2)),
-    _p(1, 70, 1, 16, 64, 32, 32, 2, "forced", dict(R=1, S=3)),
-])
-def test_select_groups_per_program_fp16(B, T, H, G, DQK, DV, LS, TOPK, idx_kind, config):
-    errs, *_ = run_case(B, T, H, G, DQK, DV, LS, TOPK, torch.float16, idx_kind=idx_kind, config=config)
-    _assert_close(errs, 5e-3)
-
-
-def test_select_groups_per_program_launch(monkeypatch):
-    """S reaches fwd and dq (keyed by kind), the grid holds cdiv(cdiv(T, R), S) programs, and the
-    outputs equal those of S = 1 (the same operations per group; bit for bit in the interpreter).
-    Packed sequences refuse S > 1."""
-    B, T, H, G, D, LS, K, R = 1, 41, 2, 3, 32, 16, 3, 4
-    mod = load_family("select.py.j2", G=G, DQK=D, DV=D, LS=LS, TOPK=K)
-    grids = []
-
-    class Spy:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                grids.append((grid, kwargs["S"], kwargs["R"]))
-                return self.kernel[grid](*args, **kwargs)
-            return launch
-
-    for name in ("select_fwd_kernel", "select_bwd_dq_kernel"):
-        monkeypatch.setattr(mod, name, Spy(getattr(mod, name)))
-    q, k, v = rand((B, T, H * G, D), seed=1), rand((B, T, H, D), seed=2), rand((B, T, H, D), seed=3)
-    do = rand((B, T, H * G, D), seed=4)
-    idx = random_idx(B, T, H, LS, K, seed=5)
-    outs = []
-    for fs, qs in ((1, 1), (3, 2), (2, 5)):
-        config = {"fwd": dict(R=R, S=fs), "dq": dict(R=R, S=qs)}
-        o, lse = mod.fwd(q, k, v, idx, 0.3, config=config)
-        dq, _, _ = mod.bwd(q, k, v, idx, o, lse, do, 0.3, config=config)
-        outs.append((o, lse, dq))
-        n_grp = -(-T // R)
-        assert grids[-2:] == [((-(-n_grp // fs), B * H), fs, R), ((-(-n_grp // qs), B * H), qs, R)]
-    for other in outs[1:]:
-        for x, y in zip(outs[0], other):
-            assert torch.isfinite(y).all() and (torch.equal(x, y) if not x.is_cuda else rel_err(y, x) < 1e-6)
-    mv = load_family("select.py.j2", G=G, DQK=D, DV=D, LS=LS, TOPK=K, VARLEN=True)
-    for kind in ("fwd", "dq"):
-        with pytest.raises(ValueError, match="S > 1 is not supported with packed sequences"):
-            mv.resolve_config(q, kind, {kind: {"S": 2}})
-        assert mv.resolve_config(q, kind, {kind: {"S": 1}})["S"] == 1
-    for bad in (0, 2.0, True, None):
-        with pytest.raises(ValueError, match="S .* must be a positive int"):
-            mod.resolve_config(q, "fwd", {"fwd": {"S": bad}})
-
-
 def test_select_rows_without_keys():
     """Rows with no block (-1 only) or only a block after t: o = 0, lse = -inf, finite gradients."""
     B, T, H, G, D, LS, K = 1, 40, 2, 3, 32, 16, 3
@@ -282,9 +210,8 @@ def test_select_render_specializes():
 
 # ----------------------------------------------------------------------------- GPU
 
-def _gpu_case(T, H, G, DQK, DV, LS, TOPK, dtype, idx_kind, config=None):
-    errs, ref, reference, _ = run_case(1, T, H, G, DQK, DV, LS, TOPK, dtype, idx_kind=idx_kind, device="cuda",
-                                       config=config)
+def _gpu_case(T, H, G, DQK, DV, LS, TOPK, dtype, idx_kind):
+    errs, ref, reference, _ = run_case(1, T, H, G, DQK, DV, LS, TOPK, dtype, idx_kind=idx_kind, device="cuda")
     low = reference(dtype)                       # the reference in the same precision
     ref_errs = [rel_err(x, r) for x, r in zip(low, ref)]
     for n, e, re in zip(NAMES, errs, ref_errs):
@@ -301,14 +228,6 @@ def _gpu_case(T, H, G, DQK, DV, LS, TOPK, dtype, idx_kind, config=None):
 ])
 def test_select_gpu(T, H, G, DQK, DV, LS, TOPK, idx_kind, dtype):
     _gpu_case(T, H, G, DQK, DV, LS, TOPK, dtype, idx_kind)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("config", [dict(S=4), dict(S=3, num_warps=4, num_stages=3), dict(S=2, R=4, num_warps=4)],
-                         ids=["S4", "S3-4w-3st", "S2-R4"])
-def test_select_groups_per_program_gpu(config):
-    """S > 1 on the GPU (fwd and dq; T = 3000: the last programs hold groups past the end)."""
-    _gpu_case(3000, 2, 16, 128, 128, 64, 16, torch.bfloat16, "forced", config={"fwd": config, "dq": config})
 
 
 def test_shared_rows_follow_the_selection():

@@ -44,18 +44,13 @@ consts = dict(G=G, GP=G, DQK=D, BK=D, L=L, STRIDE=S, A=L // S, C=LS // S, LS=LS,
               BJ=cfg["BJ"], LOWP=True)
 run("topk", tk.topk_cmp_kernel, cfg, consts, {**BF16, **F32, **I32})
 
-# select fwd / dq also with S = 4 groups per program (the flat loop), the heuristic's other settings
-for kind, fn, S in (("fwd", sm.select_fwd_kernel, None), ("dq", sm.select_bwd_dq_kernel, None),
-                    ("dkdv", sm.select_bwd_dkdv_kernel, None), ("fwd", sm.select_fwd_kernel, 4),
-                    ("dq", sm.select_bwd_dq_kernel, 4)):
+for kind, fn in (("fwd", sm.select_fwd_kernel), ("dq", sm.select_bwd_dq_kernel), ("dkdv", sm.select_bwd_dkdv_kernel)):
     cfg = sm._heuristic(kind, True, T)
-    if S:
-        cfg["S"] = S
     consts = dict(G=G, GP=G, LS=LS, BN=cfg["BN"], DQK=D, DV=D, BDK=D, BDV=D)
     if kind == "dkdv":
         consts.update(RQ=cfg["RQ"])
-    else:   # one position per group: its own TOPK blocks
-        consts.update(R=cfg["R"], S=cfg["S"], TOPK=K, TOPKP=K, RK=K * cfg["R"], RKP=K * cfg["R"], NT=LS // cfg["BN"])
+    else:   # one position per program: its own TOPK blocks
+        consts.update(R=cfg["R"], TOPK=K, TOPKP=K, RK=K * cfg["R"], RKP=K * cfg["R"], NT=LS // cfg["BN"])
     run("select " + kind, fn, cfg, consts, {**BF16, **F32, **I32, "dk": "*fp32", "dv": "*fp32"})
 
 for kind, fn in (("fwd", wm.window_fwd_kernel), ("dq", wm.window_bwd_dq_kernel), ("dkdv", wm.window_bwd_dkdv_kernel)):
