@@ -54,7 +54,7 @@ def mean_pool(k: Tensor, block: int, stride: int) -> Tensor:
     # unfold's backward scatters every key block / stride times: 0.8 ms of a 64k step, H200)
     nc, a = (T - block) // stride + 1, block // stride
     seg = k[:, :(nc + a - 1) * stride].unflatten(1, (nc + a - 1, stride))
-    seg = seg.to(torch.promote_types(k.dtype, torch.float32)).sum(2)   # [B, nc + a - 1, H, D]
+    seg = seg.sum(2, dtype=torch.promote_types(k.dtype, torch.float32))   # [B, nc + a - 1, H, D], no fp32 copy of k
     out = seg[:, :nc]
     for i in range(1, a):
         out = out + seg[:, i:i + nc]
