@@ -104,7 +104,7 @@ FP32_CASES = [
     _p(1, 300, 1, 1, 32, 48, 16, 5, "meanpool"),
     _p(1, 300, 1, 3, 64, 64, 64, 3, "forced", dict(R=4, RQ=4, CHUNK=32)),   # minimal rows
     _p(1, 300, 1, 4, 16, 32, 100, 2, "random"),                  # LS = 100: two tiles, masked end
-    _p(1, 300, 1, 16, 16, 32, 100, 3, "random", dict(R=1, RQ=1)),  # R = 1: -1 entries walk past the keys
+    _p(1, 300, 1, 16, 16, 32, 100, 3, "random", dict(R=1, RQ=1)),  # R = 1, -1 padded lists, a masked block end
     _p(1, 15, 1, 64, 16, 16, 16, 1, "forced"),                   # G = 64: BM = 64, TOPK = 1
     _p(1, 40, 1, 2, 192, 128, 16, 3, "meanpool"),                # wide heads, BDK = 256
 ]
