@@ -151,6 +151,23 @@ def _select_backward(ctx, do, dlse):
 select_fwd.register_autograd(_select_backward, setup_context=_setup_select)
 
 
+# -- the window branch with the output's combination (inference) ------------------------------
+
+@torch.library.custom_op("nsa_dsl::window_combine_fwd", mutates_args=())
+def window_combine_fwd(key: str, q: Tensor, k: Tensor, v: Tensor, others: list[Tensor],
+                       gates: Optional[Tensor], wpos: int, scale: float,
+                       cu_seqlens: Optional[Tensor] = None) -> Tensor:
+    """The op's output from the window kernel's epilogue: the window branch at index ``wpos`` of
+    the output's branches, ``others`` the rest in order. No autograd (the op calls it only when
+    nothing needs a gradient; training runs window_fwd and combine_fwd)."""
+    return _run(key, "fwd_combine", q, q, k, v, scale, others, wpos, gates, **_seq(cu_seqlens))
+
+
+@window_combine_fwd.register_fake
+def _(key, q, k, v, others, gates, wpos, scale, cu_seqlens=None):
+    return q.new_empty(*q.shape[:3], v.shape[-1])
+
+
 # -- block selection (no gradient) ------------------------------------------------------------
 
 @torch.library.custom_op("nsa_dsl::topk_cmp", mutates_args=())

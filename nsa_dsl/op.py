@@ -73,6 +73,11 @@ class CompiledOp:
     generated with ``VARLEN``: a second plan per binding, built on the first such call.
     """
 
+    #: inference calls (no gradient, no ``return_aux``) combine the branches in the window
+    #: kernel's epilogue when the output holds the one window branch; False: always run the
+    #: combine kernel (the same result, bit for bit; for comparisons)
+    fuse_output: bool = True
+
     def __init__(self, spec: Spec, cache: KernelCache | None = None):
         self.spec = spec
         self._cache = cache
@@ -189,8 +194,15 @@ class CompiledOp:
                                    lses[b.score].detach(), scale, b.top_k, *seq)
             idxs[b.name] = idx
             outs[b.name], lses[b.name] = ops.select_fwd(keys[f"select_{b.name}"], q, k_s, v_s, idx, scale, *seq)
+        fused = self._fused_window(q, ks, vs, gates, compressed, return_aux)
         for b in spec.of_kind("window"):
             k_w, v_w = _unit_last_stride(ks[b.name]), _unit_last_stride(vs[b.name])
+            if b is fused:      # the last branch: its kernel combines the output (o, lse never stored)
+                names = spec.output.branches
+                g = _unit_last_stride(gates) if spec.output.kind == "gate" else None
+                return ops.window_combine_fwd(keys[f"window_{b.name}"], q, k_w, v_w,
+                                              [outs[n] for n in names if n != b.name], g,
+                                              names.index(b.name), scale, *seq)
             outs[b.name], lses[b.name] = ops.window_fwd(keys[f"window_{b.name}"], q, k_w, v_w, scale, *seq)
 
         branch_outs = [outs[n] for n in spec.output.branches]
@@ -199,6 +211,20 @@ class CompiledOp:
         if return_aux:
             return o, Aux(indices=idxs, lse=lses, outputs=outs)
         return o
+
+    def _fused_window(self, q, ks, vs, gates, compressed, return_aux):
+        """The window branch whose kernel can also combine the output, or None: inference (no
+        input needs a gradient), no aux outputs asked for, the output holds the spec's only
+        window branch and at most 4 branches (windows run last, so the others are ready)."""
+        wins, out = self.spec.of_kind("window"), self.spec.output
+        if not self.fuse_output or return_aux or len(wins) != 1 or wins[0].name not in out.branches \
+                or len(out.branches) > 4:
+            return None
+        if torch.is_grad_enabled():
+            inputs = [q, gates, *ks.values(), *vs.values(), *(x for kv in compressed.values() for x in kv)]
+            if any(isinstance(x, Tensor) and x.requires_grad for x in inputs):
+                return None
+        return wins[0]
 
     # -- autotuning ------------------------------------------------------------------------------
     def tune(self, q: Tensor, k: TensorOrDict, v: TensorOrDict, gates: Optional[Tensor] = None, *,

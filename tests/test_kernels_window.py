@@ -111,6 +111,33 @@ def test_window_render_specializes():
     assert "m_dk = " in sinks and "m_dv = " in sinks and "o_g < G" in sinks
 
 
+def _combine_case(B, T, H, G, D, W, SINKS, C, wpos, gated, dtype, device, config=None):
+    """fwd_combine against fwd + the combine kernel (bit for bit): other branches' outputs and
+    the gates random, this window at ``wpos`` of C branches."""
+    mod = load_family("window.py.j2", G=G, DQK=D, DV=D, W=W, SINKS=SINKS)
+    comb = load_family("combine.py.j2", C=C, DV=D, GATED=gated)
+    q = rand((B, T, H * G, D), seed=1, device=device).to(dtype)
+    k = rand((B, T, H, D), seed=2, device=device).to(dtype)
+    v = rand((B, T, H, D), seed=3, device=device).to(dtype)
+    others = [rand((B, T, H * G, D), seed=10 + c, device=device).to(dtype) for c in range(C - 1)]
+    gates = torch.sigmoid(rand((B, T, H * G, C), seed=20, device=device)).to(dtype) if gated else None
+    scale = D ** -0.5
+    o, _ = mod.fwd(q, k, v, scale, config=config)
+    want = comb.fwd(others[:wpos] + [o] + others[wpos:], gates)
+    got = mod.fwd_combine(q, k, v, scale, others, wpos, gates, config=config)
+    assert got.dtype == dtype and got.shape == want.shape and torch.isfinite(got).all()
+    assert torch.equal(got, want), f"max |diff| {(got.float() - want.float()).abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("C,wpos,gated", [(3, 2, True), (3, 0, True), (2, 1, False), (4, 1, True), (1, 0, True)],
+                         ids=["C3-last-gated", "C3-first", "C2-summed", "C4-middle", "C1"])
+@pytest.mark.parametrize("B,T,H,G,D,W,SINKS", [(2, 77, 2, 3, 48, 20, 0), (1, 130, 1, 16, 32, 64, 4)],
+                         ids=["G3-D48-odd", "G16-sinks"])
+def test_window_fwd_combine(B, T, H, G, D, W, SINKS, C, wpos, gated):
+    """The gating epilogue (inference forward) equals fwd + the combine kernel bit for bit."""
+    _combine_case(B, T, H, G, D, W, SINKS, C, wpos, gated, torch.float32, "cpu")
+
+
 # ----------------------------------------------------------------------------- GPU
 
 @pytest.mark.gpu
@@ -127,3 +154,10 @@ def test_window_gpu(T, H, G, DQK, DV, W, SINKS, dtype):
     ref_errs = [rel_err(x, r) for x, r in zip(low, ref)]
     for n, e, re in zip(NAMES, errs, ref_errs):
         assert e < max(5e-3, 2 * re), f"{n}: kernel {e:.2e}, {dtype} reference {re:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("C,wpos,gated", [(3, 2, True), (2, 0, False)], ids=["C3-last-gated", "C2-first-summed"])
+def test_window_fwd_combine_gpu(C, wpos, gated, dtype):
+    _combine_case(1, 3001, 2, 16, 128, 512, 0, C, wpos, gated, dtype, "cuda")

@@ -89,6 +89,37 @@ def test_forward_backward_match_reference(which, shape, tmp_path, monkeypatch):
         assert rel(a, b) < 1e-5, name
 
 
+@pytest.mark.parametrize("shape", SHAPES[1:])
+@pytest.mark.parametrize("which", list(SPECS))
+def test_inference_output_fused_in_window_kernel(which, shape, tmp_path, monkeypatch):
+    """Without gradients the window kernel combines the output in its epilogue (where the output
+    holds the one window branch): the same tensor, bit for bit, as the combine kernel's, and the
+    reference's; with gradients the ops stay apart."""
+    monkeypatch.setenv("NSA_DSL_CACHE_DIR", str(tmp_path))
+    B, T, HQ, H, Dqk, Dv = shape
+    spec = nsa_dsl.parse(SPECS[which])
+    op = nsa_dsl.compile(spec)
+    q, k, v, gates = make_inputs(spec, B, T, HQ, H, Dqk, Dv, seed=3)
+    has_window = any(b in [w.name for w in spec.of_kind("window")] for b in spec.output.branches)
+    calls = []
+    real = nsa_dsl.kernel_ops.window_combine_fwd
+    monkeypatch.setattr(nsa_dsl.kernel_ops, "window_combine_fwd", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        fused = op(q, k, v, gates)
+        assert len(calls) == (1 if has_window else 0)
+        op.fuse_output = False
+        apart = op(q, k, v, gates)
+        assert len(calls) == (1 if has_window else 0)
+    assert torch.equal(fused, apart)
+    ref = nsa_dsl.reference(spec, q.double(), k.double(), v.double(),
+                            None if gates is None else gates.double())
+    assert rel(fused, ref) < 1e-5
+    op.fuse_output = True
+    q.requires_grad_()
+    o = op(q, k, v, gates)                       # a gradient is needed: window_fwd + combine_fwd
+    assert len(calls) == (1 if has_window else 0) and o.requires_grad and torch.equal(o.detach(), apart)
+
+
 def test_per_branch_keys_and_caller_compressed(tmp_path, monkeypatch):
     monkeypatch.setenv("NSA_DSL_CACHE_DIR", str(tmp_path))
     spec = nsa_dsl.parse(PAPER.replace("stride = 16)", "stride = 16, pool = mlp)"))
