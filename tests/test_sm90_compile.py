@@ -24,13 +24,13 @@ tk = load_module(render("topk.py.j2", G=G, DQK=D, L=L, STRIDE=S, LS=LS, TOPK=K, 
 sm = load_module(render("select.py.j2", G=G, DQK=D, DV=D, LS=LS, TOPK=K), "sm90_select")
 wm = load_module(render("window.py.j2", G=G, DQK=D, DV=D, W=W, SINKS=0), "sm90_window")
 
-def run(name, fn, cfg, consts, pointers):
+def run(name, fn, cfg, consts, pointers, spills=64):
     opts = {k: cfg[k] for k in ("num_warps", "num_stages", "maxnreg") if cfg.get(k) is not None}
     kernel = compile_kernel(fn, consts, signature(fn, consts, pointers), **opts)
     usage = ptxas_usage(kernel)
     print(name, cfg, "shared", kernel.metadata.shared, usage)
     assert kernel.metadata.shared <= 232448, (name, kernel.metadata.shared)
-    assert spill_bytes(usage) <= 64, (name, usage)
+    assert spill_bytes(usage) <= spills, (name, usage)
 
 for kind, fn in (("fwd", cm.compress_fwd_kernel), ("dq", cm.compress_bwd_dq_kernel), ("dkdv", cm.compress_bwd_dkdv_kernel)):
     cfg = cm._heuristic(kind, True, T)
@@ -59,8 +59,10 @@ for kind, fn in (("fwd", wm.window_fwd_kernel), ("dq", wm.window_bwd_dq_kernel),
     run("window " + kind, fn, cfg, consts, {**BF16, **F32, "dk": "*bf16", "dv": "*bf16"})
 cfg = wm._heuristic("fwd", True, T)     # the output's combination in the window kernel (inference)
 consts = dict(G=G, GP=G, R=cfg["R"], BN=cfg["BN"], W=W, DQK=D, DV=D, BDK=D, BDV=D, C=3, WPOS=2, GATED=True)
-run("window fwd_combine", wm.window_fwd_combine_kernel, cfg, consts,
-    {**BF16, **{n: "*bf16" for n in ("out", "o_x0", "o_x1", "o_x2", "gates")}})
+# capped at 128 registers by the launcher (two programs per SM, measured faster with ~330 bytes
+# of spills than one program per SM at 182 registers without)
+run("window fwd_combine", wm.window_fwd_combine_kernel, {**cfg, "maxnreg": 128}, consts,
+    {**BF16, **{n: "*bf16" for n in ("out", "o_x0", "o_x1", "o_x2", "gates")}}, spills=512)
 print("compiled")
 """
 
