@@ -152,6 +152,30 @@ def test_caller_compressed_and_per_branch_keys(tmp_path, monkeypatch):
             assert rel_err(x[:, sl], y[:, sl]) < 1e-5, (s, name)
 
 
+@pytest.mark.parametrize("which, HQ, H, Dqk, Dv, lens", [c for c in CASES if c.values[0] != "l_eq_d-sum"])
+def test_packed_inference_combined_in_the_window_kernel(which, HQ, H, Dqk, Dv, lens, tmp_path, monkeypatch):
+    """Without gradients the packed window kernel combines the output (fwd_combine): the same
+    tensor, bit for bit, as the window and combine kernels apart, and each sequence alone."""
+    monkeypatch.setenv("NSA_DSL_CACHE_DIR", str(tmp_path))
+    spec = nsa_dsl.parse(SPECS[which])
+    op = nsa_dsl.compile(spec)
+    cu = cu_of(lens)
+    q, k, v, gates = inputs(spec, int(cu[-1]), HQ, H, Dqk, Dv, seed=5)
+    with torch.no_grad():
+        fused = op(q, k, v, gates, cu_seqlens=cu)
+        op.fuse_output = False
+        apart = op(q, k, v, gates, cu_seqlens=cu)
+        op.fuse_output = True
+        assert torch.equal(fused, apart)
+        start = 0
+        for n in lens:
+            if n:
+                alone = op(rows(q, start, start + n), rows(k, start, start + n), rows(v, start, start + n),
+                           rows(gates, start, start + n))
+                assert rel_err(fused[:, start:start + n], alone) < 1e-6
+            start += n
+
+
 def test_one_sequence_equals_the_plain_op_and_int64_offsets(tmp_path, monkeypatch):
     monkeypatch.setenv("NSA_DSL_CACHE_DIR", str(tmp_path))
     spec = nsa_dsl.parse(SPECS["score-source-only"])
