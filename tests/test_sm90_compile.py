@@ -57,11 +57,11 @@ for kind, fn in (("fwd", wm.window_fwd_kernel), ("dq", wm.window_bwd_dq_kernel),
     cfg = wm._heuristic(kind, True, T)
     consts = dict(G=G, GP=G, R=cfg["R"], BN=cfg["BN"], W=W, DQK=D, DV=D, BDK=D, BDV=D)
     run("window " + kind, fn, cfg, consts, {**BF16, **F32, "dk": "*bf16", "dv": "*bf16"})
-cfg = wm._heuristic("fwd", True, T)     # the output's combination in the window kernel (inference)
+cfg = wm._heuristic("fwd_combine", True, T)   # the output's combination in the window kernel (inference)
 consts = dict(G=G, GP=G, R=cfg["R"], BN=cfg["BN"], W=W, DQK=D, DV=D, BDK=D, BDV=D, C=3, WPOS=2, GATED=True)
-# capped at 128 registers by the launcher (two programs per SM, measured faster with ~330 bytes
+# capped at 128 registers by its heuristic (two programs per SM, measured faster with ~330 bytes
 # of spills than one program per SM at 182 registers without)
-run("window fwd_combine", wm.window_fwd_combine_kernel, {**cfg, "maxnreg": 128}, consts,
+run("window fwd_combine", wm.window_fwd_combine_kernel, cfg, consts,
     {**BF16, **{n: "*bf16" for n in ("out", "o_x0", "o_x1", "o_x2", "gates")}}, spills=512)
 print("compiled")
 """
