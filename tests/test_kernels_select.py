@@ -246,4 +246,5 @@ def test_shared_rows_follow_the_selection():
     assert mod._shared_rows(local.int(), 1) == 4
     assert mod._shared_rows(local[:, :4096].int(), 1) == 1          # T < SHARE_MIN_T
     cfg = dict(mod.resolve_config(torch.empty(1, T, H * G, 64), "fwd", None), R=1, SHARE=True)
-    assert mod._rows_for(cfg, local.int())["R"] == 1                 # CPU tensors: never decided
+    cfg, plan = mod._rows_for(cfg, local.int(), lambda R: ("plan of", R))
+    assert cfg["R"] == 1 and plan == ("plan of", 1)                  # CPU tensors: never decided

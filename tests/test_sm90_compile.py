@@ -43,6 +43,12 @@ consts = dict(G=G, GP=G, DQK=D, BK=D, L=L, STRIDE=S, A=L // S, C=LS // S, LS=LS,
               FLOOR=tk.FLOOR, PINNED=tk.PINNED, NI=cfg.get("NI", 0), R=cfg["R"], BM=G * cfg["R"], BN=cfg["BN"],
               BJ=cfg["BJ"], LOWP=True)
 run("topk", tk.topk_cmp_kernel, cfg, consts, {**BF16, **F32, **I32})
+tk8 = load_module(render("topk.py.j2", G=8, DQK=D, L=L, STRIDE=S, LS=LS, TOPK=K, KEEP_FIRST=1,
+                         KEEP_LAST=2, SCORE="cmp"), "sm90_topk_g8")
+cfg = tk8._heuristic("topk", True, T)      # GQA group of 8: 64-row tiles, at most 168 registers
+assert cfg["R"] * 8 == 64 and cfg["maxnreg"] == 168, cfg
+consts.update(G=8, GP=8, R=cfg["R"], BM=8 * cfg["R"], BN=cfg["BN"], BJ=cfg["BJ"], NI=cfg.get("NI", 0))
+run("topk G8", tk8.topk_cmp_kernel, cfg, consts, {**BF16, **F32, **I32})
 
 for kind, fn in (("fwd", sm.select_fwd_kernel), ("dq", sm.select_bwd_dq_kernel), ("dkdv", sm.select_bwd_dkdv_kernel)):
     cfg = sm._heuristic(kind, True, T)
