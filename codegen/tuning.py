@@ -294,7 +294,12 @@ def tune_launcher(module, launcher: str, args: tuple, kwargs: dict, x, *, module
     """Time ``module.<launcher>(*args, config=..., **kwargs)`` with each candidate of each kind
     the launcher runs (``module.TUNE_KINDS``); ``x`` is the call's q (its length, dtype and
     device). Returns one Result per kind; nothing is stored here."""
-    run = getattr(module, launcher)
+    launch = getattr(module, launcher)
+
+    def run(*a, **kw):   # a backward that adds into dq_acc (the caller's) adds into a copy
+        if kw.get("dq_acc") is not None:
+            kw = dict(kw, dq_acc=kw["dq_acc"].clone())
+        return launch(*a, **kw)
     T, eb = int(x.shape[1]), x.element_size()
     if smem is None and enabled(x):
         smem = smem_limit(x.device)

@@ -15,6 +15,7 @@ output shapes are the same as without it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Optional
 
@@ -234,3 +235,167 @@ def _combine_backward(ctx, do):
 
 
 combine_fwd.register_autograd(_combine_backward, setup_context=_setup_combine)
+
+
+# -- the whole op as one autograd node (training) -----------------------------------------------
+# The branches' backward passes then share what the per-branch ops cannot: the combination's
+# backward hands each branch its rowsum(o * do) (no pass over o and do per branch), and each
+# branch adds its gradient of q into one buffer inside its dq kernel (no gradient sums by autograd).
+
+@dataclass(frozen=True)
+class Branch:
+    """One branch of a program, in launch order."""
+    kind: str                  # "compress", "select" or "window"
+    name: str
+    key: str                   # the branch's kernel module
+    topk: str = ""             # select: the top-k module
+    score: str = ""            # select: "mean_pool", or the compress branch whose scores it uses
+    top_k: int = 0
+
+
+@dataclass(frozen=True)
+class Program:
+    """What a compiled spec runs for one binding: branches in launch order (compress, select,
+    window), the output's branches, whether they are gated, and the combine module."""
+    branches: tuple[Branch, ...]
+    output: tuple[str, ...]
+    gated: bool
+    combine: str
+    kv_heads: int
+
+    def branch(self, name: str) -> Branch:
+        return next(b for b in self.branches if b.name == name)
+
+    @property
+    def selects(self) -> tuple[Branch, ...]:
+        return tuple(b for b in self.branches if b.kind == "select")
+
+
+_PROGRAMS: dict[str, Program] = {}
+
+
+def register_program(key: str, program: Program) -> str:
+    _PROGRAMS[key] = program
+    return key
+
+
+def program(key: str) -> Program:
+    try:
+        return _PROGRAMS[key]
+    except KeyError:
+        raise RuntimeError(f"nsa-dsl: no program is registered under {key!r}; "
+                           "call the op from nsa_dsl.compile(spec) in this process first") from None
+
+
+def run_forward(prog: Program, q: Tensor, kv: dict, gates: Optional[Tensor], scale: float,
+                cu_seqlens: Optional[Tensor] = None, *, combine_in: Optional[str] = None):
+    """The branches' forward through the per-branch ops: (outs, lses, idxs) by branch name, and
+    the output when ``combine_in`` names the window branch whose kernel combines it (inference:
+    that branch's o and lse are never stored), else None. ``kv``: branch name -> (k, v) its
+    kernels read (compressed keys and values for compress branches)."""
+    seq = () if cu_seqlens is None else (cu_seqlens,)
+    outs, lses, idxs = {}, {}, {}
+    for b in prog.branches:
+        k, v = kv[b.name]
+        if b.kind == "compress":
+            outs[b.name], lses[b.name] = compress_fwd(b.key, q, k, v, scale, *seq)
+        elif b.kind == "select":
+            if b.score == "mean_pool":
+                idx = topk_mean_pool(b.topk, q.detach(), k.detach(), prog.kv_heads, b.top_k, *seq)
+            else:
+                idx = topk_cmp(b.topk, q.detach(), kv[b.score][0].detach(), lses[b.score].detach(),
+                               scale, b.top_k, *seq)
+            idxs[b.name] = idx
+            outs[b.name], lses[b.name] = select_fwd(b.key, q, k, v, idx, scale, *seq)
+        elif b.name == combine_in:     # the last branch launched
+            others = [outs[n] for n in prog.output if n != b.name]
+            return outs, lses, idxs, window_combine_fwd(b.key, q, k, v, others, gates,
+                                                        prog.output.index(b.name), scale, *seq)
+        else:
+            outs[b.name], lses[b.name] = window_fwd(b.key, q, k, v, scale, *seq)
+    return outs, lses, idxs, None
+
+
+def _pairs(prog: Program, kv: list[Tensor]) -> dict:
+    return {b.name: (kv[2 * i], kv[2 * i + 1]) for i, b in enumerate(prog.branches)}
+
+
+@torch.library.custom_op("nsa_dsl::attention", mutates_args=())
+def attention(key: str, q: Tensor, kv: list[Tensor], gates: Optional[Tensor], scale: float,
+              cu_seqlens: Optional[Tensor]) -> list[Tensor]:
+    """The whole op (program ``key``): [o, the output's branch outputs, their lse, the select
+    branches' idx]; ``kv`` = [k, v] of each branch in launch order; ``cu_seqlens`` None without
+    packed sequences (an argument without default: the backward returns a slot for each). Only
+    o has a gradient."""
+    prog = program(key)
+    outs, lses, idxs, _ = run_forward(prog, q, _pairs(prog, kv), gates, scale, cu_seqlens)
+    o = module(prog.combine).fwd([outs[n] for n in prog.output], gates)
+    return [o, *(outs[n] for n in prog.output), *(lses[n] for n in prog.output),
+            *(idxs[b.name] for b in prog.selects)]
+
+
+@attention.register_fake
+def _(key, q, kv, gates, scale, cu_seqlens):
+    prog = program(key)
+    B, T, HQ = q.shape[:3]
+    v = _pairs(prog, kv)[prog.output[0]][1]
+    o = [q.new_empty(B, T, HQ, v.shape[-1]) for _ in range(1 + len(prog.output))]
+    lse = [q.new_empty(B, T, HQ, dtype=torch.float32) for _ in prog.output]
+    idx = [q.new_empty(B, T, prog.kv_heads, b.top_k, dtype=torch.int32) for b in prog.selects]
+    return o + lse + idx
+
+
+@torch.library.custom_op("nsa_dsl::attention_bwd", mutates_args=())
+def attention_bwd(key: str, q: Tensor, kv: list[Tensor], gates: Optional[Tensor], outs: list[Tensor],
+                  lses: list[Tensor], idxs: list[Tensor], do: Tensor, scale: float,
+                  cu_seqlens: Optional[Tensor] = None) -> list[Tensor]:
+    """[dq, dk and dv of each branch in kv's order, (d gates)]: the combination's backward with
+    each branch's delta, then the branches' backward adding into one dq (branches outside the
+    output get zero gradients)."""
+    prog = program(key)
+    pairs = _pairs(prog, kv)
+    if gates is not None:
+        d_outs, d_gates, deltas = module(prog.combine).bwd(outs, gates, do, with_delta=True)
+    else:
+        d_outs, d_gates, deltas = [do] * len(outs), None, [None] * len(outs)
+    idx = {b.name: i for b, i in zip(prog.selects, idxs)}
+    seq = _seq(cu_seqlens)
+    dq, grads = None, {}
+    for name, o, lse, d_o, delta in zip(prog.output, outs, lses, d_outs, deltas):
+        b = prog.branch(name)
+        k, v = pairs[name]
+        extra = () if b.kind != "select" else (idx[name],)
+        dq, dk, dv = _run(b.key, "bwd", q, q, k, v, *extra, o, lse, d_o.contiguous(), scale,
+                          delta=delta, dq_acc=dq, **seq)
+        grads[name] = (dk, dv)
+    flat = [g for b in prog.branches
+            for g in grads.get(b.name, (torch.zeros_like(pairs[b.name][0]), torch.zeros_like(pairs[b.name][1])))]
+    return [dq, *flat] + ([d_gates] if d_gates is not None else [])
+
+
+@attention_bwd.register_fake
+def _(key, q, kv, gates, outs, lses, idxs, do, scale, cu_seqlens=None):
+    return [torch.empty_like(q), *(torch.empty_like(x) for x in kv)] + \
+        ([torch.empty_like(gates)] if gates is not None else [])
+
+
+def _setup_attention(ctx, inputs, output):
+    key, q, kv, gates, scale, cu_seqlens = inputs
+    prog = program(key)
+    n = len(prog.output)
+    outs, lses, idxs = output[1:1 + n], output[1 + n:1 + 2 * n], output[1 + 2 * n:]
+    ctx.save_for_backward(q, gates, cu_seqlens, *kv, *outs, *lses, *idxs)
+    ctx.key, ctx.scale, ctx.n_kv, ctx.n = key, scale, len(kv), n
+    _no_grad_outputs(ctx, *output[1:])
+
+
+def _attention_backward(ctx, grads):
+    q, gates, cu_seqlens, *rest = ctx.saved_tensors
+    kv, rest = rest[:ctx.n_kv], rest[ctx.n_kv:]
+    outs, lses, idxs = rest[:ctx.n], rest[ctx.n:2 * ctx.n], rest[2 * ctx.n:]
+    g = attention_bwd(ctx.key, q, kv, gates, outs, lses, idxs, grads[0].contiguous(), ctx.scale, cu_seqlens)
+    d_gates = g[1 + ctx.n_kv] if gates is not None else None
+    return None, g[0], g[1:1 + ctx.n_kv], d_gates, None, None
+
+
+attention.register_autograd(_attention_backward, setup_context=_setup_attention)

@@ -77,11 +77,16 @@ class CompiledOp:
     #: kernel's epilogue when the output holds the one window branch; False: always run the
     #: combine kernel (the same result, bit for bit; for comparisons)
     fuse_output: bool = True
+    #: training calls without ``return_aux`` run the whole op as one autograd node whose backward
+    #: shares work between the branches (``kernel_ops.attention``); False: one node per branch
+    #: (the same gradients up to rounding; for comparisons)
+    fuse_backward: bool = True
 
     def __init__(self, spec: Spec, cache: KernelCache | None = None):
         self.spec = spec
         self._cache = cache
         self._keys: dict[tuple[Binding, bool], tuple[Plan, dict[str, str]]] = {}
+        self._programs: dict[tuple[Binding, bool], str] = {}
 
     @property
     def cache(self) -> KernelCache:
@@ -116,7 +121,18 @@ class CompiledOp:
             for key in keys.values():               # tuned configs live beside the kernel cache
                 tuning.register(key, self.cache.directory)
             self._keys[(binding, varlen)] = (plan, keys)
+            self._programs[(binding, varlen)] = ops.register_program(f"{prefix}/program", self._program(binding, keys))
         return self._keys[(binding, varlen)]
+
+    def _program(self, binding: Binding, keys: dict[str, str]) -> ops.Program:
+        """The branches in launch order (compress, select, window) with their kernel keys."""
+        spec = self.spec
+        branches = [ops.Branch("compress", b.name, keys[f"compress_{b.name}"]) for b in spec.of_kind("compress")]
+        branches += [ops.Branch("select", b.name, keys[f"select_{b.name}"], keys[f"topk_{b.name}"], b.score, b.top_k)
+                     for b in spec.of_kind("select")]
+        branches += [ops.Branch("window", b.name, keys[f"window_{b.name}"]) for b in spec.of_kind("window")]
+        return ops.Program(tuple(branches), tuple(spec.output.branches), spec.output.kind == "gate",
+                           keys["combine"], binding.kv_heads)
 
     def source(self, which: str = "all", *, varlen: bool = False, **shapes) -> str:
         """The generated Triton source: ``"all"`` (or ``"fwd"``/``"bwd"``: every module holds
@@ -171,8 +187,11 @@ class CompiledOp:
         q = _unit_last_stride(q)
         seq = () if cu is None else (cu_seqlens,)  # the ops' last argument, with packed sequences
 
-        outs, lses, idxs, kcmp = {}, {}, {}, {}
-        for b in spec.of_kind("compress"):
+        kv = {}                                     # branch -> the (k, v) its kernels read
+        for b in spec.branches:
+            if b.kind != "compress":
+                kv[b.name] = (_unit_last_stride(ks[b.name]), _unit_last_stride(vs[b.name]))
+                continue
             if b.name in compressed:
                 k_c, v_c = compressed[b.name]
             elif cu is not None:                    # each sequence's blocks, packed
@@ -181,36 +200,32 @@ class CompiledOp:
             else:
                 k_c = mean_pool(ks[b.name], b.block, b.stride)
                 v_c = mean_pool(vs[b.name], b.block, b.stride)
-            k_c, v_c = _unit_last_stride(k_c), _unit_last_stride(v_c)
-            kcmp[b.name] = k_c
-            outs[b.name], lses[b.name] = ops.compress_fwd(keys[f"compress_{b.name}"], q, k_c, v_c, scale, *seq)
-        for b in spec.of_kind("select"):
-            k_s, v_s = _unit_last_stride(ks[b.name]), _unit_last_stride(vs[b.name])
-            if b.score == "mean_pool":
-                idx = ops.topk_mean_pool(keys[f"topk_{b.name}"], q.detach(), k_s.detach(),
-                                         binding.kv_heads, b.top_k, *seq)
-            else:
-                idx = ops.topk_cmp(keys[f"topk_{b.name}"], q.detach(), kcmp[b.score].detach(),
-                                   lses[b.score].detach(), scale, b.top_k, *seq)
-            idxs[b.name] = idx
-            outs[b.name], lses[b.name] = ops.select_fwd(keys[f"select_{b.name}"], q, k_s, v_s, idx, scale, *seq)
-        fused = self._fused_window(q, ks, vs, gates, compressed, return_aux)
-        for b in spec.of_kind("window"):
-            k_w, v_w = _unit_last_stride(ks[b.name]), _unit_last_stride(vs[b.name])
-            if b is fused:      # the last branch: its kernel combines the output (o, lse never stored)
-                names = spec.output.branches
-                g = _unit_last_stride(gates) if spec.output.kind == "gate" else None
-                return ops.window_combine_fwd(keys[f"window_{b.name}"], q, k_w, v_w,
-                                              [outs[n] for n in names if n != b.name], g,
-                                              names.index(b.name), scale, *seq)
-            outs[b.name], lses[b.name] = ops.window_fwd(keys[f"window_{b.name}"], q, k_w, v_w, scale, *seq)
-
-        branch_outs = [outs[n] for n in spec.output.branches]
+            kv[b.name] = (_unit_last_stride(k_c), _unit_last_stride(v_c))
         g = _unit_last_stride(gates) if spec.output.kind == "gate" else None
-        o = ops.combine_fwd(keys["combine"], branch_outs, g)
+        prog_key = self._programs[(binding, cu is not None)]
+        prog = ops.program(prog_key)
+
+        if self._fused_backward(q, kv, g, return_aux):
+            flat = [t for b in prog.branches for t in kv[b.name]]
+            return ops.attention(prog_key, q, flat, g, scale, cu_seqlens if cu is not None else None)[0]
+        fused = self._fused_window(q, ks, vs, gates, compressed, return_aux)
+        outs, lses, idxs, o = ops.run_forward(prog, q, kv, g, scale, *seq,
+                                              combine_in=fused.name if fused is not None else None)
+        if o is not None:
+            return o
+        o = ops.combine_fwd(keys["combine"], [outs[n] for n in spec.output.branches], g)
         if return_aux:
             return o, Aux(indices=idxs, lse=lses, outputs=outs)
         return o
+
+    def _fused_backward(self, q, kv, gates, return_aux) -> bool:
+        """Training calls (an input needs a gradient) without aux outputs run the whole op as one
+        autograd node (kernel_ops.attention): its backward shares each branch's delta with the
+        combination's and sums the gradient of q inside the dq kernels."""
+        if not self.fuse_backward or return_aux or not torch.is_grad_enabled():
+            return False
+        inputs = [q, gates, *(x for pair in kv.values() for x in pair)]
+        return any(isinstance(x, Tensor) and x.requires_grad for x in inputs)
 
     def _fused_window(self, q, ks, vs, gates, compressed, return_aux):
         """The window branch whose kernel can also combine the output, or None: inference (no

@@ -89,6 +89,77 @@ def test_forward_backward_match_reference(which, shape, tmp_path, monkeypatch):
         assert rel(a, b) < 1e-5, name
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("which", list(SPECS))
+def test_training_call_is_one_autograd_node(which, shape, tmp_path, monkeypatch):
+    """A training call without aux runs the whole op as one autograd node (kernel_ops.attention):
+    the combination's backward hands each branch its delta and the branches add their gradient
+    of q inside their dq kernels. Output bit for bit the per-branch nodes'; gradients the
+    reference's and the per-branch nodes' (outputs start NaN-filled, see conftest)."""
+    monkeypatch.setenv("NSA_DSL_CACHE_DIR", str(tmp_path))
+    B, T, HQ, H, Dqk, Dv = shape
+    spec = nsa_dsl.parse(SPECS[which])
+    op = nsa_dsl.compile(spec)
+    q, k, v, gates = make_inputs(spec, B, T, HQ, H, Dqk, Dv, seed=5)
+    leaves = [x.requires_grad_() for x in (q, k, v, gates) if x is not None]
+    do = torch.randn(B, T, HQ, Dv, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    o = op(q, k, v, gates)
+    assert "attention" in o.grad_fn.name()
+    grads = torch.autograd.grad(o, leaves, do)
+    op.fuse_backward = False
+    o_apart = op(q, k, v, gates)
+    assert "attention" not in o_apart.grad_fn.name() and torch.equal(o, o_apart)
+    grads_apart = torch.autograd.grad(o_apart, leaves, do)
+    leaves64 = [x.detach().double().requires_grad_() for x in leaves]
+    g64 = leaves64[3] if gates is not None else None
+    o_ref = nsa_dsl.reference(spec, *leaves64[:3], g64)
+    grads_ref = torch.autograd.grad(o_ref, leaves64, do.double())
+    for name, a, b, r in zip(("q", "k", "v", "gates"), grads, grads_apart, grads_ref):
+        assert torch.isfinite(a).all(), name
+        scale = max(float(r.norm()), 1.0)          # dq, dk are exactly 0 at T = 1: rounding noise
+        assert rel(a, r) < 1e-5 and float((a - b).double().norm()) < 1e-5 * scale, name
+
+
+def test_branch_backward_takes_delta_and_adds_into_dq(tmp_path, monkeypatch):
+    """Each branch backward launcher: delta= (rowsum(o * do), as the combination's backward
+    gives it) changes nothing; dq_acc= adds the branch's dq into the given tensor, in place."""
+    monkeypatch.setenv("NSA_DSL_CACHE_DIR", str(tmp_path))
+    spec = nsa_dsl.parse(PAPER)
+    op = nsa_dsl.compile(spec)
+    B, T, HQ, H, D = 1, 150, 8, 2, 16
+    q, k, v, gates = make_inputs(spec, B, T, HQ, H, D, D, seed=7)
+    plan, keys = op._kernels(op.binding(heads=HQ, kv_heads=H, qk_dim=D, v_dim=D))
+    mod = {n: nsa_dsl.kernel_ops.module(key) for n, key in keys.items()}
+    g = torch.Generator().manual_seed(8)
+    do = torch.randn(B, T, HQ, D, generator=g).to(DEVICE)
+    acc = torch.randn(B, T, HQ, D, generator=g).to(DEVICE)
+    kc, vc = nsa_dsl.op.mean_pool(k, 32, 16), nsa_dsl.op.mean_pool(v, 32, 16)
+    o_c, lse_c = mod["compress_cmp"].fwd(q, kc, vc, D ** -0.5)
+    idx = mod["topk_slc"].topk(q, kc, lse_c, D ** -0.5)
+    o_s, lse_s = mod["select_slc"].fwd(q, k, v, idx, D ** -0.5)
+    o_w, lse_w = mod["window_swa"].fwd(q, k, v, D ** -0.5)
+    calls = {"compress_cmp": (lambda **kw: mod["compress_cmp"].bwd(q, kc, vc, o_c, lse_c, do, D ** -0.5, **kw), o_c),
+             "select_slc": (lambda **kw: mod["select_slc"].bwd(q, k, v, idx, o_s, lse_s, do, D ** -0.5, **kw), o_s),
+             "window_swa": (lambda **kw: mod["window_swa"].bwd(q, k, v, o_w, lse_w, do, D ** -0.5, **kw), o_w)}
+    for name, (bwd, o) in calls.items():
+        plain = bwd()
+        delta = (o.double() * do.double()).sum(-1).float()
+        given = bwd(delta=delta)
+        for a, b in zip(given, plain):
+            assert rel(a, b) < 1e-6, name
+        into = acc.clone()
+        added = bwd(dq_acc=into)
+        assert added[0] is into, name
+        assert rel(into, acc + plain[0]) < 1e-6, name
+        for a, b in zip(added[1:], plain[1:]):
+            assert torch.equal(a, b), name
+    combine = mod["combine"]
+    outs = [o_c, o_s, o_w]
+    d_outs, d_gates, deltas = combine.bwd(outs, gates, do, with_delta=True)
+    for o, d_o, delta in zip(outs, d_outs, deltas):
+        assert rel(delta, (o.double() * d_o.double()).sum(-1)) < 1e-6
+
+
 @pytest.mark.parametrize("shape", SHAPES[1:])
 @pytest.mark.parametrize("which", list(SPECS))
 def test_inference_output_fused_in_window_kernel(which, shape, tmp_path, monkeypatch):

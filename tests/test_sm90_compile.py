@@ -34,7 +34,8 @@ def run(name, fn, cfg, consts, pointers, spills=64):
 
 for kind, fn in (("fwd", cm.compress_fwd_kernel), ("dq", cm.compress_bwd_dq_kernel), ("dkdv", cm.compress_bwd_dkdv_kernel)):
     cfg = cm._heuristic(kind, True, T)
-    consts = dict(G=G, GP=G, L=L, STRIDE=S, DQK=D, DV=D, BK=D, BV=D, R=cfg["R"], BM=G * cfg["R"], BN=cfg["BN"])
+    consts = dict(G=G, GP=G, L=L, STRIDE=S, DQK=D, DV=D, BK=D, BV=D, R=cfg["R"], BM=G * cfg["R"], BN=cfg["BN"],
+                  ACC=True)   # dq: added to the other branches' (the op's fused backward)
     run("compress " + kind, fn, cfg, consts, {**BF16, **F32, "dk": "*fp32", "dv": "*fp32"})
 
 cfg = tk._heuristic("topk", True, T)
@@ -52,7 +53,7 @@ run("topk G8", tk8.topk_cmp_kernel, cfg, consts, {**BF16, **F32, **I32})
 
 for kind, fn in (("fwd", sm.select_fwd_kernel), ("dq", sm.select_bwd_dq_kernel), ("dkdv", sm.select_bwd_dkdv_kernel)):
     cfg = sm._heuristic(kind, True, T)
-    consts = dict(G=G, GP=G, LS=LS, BN=cfg["BN"], DQK=D, DV=D, BDK=D, BDV=D)
+    consts = dict(G=G, GP=G, LS=LS, BN=cfg["BN"], DQK=D, DV=D, BDK=D, BDV=D, ACC=True)
     if kind == "dkdv":
         consts.update(RQ=cfg["RQ"])
     else:   # one position per program: its own TOPK blocks
@@ -61,7 +62,7 @@ for kind, fn in (("fwd", sm.select_fwd_kernel), ("dq", sm.select_bwd_dq_kernel),
 
 for kind, fn in (("fwd", wm.window_fwd_kernel), ("dq", wm.window_bwd_dq_kernel), ("dkdv", wm.window_bwd_dkdv_kernel)):
     cfg = wm._heuristic(kind, True, T)
-    consts = dict(G=G, GP=G, R=cfg["R"], BN=cfg["BN"], W=W, DQK=D, DV=D, BDK=D, BDV=D)
+    consts = dict(G=G, GP=G, R=cfg["R"], BN=cfg["BN"], W=W, DQK=D, DV=D, BDK=D, BDV=D, ACC=True)
     run("window " + kind, fn, cfg, consts, {**BF16, **F32, "dk": "*bf16", "dv": "*bf16"})
 cfg = wm._heuristic("fwd_combine", True, T)   # the output's combination in the window kernel (inference)
 consts = dict(G=G, GP=G, R=cfg["R"], BN=cfg["BN"], W=W, DQK=D, DV=D, BDK=D, BDV=D, C=3, WPOS=2, GATED=True)

@@ -46,6 +46,9 @@ def test_opcheck_every_custom_op(op):
         (ops.select_fwd, (keys["select_slc"], q, k, v, idx, scale)),
         (ops.topk_cmp, (keys["topk_slc"], q.detach(), kc.detach(), lse_c, scale, 3)),
         (ops.combine_fwd, (keys["combine"], outs, gates)),
+        # the whole op as one node (training): kv = [k_cmp, v_cmp, k, v, k, v] in launch order
+        (ops.attention, (op._programs[(op.binding(heads=4, kv_heads=2, qk_dim=16, v_dim=16), False)],
+                         q, [kc, vc, k, v, k, v], gates, scale, None)),
     ]
     for fn, args in cases:
         torch.library.opcheck(fn, args, test_utils=("test_schema", "test_autograd_registration",
