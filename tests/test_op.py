@@ -309,6 +309,10 @@ def test_gpu_low_precision_matches_reference(which, shape, dtype, tmp_path, monk
     assert rel(o, o64) <= max(5e-3, 2 * rel(olp, o64))
     for name, a, b, c in zip("q k v gates".split(), g_k, g64, glp):
         assert rel(a, b) <= max(5e-3, 2 * rel(c, b)), name
+    o_one = op(q, k, v, gates)                # without aux: the whole op as one autograd node
+    assert "attention" in o_one.grad_fn.name() and torch.equal(o_one, o)
+    for name, a, b, c in zip("q k v gates".split(), torch.autograd.grad(o_one, leaves, do), g64, glp):
+        assert rel(a, b) <= max(5e-3, 2 * rel(c, b)), name
 
 
 @pytest.mark.parametrize("T, block, stride", [(100, 32, 16), (32, 32, 16), (257, 48, 16), (64, 16, 16),
