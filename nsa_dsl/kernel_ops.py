@@ -361,12 +361,15 @@ def attention_bwd(key: str, q: Tensor, kv: list[Tensor], gates: Optional[Tensor]
     idx = {b.name: i for b, i in zip(prog.selects, idxs)}
     seq = _seq(cu_seqlens)
     dq, grads = None, {}
-    for name, o, lse, d_o, delta in zip(prog.output, outs, lses, d_outs, deltas):
+    for i, name in enumerate(prog.output):
         b = prog.branch(name)
         k, v = pairs[name]
         extra = () if b.kind != "select" else (idx[name],)
-        dq, dk, dv = _run(b.key, "bwd", q, q, k, v, *extra, o, lse, d_o.contiguous(), scale,
+        d_o, delta = d_outs[i].contiguous(), deltas[i]
+        d_outs[i] = deltas[i] = None                         # freed once this branch is done
+        dq, dk, dv = _run(b.key, "bwd", q, q, k, v, *extra, outs[i], lses[i], d_o, scale,
                           delta=delta, dq_acc=dq, **seq)
+        del d_o, delta
         grads[name] = (dk, dv)
     flat = [g for b in prog.branches
             for g in grads.get(b.name, (torch.zeros_like(pairs[b.name][0]), torch.zeros_like(pairs[b.name][1])))]
