@@ -390,9 +390,12 @@ def _setup_attention(ctx, inputs, output):
     ctx.save_for_backward(q, gates, cu_seqlens, *kv, *outs, *lses, *idxs)
     ctx.key, ctx.scale, ctx.n_kv, ctx.n = key, scale, len(kv), n
     _no_grad_outputs(ctx, *output[1:])
+    ctx.set_materialize_grads(False)   # no zero-filled gradients for the aux outputs (3 x o's size)
 
 
 def _attention_backward(ctx, grads):
+    if grads[0] is None:                      # o took no part in the loss
+        return None, None, [None] * ctx.n_kv, None, None, None
     q, gates, cu_seqlens, *rest = ctx.saved_tensors
     kv, rest = rest[:ctx.n_kv], rest[ctx.n_kv:]
     outs, lses, idxs = rest[:ctx.n], rest[ctx.n:2 * ctx.n], rest[2 * ctx.n:]
