@@ -256,10 +256,9 @@ class Branch:
 @dataclass(frozen=True)
 class Program:
     """What a compiled spec runs for one binding: branches in launch order (compress, select,
-    window), the output's branches, whether they are gated, and the combine module."""
+    window), the output's branches (gated when the call passes gates), the combine module."""
     branches: tuple[Branch, ...]
     output: tuple[str, ...]
-    gated: bool
     combine: str
     kv_heads: int
 

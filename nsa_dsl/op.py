@@ -131,8 +131,7 @@ class CompiledOp:
         branches += [ops.Branch("select", b.name, keys[f"select_{b.name}"], keys[f"topk_{b.name}"], b.score, b.top_k)
                      for b in spec.of_kind("select")]
         branches += [ops.Branch("window", b.name, keys[f"window_{b.name}"]) for b in spec.of_kind("window")]
-        return ops.Program(tuple(branches), tuple(spec.output.branches), spec.output.kind == "gate",
-                           keys["combine"], binding.kv_heads)
+        return ops.Program(tuple(branches), tuple(spec.output.branches), keys["combine"], binding.kv_heads)
 
     def source(self, which: str = "all", *, varlen: bool = False, **shapes) -> str:
         """The generated Triton source: ``"all"`` (or ``"fwd"``/``"bwd"``: every module holds
