@@ -316,6 +316,23 @@ def test_tuner_picks_the_fastest_correct_config():
     assert a.speedup == pytest.approx(15 / 11) and a.dtype == "float32" and a.bucket == 64
 
 
+def test_tuner_times_dq_acc_launches_on_copies():
+    """A backward that adds its dq into the caller's ``dq_acc`` (the op's one-node backward) is
+    timed and checked on a copy each call: the caller's buffer is left as it was."""
+    mod = _fake_module()
+    inner = mod.run
+
+    def run(x, *, config=None, dq_acc=None):
+        out = inner(x, config=config)
+        dq_acc += 1.0                                   # in place, as the dq kernels do
+        return out
+    mod.run = run
+    x = torch.ones(1, 64, 1, 1)
+    acc = torch.zeros(3)
+    tuning.tune_launcher(mod, "run", (x,), {"dq_acc": acc}, x, bench=_clock(mod))
+    assert len(mod.calls) > 5 and torch.equal(acc, torch.zeros(3))
+
+
 def test_tuner_refuses_a_broken_timer():
     """The heuristic's config ran just before: if it fails under the timer, the timer is broken
     (no GPU driver, say), not the config; nothing is tuned."""
