@@ -243,8 +243,9 @@ combine_fwd.register_autograd(_combine_backward, setup_context=_setup_combine)
 # branch adds its gradient of q into one buffer inside its dq kernel (no gradient sums by autograd).
 
 @dataclass(frozen=True)
-class Branch:
-    """One branch of a program, in launch order."""
+class BranchKernels:
+    """One branch of a program, in launch order: its kind, name and kernel modules (the spec's
+    branch itself is ``nsa_dsl.ir.Branch``)."""
     kind: str                  # "compress", "select" or "window"
     name: str
     key: str                   # the branch's kernel module
@@ -257,16 +258,16 @@ class Branch:
 class Program:
     """What a compiled spec runs for one binding: branches in launch order (compress, select,
     window), the output's branches (gated when the call passes gates), the combine module."""
-    branches: tuple[Branch, ...]
+    branches: tuple[BranchKernels, ...]
     output: tuple[str, ...]
     combine: str
     kv_heads: int
 
-    def branch(self, name: str) -> Branch:
+    def branch(self, name: str) -> BranchKernels:
         return next(b for b in self.branches if b.name == name)
 
     @property
-    def selects(self) -> tuple[Branch, ...]:
+    def selects(self) -> tuple[BranchKernels, ...]:
         return tuple(b for b in self.branches if b.kind == "select")
 
 

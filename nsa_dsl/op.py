@@ -127,10 +127,10 @@ class CompiledOp:
     def _program(self, binding: Binding, keys: dict[str, str]) -> ops.Program:
         """The branches in launch order (compress, select, window) with their kernel keys."""
         spec = self.spec
-        branches = [ops.Branch("compress", b.name, keys[f"compress_{b.name}"]) for b in spec.of_kind("compress")]
-        branches += [ops.Branch("select", b.name, keys[f"select_{b.name}"], keys[f"topk_{b.name}"], b.score, b.top_k)
+        branches = [ops.BranchKernels("compress", b.name, keys[f"compress_{b.name}"]) for b in spec.of_kind("compress")]
+        branches += [ops.BranchKernels("select", b.name, keys[f"select_{b.name}"], keys[f"topk_{b.name}"], b.score, b.top_k)
                      for b in spec.of_kind("select")]
-        branches += [ops.Branch("window", b.name, keys[f"window_{b.name}"]) for b in spec.of_kind("window")]
+        branches += [ops.BranchKernels("window", b.name, keys[f"window_{b.name}"]) for b in spec.of_kind("window")]
         return ops.Program(tuple(branches), tuple(spec.output.branches), keys["combine"], binding.kv_heads)
 
     def source(self, which: str = "all", *, varlen: bool = False, **shapes) -> str:
