@@ -33,10 +33,14 @@ def register_module(key: str, module: ModuleType) -> str:
 
 
 def module(key: str) -> ModuleType:
+    return _registered(_MODULES, key, "generated kernel module")
+
+
+def _registered(table: dict, key: str, what: str):
     try:
-        return _MODULES[key]
+        return table[key]
     except KeyError:
-        raise RuntimeError(f"nsa-dsl: no generated kernel module is loaded under {key!r}; "
+        raise RuntimeError(f"nsa-dsl: no {what} is registered under {key!r}; "
                            "call the op from nsa_dsl.compile(spec) in this process first") from None
 
 
@@ -280,11 +284,7 @@ def register_program(key: str, program: Program) -> str:
 
 
 def program(key: str) -> Program:
-    try:
-        return _PROGRAMS[key]
-    except KeyError:
-        raise RuntimeError(f"nsa-dsl: no program is registered under {key!r}; "
-                           "call the op from nsa_dsl.compile(spec) in this process first") from None
+    return _registered(_PROGRAMS, key, "program")
 
 
 def run_forward(prog: Program, q: Tensor, kv: dict, gates: Optional[Tensor], scale: float,

@@ -204,10 +204,14 @@ class CompiledOp:
         prog_key = self._programs[(binding, cu is not None)]
         prog = ops.program(prog_key)
 
-        if self._fused_backward(q, kv, g, return_aux):
+        training = torch.is_grad_enabled() and any(
+            isinstance(x, Tensor) and x.requires_grad for x in (q, g, *(t for pair in kv.values() for t in pair)))
+        if training and self.fuse_backward and not return_aux:
+            # the whole op as one autograd node: its backward hands each branch its delta from
+            # the combination's and sums the gradient of q inside the dq kernels
             flat = [t for b in prog.branches for t in kv[b.name]]
             return ops.attention(prog_key, q, flat, g, scale, cu_seqlens if cu is not None else None)[0]
-        fused = self._fused_window(q, ks, vs, gates, compressed, return_aux)
+        fused = None if training or return_aux else self._fused_window()
         outs, lses, idxs, o = ops.run_forward(prog, q, kv, g, scale, *seq,
                                               combine_in=fused.name if fused is not None else None)
         if o is not None:
@@ -217,27 +221,13 @@ class CompiledOp:
             return o, Aux(indices=idxs, lse=lses, outputs=outs)
         return o
 
-    def _fused_backward(self, q, kv, gates, return_aux) -> bool:
-        """Training calls (an input needs a gradient) without aux outputs run the whole op as one
-        autograd node (kernel_ops.attention): its backward shares each branch's delta with the
-        combination's and sums the gradient of q inside the dq kernels."""
-        if not self.fuse_backward or return_aux or not torch.is_grad_enabled():
-            return False
-        inputs = [q, gates, *(x for pair in kv.values() for x in pair)]
-        return any(isinstance(x, Tensor) and x.requires_grad for x in inputs)
-
-    def _fused_window(self, q, ks, vs, gates, compressed, return_aux):
-        """The window branch whose kernel can also combine the output, or None: inference (no
-        input needs a gradient), no aux outputs asked for, the output holds the spec's only
-        window branch and at most 4 branches (windows run last, so the others are ready)."""
+    def _fused_window(self):
+        """For inference calls without aux outputs: the window branch whose kernel can also
+        combine the output, or None. It must be the spec's only window branch, in the output, of
+        at most 4 branches (windows run last, so the others are ready)."""
         wins, out = self.spec.of_kind("window"), self.spec.output
-        if not self.fuse_output or return_aux or len(wins) != 1 or wins[0].name not in out.branches \
-                or len(out.branches) > 4:
+        if not self.fuse_output or len(wins) != 1 or wins[0].name not in out.branches or len(out.branches) > 4:
             return None
-        if torch.is_grad_enabled():
-            inputs = [q, gates, *ks.values(), *vs.values(), *(x for kv in compressed.values() for x in kv)]
-            if any(isinstance(x, Tensor) and x.requires_grad for x in inputs):
-                return None
         return wins[0]
 
     # -- autotuning ------------------------------------------------------------------------------
