@@ -27,7 +27,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for stage in "$@"; do
 case $stage in
 gpu)
-  timeout 330 python3 -m pytest -m gpu -q -p no:cacheprovider $XDIST tests/ > "$OUT/gpu_tests.log" 2>&1
+  timeout 420 python3 -m pytest -m gpu -q -p no:cacheprovider $XDIST tests/ > "$OUT/gpu_tests.log" 2>&1
   grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -15 ;;
 check)
   CUDA_VISIBLE_DEVICES=$((NGPU - 1)) timeout 280 python3 examples/train_tiny_lm.py --device cuda --compare \
