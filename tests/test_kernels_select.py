@@ -107,6 +107,11 @@ FP32_CASES = [
     _p(1, 300, 1, 16, 16, 32, 100, 3, "random", dict(R=1, RQ=1)),  # R = 1, -1 padded lists, a masked block end
     _p(1, 15, 1, 64, 16, 16, 16, 1, "forced"),                   # G = 64: BM = 64, TOPK = 1
     _p(1, 40, 1, 2, 192, 128, 16, 3, "meanpool"),                # wide heads, BDK = 256
+    # K/V tiles by TMA descriptor (the GPU heuristic's fwd / dq): head-dim padding and rows past
+    # T arrive as zeros, per batch; masked block ends; the union walk
+    _p(1, 100, 1, 16, 48, 80, 48, 2, "forced", dict(TMA=True)),
+    _p(2, 100, 2, 3, 32, 16, 16, 4, "random", dict(R=8, RQ=16, CHUNK=8, TMA=True)),
+    _p(1, 300, 1, 4, 16, 32, 100, 2, "random", dict(TMA=True)),
 ]
 
 
@@ -118,10 +123,25 @@ def test_select_fp32(B, T, H, G, DQK, DV, LS, TOPK, idx_kind, config):
 
 @pytest.mark.parametrize("B,T,H,G,DQK,DV,LS,TOPK,idx_kind,config", [
     _p(1, 100, 2, 3, 32, 64, 16, 3, "forced"),
+    _p(1, 100, 2, 16, 64, 32, 64, 3, "meanpool", dict(R=1, TMA=True)),
     _p(2, 100, 1, 16, 64, 32, 32, 2, "meanpool"),
 ])
 def test_select_fp16(B, T, H, G, DQK, DV, LS, TOPK, idx_kind, config):
     errs, *_ = run_case(B, T, H, G, DQK, DV, LS, TOPK, torch.float16, idx_kind=idx_kind, config=config)
+    _assert_close(errs, 5e-3)
+
+
+def test_select_tma_needs_aligned_layouts():
+    """TMA descriptors only for 16-byte aligned bases and strides; otherwise a config asking for
+    TMA runs the pointer loads, with the same results."""
+    mod = load_family("select.py.j2", G=2, DQK=20, DV=16, LS=16, TOPK=2)
+    cfg = mod.resolve_config(torch.empty(1, 1, 2, 20), "fwd", dict(TMA=True))
+    k = torch.randn(1, 50, 1, 20, dtype=torch.float16)                 # 40-byte rows: no TMA
+    v = torch.randn(1, 50, 1, 16, dtype=torch.float16)
+    assert mod._kv_descs(k, v, cfg)[2] is False
+    assert mod._kv_descs(k.float(), v, cfg)[2] is True                 # 80-byte rows
+    assert mod._kv_descs(k.float(), v, dict(cfg, TMA=False))[2] is False
+    errs, *_ = run_case(1, 50, 1, 2, 20, 16, 16, 2, torch.float16, config=dict(TMA=True))
     _assert_close(errs, 5e-3)
 
 

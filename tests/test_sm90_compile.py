@@ -1,7 +1,7 @@
 """Every training kernel of the paper pattern, at its GPU heuristic config, compiles for sm_90
 (H100 / H200) through ptxas on a machine without a GPU: within 227 KiB of shared memory and
 without register spills beyond a few bytes (the 64-row dkdv tiles once held 255 registers and
-spilled; the top-k's 168-register cap leaves 16 bytes)."""
+spilled; the top-k's 168-register cap leaves 16 bytes); the selection's fwd / dq with TMA loads."""
 import pytest
 import torch
 
@@ -53,12 +53,15 @@ run("topk G8", tk8.topk_cmp_kernel, cfg, consts, {**BF16, **F32, **I32})
 
 for kind, fn in (("fwd", sm.select_fwd_kernel), ("dq", sm.select_bwd_dq_kernel), ("dkdv", sm.select_bwd_dkdv_kernel)):
     cfg = sm._heuristic(kind, True, T)
-    consts = dict(G=G, GP=G, LS=LS, BN=cfg["BN"], DQK=D, DV=D, BDK=D, BDV=D, ACC=True)
+    consts = dict(G=G, GP=G, LS=LS, BN=cfg["BN"], DQK=D, DV=D, BDK=D, BDV=D, ACC=True, TMA=cfg.get("TMA", False))
+    assert consts["TMA"] == (kind != "dkdv"), cfg     # fwd / dq read K/V tiles by TMA
+    desc = "tensordesc<bf16[1,%d,1,%d]>" % (cfg["BN"], D)
     if kind == "dkdv":
         consts.update(RQ=cfg["RQ"])
     else:   # one position per program: its own TOPK blocks
         consts.update(R=cfg["R"], TOPK=K, TOPKP=K, RK=K * cfg["R"], RKP=K * cfg["R"], NT=LS // cfg["BN"])
-    run("select " + kind, fn, cfg, consts, {**BF16, **F32, **I32, "dk": "*fp32", "dv": "*fp32"})
+    run("select " + kind, fn, cfg, consts, {**BF16, **F32, **I32, "dk": "*fp32", "dv": "*fp32",
+                                            "k_desc": desc, "v_desc": desc})
 
 for kind, fn in (("fwd", wm.window_fwd_kernel), ("dq", wm.window_bwd_dq_kernel), ("dkdv", wm.window_bwd_dkdv_kernel)):
     cfg = wm._heuristic(kind, True, T)

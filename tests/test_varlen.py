@@ -197,11 +197,12 @@ def test_one_sequence_equals_the_plain_op_and_int64_offsets(tmp_path, monkeypatc
 
 def test_select_kernels_one_position_per_program_and_atomics():
     """Varlen select with R = 1 (idx itself is the block list), small CHUNK (split lists add with
-    atomics) and R = 8 (the union walk), against the plain kernels on each sequence."""
+    atomics), R = 8 (the union walk) and TMA loads (rows from the sequence's first row), against
+    the plain kernels on each sequence."""
     lens = [40, 3, 0, 75, 1]
     cu = cu_of(lens, device="cpu")
     G, H, LS, TOPK = 16, 1, 16, 3
-    for config in (dict(R=1, RQ=1, CHUNK=16), dict(R=8, RQ=8, CHUNK=32)):
+    for config in (dict(R=1, RQ=1, CHUNK=16), dict(R=8, RQ=8, CHUNK=32), dict(R=1, CHUNK=16, TMA=True)):
         mv = load_family("select.py.j2", G=G, DQK=16, DV=32, LS=LS, TOPK=TOPK, VARLEN=True)
         m = load_family("select.py.j2", G=G, DQK=16, DV=32, LS=LS, TOPK=TOPK)
         T = int(cu[-1])
