@@ -1,7 +1,7 @@
 """The generated kernels as torch.library custom ops, with autograd and fake kernels.
 
 Kernels are specialised per spec and shapes, so the ops are generic: their first
-argument is a key naming a loaded generated module (``register_module``). A key
+argument is a key naming a loaded generated module (``register``). A key
 is a plain string, so ``torch.compile(fullgraph=True)`` traces calls without
 graph breaks, and the fake implementations give it every output shape.
 
@@ -24,24 +24,25 @@ from torch import Tensor
 
 from codegen import tuning
 
-_MODULES: dict[str, ModuleType] = {}
+_REGISTRY: dict[str, object] = {}   # key -> a generated kernel module or a Program
 
 
-def register_module(key: str, module: ModuleType) -> str:
-    _MODULES[key] = module
+def register(key: str, obj) -> str:
+    """Make a generated kernel module or a Program reachable from the ops under ``key``."""
+    _REGISTRY[key] = obj
     return key
 
 
 def module(key: str) -> ModuleType:
-    return _registered(_MODULES, key, "generated kernel module")
+    return _registered(key, ModuleType, "generated kernel module")
 
 
-def _registered(table: dict, key: str, what: str):
-    try:
-        return table[key]
-    except KeyError:
+def _registered(key: str, kind: type, what: str):
+    obj = _REGISTRY.get(key)
+    if not isinstance(obj, kind):
         raise RuntimeError(f"nsa-dsl: no {what} is registered under {key!r}; "
-                           "call the op from nsa_dsl.compile(spec) in this process first") from None
+                           "call the op from nsa_dsl.compile(spec) in this process first")
+    return obj
 
 
 def _o_lse(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -275,16 +276,8 @@ class Program:
         return tuple(b for b in self.branches if b.kind == "select")
 
 
-_PROGRAMS: dict[str, Program] = {}
-
-
-def register_program(key: str, program: Program) -> str:
-    _PROGRAMS[key] = program
-    return key
-
-
 def program(key: str) -> Program:
-    return _registered(_PROGRAMS, key, "program")
+    return _registered(key, Program, "program")
 
 
 def run_forward(prog: Program, q: Tensor, kv: dict, gates: Optional[Tensor], scale: float,

@@ -117,11 +117,11 @@ class CompiledOp:
             plan = lower(self.spec, binding, varlen=varlen)
             modules = self.cache.load(plan)
             prefix = cache_key(plan)[:16]
-            keys = {name: ops.register_module(f"{prefix}/{name}", mod) for name, mod in modules.items()}
+            keys = {name: ops.register(f"{prefix}/{name}", mod) for name, mod in modules.items()}
             for key in keys.values():               # tuned configs live beside the kernel cache
                 tuning.register(key, self.cache.directory)
             self._keys[(binding, varlen)] = (plan, keys)
-            self._programs[(binding, varlen)] = ops.register_program(f"{prefix}/program", self._program(binding, keys))
+            self._programs[(binding, varlen)] = ops.register(f"{prefix}/program", self._program(binding, keys))
         return self._keys[(binding, varlen)]
 
     def _program(self, binding: Binding, keys: dict[str, str]) -> ops.Program:
