@@ -134,7 +134,7 @@ def _local_qk(B, T, HQ, H, Dqk, g, device, dtype):
 def make_inputs(workload: str, *, B: int, T: int, HQ: int, H: int, Dqk: int, Dv: int, gates: int,
                 dtype=torch.bfloat16, device="cuda", seed: int = 0):
     """``(q, k, v, gates)`` of one workload (``"random"`` or ``"local"``, see the module doc);
-    ``gates [B, T, HQ, gates]`` uniform in [0, 1), None when ``gates == 0``."""
+    ``gates [B, T, HQ, gates]`` gate logits uniform in [0, 1), None when ``gates == 0``."""
     g = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*shape):

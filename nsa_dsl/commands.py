@@ -6,6 +6,7 @@ Each returns ``(exit_code, text)``-free: they *return* lines to print through th
 from __future__ import annotations
 
 import os
+import sys
 import time
 from importlib.resources import files
 from pathlib import Path
@@ -53,12 +54,16 @@ def demo_cmd(args, emit=print) -> int:
     import torch
 
     on_gpu = (getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
-    if not on_gpu:
-        if not torch.cuda.is_available() and "triton" in __import__("sys").modules \
-                and os.environ.get("TRITON_INTERPRET") != "1":
-            raise SpecError("E614", "triton was imported before the demo could select its CPU interpreter",
-                            hint="set TRITON_INTERPRET=1 in the environment")
-        os.environ["TRITON_INTERPRET"] = "1"   # kernels run on the CPU through Triton's interpreter
+    if on_gpu and not torch.cuda.is_available():
+        raise SpecError("E607", "demo --device cuda: this torch build sees no CUDA GPU"
+                        + ("" if torch.version.cuda else " (it is a CPU build)"),
+                        hint="run `nsa-dsl demo` without --device (the CPU interpreter), or install "
+                             "a CUDA build of torch on a machine with a GPU")
+    if not on_gpu:   # kernels run on the CPU through Triton's interpreter
+        from .backend import check_kernel_device
+        if "triton" not in sys.modules:
+            os.environ["TRITON_INTERPRET"] = "1"
+        check_kernel_device(torch.empty(0), torch.float32, "the demo's input")
     import nsa_dsl
     from .semantics import reference
 

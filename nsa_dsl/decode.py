@@ -42,6 +42,8 @@ from torch import Tensor
 
 from .errors import SpecError
 from .ir import Spec
+from .backend import check_kernel_device
+from .semantics import gate_activation
 
 __all__ = ["NSACache", "DecodeStep", "DecodeOp", "decode_torch", "decode_bench",
            "new_cache", "forward_cached"]
@@ -413,7 +415,8 @@ def _decode_chunk(spec: Spec, q: Tensor, cache: NSACache, t: Tensor, lengths: Te
     lses = {n: l.flatten(2, 3) for n, l in lses.items()}
     names = spec.output.branches
     if spec.output.kind == "gate":
-        o = sum(gates[..., i, None].to(acc) * outs[n] for i, n in enumerate(names))
+        act = gate_activation(spec.output.activation)
+        o = sum(act(gates[..., i, None].to(acc)) * outs[n] for i, n in enumerate(names))
     else:
         o = sum(outs[n] for n in names)
     return o, outs, lses, idxs
@@ -512,9 +515,7 @@ class DecodeOp:
                  scale: Optional[float] = None, return_aux: bool = False, config: Optional[dict] = None):
         spec = self.spec
         _check_q(spec, q, cache, step, gates)
-        if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise _err("E607", "q is on the CPU; the generated kernels need a CUDA device",
-                       hint="use decode_torch (backend='reference') on the CPU, or set TRITON_INTERPRET=1")
+        check_kernel_device(q, q.dtype, reference_hint="decode_torch (backend='reference')")
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise _err("E810", f"q has dtype {q.dtype}; the decode kernels take float16, bfloat16 or float32",
                        hint="use decode_torch (backend='reference') for float64")
@@ -602,7 +603,7 @@ def forward_cached(layer, x: Tensor, cache: NSACache, *, n_new=None, return_aux:
         q, k = _rotate(layer, q, k, cache.lengths_host)
     gates = None
     if layer.gate_proj is not None:
-        gates = torch.sigmoid(layer.gate_proj(x)).view(B, C, HQ, layer.num_gates)
+        gates = layer.gate_proj(x).view(B, C, HQ, layer.num_gates)     # logits: the op applies sigmoid
     with torch.no_grad():
         step = cache.append(k, v, n_new=n_new, pool=_pool_for(layer))
     use_kernels = layer.backend == "kernels" or (layer.backend == "auto" and x.is_cuda)

@@ -8,7 +8,7 @@ The layer owns every learned piece around the attention op (DESIGN.md section 4)
     x --q_proj-------------------------------> q [B, T, HQ, Dqk] --rotary--+
     x --k_proj / v_proj (shared or per branch)-> k, v [B, T, H, D] --rotary(k)-+--> op --> o --o_proj--> y
                   compress pool = linear|mlp:  k_pool / v_pool -> k_cmp, v_cmp -+     ^
-    x --gate_proj--sigmoid--> gates [B, T, HQ, C]  (output = gate(sigmoid, ...)) -------+
+    x --gate_proj-----------> gate logits [B, T, HQ, C]  (output = gate(sigmoid, ...)) ---+
 
 The op is ``nsa_dsl.reference`` (pure PyTorch) or ``nsa_dsl.compile(spec)``
 (generated Triton kernels); both take the same arguments, and
@@ -371,7 +371,7 @@ class SparseAttention(nn.Module):
 
         gates = None
         if self.gate_proj is not None:
-            gates = torch.sigmoid(self.gate_proj(x)).view(B, T, HQ, self.num_gates)
+            gates = self.gate_proj(x).view(B, T, HQ, self.num_gates)    # logits: the op applies sigmoid
 
         out = self._attention(q, k, v, gates, compressed, return_aux, cu_seqlens)
         o, aux = out if return_aux else (out, None)

@@ -22,6 +22,7 @@ from codegen.plan import Binding, Plan, bind, lower
 
 from . import kernel_ops as ops
 from . import varlen as _varlen
+from .backend import check_kernel_device
 from .errors import SpecError
 from .ir import Compress, Select, Spec, Window
 
@@ -283,10 +284,7 @@ class CompiledOp:
         B, T, HQ, Dqk = q.shape
         if q.dtype not in _DTYPES:
             raise _err("E606", f"q has dtype {q.dtype}; expected float16, bfloat16 or float32")
-        if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise _err("E607", "q is on the CPU; the generated kernels need a CUDA device",
-                       hint="move tensors to 'cuda', use nsa_dsl.reference on the CPU, "
-                            "or set TRITON_INTERPRET=1 (slow) before importing nsa_dsl")
+        check_kernel_device(q, q.dtype)
         H = Dv = None
         for b in spec.branches:
             if b.kind == "compress" and b.name in compressed:

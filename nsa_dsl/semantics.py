@@ -40,6 +40,7 @@ from .ir import Compress, Select, Spec, Window
 __all__ = [
     "Aux", "reference", "mean_pool", "compress_attention", "overlap_weights",
     "select_blocks_cmp", "select_blocks_mean_pool", "select_attention", "window_attention",
+    "block_scores_cmp", "block_scores_mean_pool", "gate_activation",
     "num_compressed_blocks", "num_select_blocks",
 ]
 
@@ -59,6 +60,13 @@ def num_compressed_blocks(T: int, block: int, stride: int) -> int:
 def num_select_blocks(T: int, select_block: int) -> int:
     """Selection blocks that hold at least one key: ``ceil(T / l')``."""
     return -(-T // select_block)
+
+
+def gate_activation(name: str):
+    """The torch function of a gate activation the language names (``gate(sigmoid, ...)``)."""
+    if name == "sigmoid":
+        return torch.sigmoid
+    raise SpecError("E600", f"gate activation {name!r} has no reference semantics")
 
 
 def _group(x: torch.Tensor, H: int) -> torch.Tensor:
@@ -241,6 +249,52 @@ def _pick_blocks(scores: torch.Tensor, t: torch.Tensor, select_block: int, top_k
     return chosen.to(torch.int32)
 
 
+def _scores_cmp(qc, t, k_cmp, lse_c, scale: float, block: int, stride: int, w: torch.Tensor):
+    """Group scores ``[B, Tc, H, n_sel]`` of the queries ``qc`` at positions ``t`` (see below)."""
+    H, Nc = k_cmp.shape[2], k_cmp.shape[1]
+    block_end = torch.arange(Nc, device=qc.device) * stride + block - 1
+    logits = torch.einsum("bthgd,bnhd->bthgn", _group(qc, H), k_cmp) * scale
+    lse = _group(lse_c, H)[..., None]                                       # [B, Tc, H, G, 1]
+    visible = (block_end[None, :] <= t[:, None])[None, :, None, None, :] & torch.isfinite(lse)
+    p = torch.where(visible, torch.exp(torch.where(visible, logits - lse, 0.0)), 0.0)
+    return p.sum(3) @ w                                                     # [B, Tc, H, n_sel]
+
+
+def _scores_mean_pool(qc, t, k_mean, select_block: int):
+    """Group scores ``[B, Tc, H, n_sel]`` by block means (incomplete blocks ``-inf``)."""
+    H, n_sel = k_mean.shape[2], k_mean.shape[1]
+    block_last = (torch.arange(n_sel, device=qc.device) + 1) * select_block - 1
+    scores = torch.einsum("bthgd,bnhd->bthn", _group(qc, H), k_mean)
+    complete = (block_last[None, :] <= t[:, None])[None, :, None, :]
+    return torch.where(complete, scores, float("-inf"))
+
+
+def _block_means(k, select_block: int):
+    """``[B, n_sel, H, D]``: the mean of each selection block's keys (the last may be partial)."""
+    T = k.shape[1]
+    n_sel = num_select_blocks(T, select_block)
+    k_pad = F.pad(k, (0, 0, 0, 0, 0, n_sel * select_block - T))
+    return k_pad.unflatten(1, (n_sel, select_block)).mean(2)
+
+
+def block_scores_cmp(q, k_cmp, lse_cmp, scale: float, block: int, stride: int, select_block: int):
+    """The scores ``s [B, T, H, n_sel]`` that ``score = <compress branch>`` ranks (see
+    :func:`select_blocks_cmp`); for tests and inspection (memory ``O(T * n_sel)``)."""
+    T = q.shape[1]
+    with torch.no_grad():
+        w = overlap_weights(block, stride, select_block, k_cmp.shape[1], num_select_blocks(T, select_block),
+                            dtype=q.dtype, device=q.device)
+        return _scores_cmp(q.detach(), _positions(0, T, q.device), k_cmp.detach(), lse_cmp.detach(),
+                           scale, block, stride, w)
+
+
+def block_scores_mean_pool(q, k, select_block: int):
+    """The scores ``s [B, T, H, n_sel]`` that ``score = mean_pool`` ranks (``-inf``: incomplete)."""
+    with torch.no_grad():
+        return _scores_mean_pool(q.detach(), _positions(0, q.shape[1], q.device),
+                                 _block_means(k.detach(), select_block), select_block)
+
+
 def select_blocks_cmp(q, k_cmp, lse_cmp, scale: float, block: int, stride: int,
                       select_block: int, top_k: int, keep_first: int, keep_last: int):
     """Blocks chosen with ``score = <compress branch>``: ``idx [B, T, H, top_k]`` int32.
@@ -250,23 +304,17 @@ def select_blocks_cmp(q, k_cmp, lse_cmp, scale: float, block: int, stride: int,
     the others) and ``w`` from :func:`overlap_weights`.  No gradient flows through the choice.
     """
     _check_top_k(top_k, keep_first, keep_last)
-    B, T, HQ, _ = q.shape
-    H, Nc = k_cmp.shape[2], k_cmp.shape[1]
+    T = q.shape[1]
     n_sel = num_select_blocks(T, select_block)
     with torch.no_grad():
         q, k_cmp, lse_cmp = q.detach(), k_cmp.detach(), lse_cmp.detach()
-        w = overlap_weights(block, stride, select_block, Nc, n_sel, dtype=q.dtype, device=q.device)
-        block_end = torch.arange(Nc, device=q.device) * stride + block - 1
+        w = overlap_weights(block, stride, select_block, k_cmp.shape[1], n_sel, dtype=q.dtype, device=q.device)
         out = []
         chunk = _chunk_size()
         for t0 in range(0, T, chunk):
             qc = q[:, t0:t0 + chunk]
             t = _positions(t0, qc.shape[1], q.device)
-            logits = torch.einsum("bthgd,bnhd->bthgn", _group(qc, H), k_cmp) * scale
-            lse = _group(lse_cmp[:, t0:t0 + chunk], H)[..., None]           # [B, Tc, H, G, 1]
-            visible = (block_end[None, :] <= t[:, None])[None, :, None, None, :] & torch.isfinite(lse)
-            p = torch.where(visible, torch.exp(torch.where(visible, logits - lse, 0.0)), 0.0)
-            scores = p.sum(3) @ w                                            # [B, Tc, H, n_sel]
+            scores = _scores_cmp(qc, t, k_cmp, lse_cmp[:, t0:t0 + chunk], scale, block, stride, w)
             out.append(_pick_blocks(scores, t, select_block, top_k, keep_first, keep_last))
         return torch.cat(out, 1)
 
@@ -278,22 +326,16 @@ def select_blocks_mean_pool(q, k, select_block: int, top_k: int, keep_first: int
     (``(j+1)*l' - 1 <= t``); an incomplete block scores ``-inf`` but stays eligible.
     """
     _check_top_k(top_k, keep_first, keep_last)
-    B, T, HQ, _ = q.shape
-    H = k.shape[2]
-    n_sel = num_select_blocks(T, select_block)
+    T = q.shape[1]
     with torch.no_grad():
         q, k = q.detach(), k.detach()
-        k_pad = F.pad(k, (0, 0, 0, 0, 0, n_sel * select_block - T))
-        k_mean = k_pad.unflatten(1, (n_sel, select_block)).mean(2)           # [B, n_sel, H, D]
-        block_last = (torch.arange(n_sel, device=q.device) + 1) * select_block - 1
+        k_mean = _block_means(k, select_block)                               # [B, n_sel, H, D]
         out = []
         chunk = _chunk_size()
         for t0 in range(0, T, chunk):
             qc = q[:, t0:t0 + chunk]
             t = _positions(t0, qc.shape[1], q.device)
-            scores = torch.einsum("bthgd,bnhd->bthn", _group(qc, H), k_mean)
-            complete = (block_last[None, :] <= t[:, None])[None, :, None, :]
-            scores = torch.where(complete, scores, float("-inf"))
+            scores = _scores_mean_pool(qc, t, k_mean, select_block)
             out.append(_pick_blocks(scores, t, select_block, top_k, keep_first, keep_last))
         return torch.cat(out, 1)
 
@@ -439,8 +481,9 @@ def reference(spec: Spec, q: torch.Tensor, k: TensorOrDict, v: TensorOrDict,
     """The semantics of ``spec`` on ``q [B, T, HQ, Dqk]``; returns ``o [B, T, HQ, Dv]`` (q.dtype).
 
     ``k``/``v``: tensors shared by every branch, or dicts branch name -> tensor.
-    ``gates [B, T, HQ, C]``: for ``output = gate(...)``, in the output's branch order, used as
-    given (the caller applies the sigmoid); None for ``sum`` and single-branch outputs.
+    ``gates [B, T, HQ, C]``: gate logits for ``output = gate(act, ...)``, in the output's branch
+    order; the spec's activation is applied here (``o = sum_c act(gates[..., c]) * o_c``). None
+    for ``sum`` and single-branch outputs.
     ``compressed``: name -> ``(k_cmp, v_cmp)``, required for ``pool = linear | mlp``; for
     ``pool = mean`` it replaces the pooling.  ``selection``: name -> ``idx`` replaces a select
     branch's choice of blocks.  ``return_aux=True`` returns ``(o, Aux)``.
@@ -548,7 +591,8 @@ def reference(spec: Spec, q: torch.Tensor, k: TensorOrDict, v: TensorOrDict,
         outputs[b.name], lses[b.name] = o, lse
 
     if spec.output.kind == "gate":
-        o = sum(gates[..., c, None] * outputs[name] for c, name in enumerate(out_names))
+        act = gate_activation(spec.output.activation)
+        o = sum(act(gates[..., c, None]) * outputs[name] for c, name in enumerate(out_names))
     else:
         o = sum(outputs[name] for name in out_names)
     o = o.to(q.dtype)

@@ -203,7 +203,7 @@ def brute_reference(spec: Spec, q, k, v, gates=None, *, compressed=None, scale=N
 
     names = spec.output.branches
     if spec.output.kind == "gate":
-        o = sum(gates[..., c:c + 1] * outputs[n] for c, n in enumerate(names))
+        o = sum(torch.sigmoid(gates[..., c:c + 1]) * outputs[n] for c, n in enumerate(names))
     else:
         o = sum(outputs[n] for n in names)
     return o, indices, lses, outputs

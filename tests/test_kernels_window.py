@@ -120,7 +120,7 @@ def _combine_case(B, T, H, G, D, W, SINKS, C, wpos, gated, dtype, device, config
     k = rand((B, T, H, D), seed=2, device=device).to(dtype)
     v = rand((B, T, H, D), seed=3, device=device).to(dtype)
     others = [rand((B, T, H * G, D), seed=10 + c, device=device).to(dtype) for c in range(C - 1)]
-    gates = torch.sigmoid(rand((B, T, H * G, C), seed=20, device=device)).to(dtype) if gated else None
+    gates = rand((B, T, H * G, C), seed=20, device=device).to(dtype) if gated else None   # logits
     scale = D ** -0.5
     o, _ = mod.fwd(q, k, v, scale, config=config)
     want = comb.fwd(others[:wpos] + [o] + others[wpos:], gates)

@@ -186,7 +186,7 @@ def manual_forward(m: SparseAttention, x, rot=None):
                   for b in m.spec.of_kind("compress") if b.pool != "mean"} or None
     gates = None
     if m.spec.output.kind == "gate":
-        gates = torch.sigmoid(lin(m.gate_proj, x)).view(B, T, HQ, len(m.spec.output.branches))
+        gates = lin(m.gate_proj, x).view(B, T, HQ, len(m.spec.output.branches))   # logits
     o = reference(m.spec, q, k, v, gates, compressed=compressed, scale=m.scale)
     return lin(m.o_proj, o.reshape(B, T, HQ * Dv))
 
