@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 
 from nsa_dsl.errors import SpecError
+
+from .ints import next_pow2
 from nsa_dsl.ir import Compress, Select, Spec, Window
 
 GENERATOR_VERSION = "0.1.0"
@@ -126,6 +128,13 @@ def bind(spec: Spec, heads: int, kv_heads: int, qk_dim: int, v_dim: int) -> Bind
     return Binding(heads, kv_heads, qk_dim, v_dim)
 
 
+def tile_vars(G: int, DQK: int, DV: int) -> dict:
+    """The tile constants every attention family derives from the binding: ``GP`` (the G heads
+    of a kv group padded to a power of two: rows of a tile), ``BDK`` / ``BDV`` (head dims padded
+    to powers of two, at least 16: the tl.dot widths)."""
+    return dict(G=G, GP=next_pow2(G), DQK=DQK, DV=DV, BDK=max(16, next_pow2(DQK)), BDV=max(16, next_pow2(DV)))
+
+
 def lower(spec: Spec, binding: Binding, varlen: bool = False) -> Plan:
     """Which kernels run, in dependency order: compression, selection, window, combination.
 
@@ -134,6 +143,7 @@ def lower(spec: Spec, binding: Binding, varlen: bool = False) -> Plan:
     code, and the variable is part of the cache key). Combination needs no variant.
     """
     G, DQK, DV = binding.group, binding.qk_dim, binding.v_dim
+    tiles = tile_vars(G, DQK, DV)
     seq = {"VARLEN": True} if varlen else {}
     kernels = []
     for b in spec.of_kind("compress"):
@@ -151,8 +161,7 @@ def lower(spec: Spec, binding: Binding, varlen: bool = False) -> Plan:
         kernels.append(_kernel(f"select_{b.name}", b.name, "select",
                                G=G, DQK=DQK, DV=DV, LS=b.block, TOPK=b.top_k, **seq))
     for b in spec.of_kind("window"):
-        kernels.append(_kernel(f"window_{b.name}", b.name, "window",
-                               G=G, DQK=DQK, DV=DV, W=b.size, SINKS=b.sinks, **seq))
+        kernels.append(_kernel(f"window_{b.name}", b.name, "window", **tiles, W=b.size, SINKS=b.sinks, **seq))
     out = spec.output
     kernels.append(_kernel("combine", "output", "combine",
                            C=len(out.branches), DV=DV, GATED=out.kind == "gate"))

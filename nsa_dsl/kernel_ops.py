@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from codegen import tuning
+from codegen.launch import Family
 
 _REGISTRY: dict[str, object] = {}   # key -> a generated kernel module or a Program
 
@@ -33,8 +34,10 @@ def register(key: str, obj) -> str:
     return key
 
 
-def module(key: str) -> ModuleType:
-    return _registered(key, ModuleType, "generated kernel module")
+def module(key: str):
+    """The launchers registered under ``key`` (a ``codegen.launch.Family``, or a rendered module
+    that still holds its own launchers)."""
+    return _registered(key, (Family, ModuleType), "generated kernel module")
 
 
 def _registered(key: str, kind: type, what: str):

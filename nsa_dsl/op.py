@@ -16,7 +16,7 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import Tensor
 
-from codegen import tuning
+from codegen import launch, tuning
 from codegen.cache import KernelCache, cache_key
 from codegen.plan import Binding, Plan, bind, lower
 
@@ -116,7 +116,7 @@ class CompiledOp:
         """Plan, render or load from the cache, register: kernel name -> op key."""
         if (binding, varlen) not in self._keys:
             plan = lower(self.spec, binding, varlen=varlen)
-            modules = self.cache.load(plan)
+            modules = launch.build(plan, self.cache.load(plan))
             prefix = cache_key(plan)[:16]
             keys = {name: ops.register(f"{prefix}/{name}", mod) for name, mod in modules.items()}
             for key in keys.values():               # tuned configs live beside the kernel cache

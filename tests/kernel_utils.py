@@ -10,21 +10,39 @@ import torch
 if str(Path(__file__).resolve().parent.parent) not in sys.path:   # plain `pytest` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from codegen import launch
 from codegen.loader import load_module
+from codegen.plan import tile_vars
 from codegen.render import render
+
+
+def with_tiles(variables: dict) -> dict:
+    """A family's template variables with the plan's derived tile constants (GP, BDK, BDV)."""
+    if "G" in variables and "GP" not in variables:
+        return {**tile_vars(variables["G"], variables.get("DQK", 16), variables.get("DV", 16)), **variables}
+    return variables
+
+
+def render_family(template: str, **variables) -> str:
+    """``templates/<template>`` rendered as the plan would (derived tile constants added)."""
+    return render(template, **with_tiles(variables))
 
 
 @functools.lru_cache(maxsize=None)
 def _load(template: str, items: tuple):
-    variables = dict(items)
-    source = render(template, **variables)
+    variables = with_tiles(dict(items))
     stem = template.split(".")[0]
+    source = render(template, **variables)
     name = stem + "_" + "_".join(f"{k}{v}" for k, v in items)
-    return load_module(source, name)
+    module = load_module(source, name)
+    if stem in launch._families():
+        return launch.launchers(stem, variables, module)
+    return module
 
 
 def load_family(template: str, **variables):
-    """Render ``templates/<template>`` with ``variables`` and import it (cached per variable set)."""
+    """Render ``templates/<template>`` with ``variables``, import it and return its launchers
+    (cached per variable set)."""
     return _load(template, tuple(sorted(variables.items())))
 
 

@@ -8,7 +8,9 @@ import torch
 from kernel_utils import run_sm90_check
 
 _CHECK = r"""
+from codegen import launch
 from codegen.loader import load_module
+from codegen.plan import tile_vars
 from codegen.render import render
 from codegen.sm90 import compile_kernel, ptxas_usage, signature, spill_bytes
 
@@ -22,7 +24,8 @@ cm = load_module(render("compress.py.j2", G=G, DQK=D, DV=D, L=L, STRIDE=S), "sm9
 tk = load_module(render("topk.py.j2", G=G, DQK=D, L=L, STRIDE=S, LS=LS, TOPK=K, KEEP_FIRST=1,
                         KEEP_LAST=2, SCORE="cmp"), "sm90_topk")
 sm = load_module(render("select.py.j2", G=G, DQK=D, DV=D, LS=LS, TOPK=K), "sm90_select")
-wm = load_module(render("window.py.j2", G=G, DQK=D, DV=D, W=W, SINKS=0), "sm90_window")
+wvars = dict(tile_vars(G, D, D), W=W, SINKS=0)
+wm = launch.launchers("window", wvars, load_module(render("window.py.j2", **wvars), "sm90_window"))
 
 def run(name, fn, cfg, consts, pointers, spills=64):
     opts = {k: cfg[k] for k in ("num_warps", "num_stages", "maxnreg") if cfg.get(k) is not None}
@@ -63,7 +66,8 @@ for kind, fn in (("fwd", sm.select_fwd_kernel), ("dq", sm.select_bwd_dq_kernel),
     run("select " + kind, fn, cfg, consts, {**BF16, **F32, **I32, "dk": "*fp32", "dv": "*fp32",
                                             "k_desc": desc, "v_desc": desc})
 
-for kind, fn in (("fwd", wm.window_fwd_kernel), ("dq", wm.window_bwd_dq_kernel), ("dkdv", wm.window_bwd_dkdv_kernel)):
+for kind, fn in (("fwd", wm.kernels.window_fwd_kernel), ("dq", wm.kernels.window_bwd_dq_kernel),
+                 ("dkdv", wm.kernels.window_bwd_dkdv_kernel)):
     cfg = wm._heuristic(kind, True, T)
     consts = dict(G=G, GP=G, R=cfg["R"], BN=cfg["BN"], W=W, DQK=D, DV=D, BDK=D, BDV=D, ACC=True)
     run("window " + kind, fn, cfg, consts, {**BF16, **F32, "dk": "*bf16", "dv": "*bf16"})
@@ -71,7 +75,7 @@ cfg = wm._heuristic("fwd_combine", True, T)   # the output's combination in the 
 consts = dict(G=G, GP=G, R=cfg["R"], BN=cfg["BN"], W=W, DQK=D, DV=D, BDK=D, BDV=D, C=3, WPOS=2, GATED=True)
 # capped at 128 registers by its heuristic (two programs per SM, measured faster with ~330 bytes
 # of spills than one program per SM at 182 registers without)
-run("window fwd_combine", wm.window_fwd_combine_kernel, cfg, consts,
+run("window fwd_combine", wm.kernels.window_fwd_combine_kernel, cfg, consts,
     {**BF16, **{n: "*bf16" for n in ("out", "o_x0", "o_x1", "o_x2", "gates")}}, spills=512)
 print("compiled")
 """

@@ -1,0 +1,46 @@
+"""Launchers: the host half of each kernel family, plain Python over a rendered kernel module.
+
+A rendered module (``templates/<family>.py.j2``) holds ``@triton.jit`` device code only. Its
+family's class here (a :class:`~nsa_dsl.codegen.launch.base.Family`) checks the tensors, picks
+the launch config (heuristic, stored tuning, or ``config=``), allocates the outputs and launches
+the kernels; it reads the plan's finished numbers (``KernelPlan.variables``), the same ones the
+template was rendered with, so no constant is written twice.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+
+from .base import Family
+
+_FAMILIES: dict[str, type[Family]] = {}
+
+
+def family(name: str):
+    """Class decorator: the launchers of kernel family ``name`` (the template's stem)."""
+    def register(cls: type[Family]) -> type[Family]:
+        cls.family = name
+        _FAMILIES[name] = cls
+        return cls
+    return register
+
+
+def _families() -> dict[str, type[Family]]:
+    from . import window  # noqa: F401  (each family module registers its class)
+    return _FAMILIES
+
+
+def launchers(family_name: str, variables: dict, kernels: ModuleType) -> Family:
+    """The launchers of one rendered module: ``kernels`` (its jit functions) with the plan's
+    ``variables`` for it."""
+    return _families()[family_name](kernels, variables)
+
+
+def build(plan, modules: dict[str, ModuleType]) -> dict:
+    """The launchers of every kernel of ``plan`` by kernel name, over its loaded ``modules``
+    (a family without launcher class yet keeps its module, whose launchers are rendered)."""
+    known = _families()
+    return {k.name: known[k.family](modules[k.name], k.vars()) if k.family in known else modules[k.name]
+            for k in plan.kernels}
+
+
+__all__ = ["Family", "family", "launchers", "build"]

@@ -1,0 +1,154 @@
+"""What every kernel family's launchers share: launch configs and their search space.
+
+A config is a dict of launch parameters of one kernel kind (tiles, ``num_warps``,
+``num_stages``, ``maxnreg``); what it leaves out comes from the family's heuristic. Launchers
+take ``config=`` keyed by kind (``{"fwd": {...}, "dq": {...}}``: what autotuning stores, see
+``nsa_dsl.codegen.tuning``) or flat (every kernel of the launcher). ``config_space(kind, T)``
+lists what the tuner times on a GPU: valid configs only, pruned by an estimate of their shared
+memory before anything compiles.
+"""
+from __future__ import annotations
+
+import os
+from types import ModuleType
+from typing import Any, Mapping, Optional
+
+import torch
+
+SMEM_DEFAULT = 232448   # bytes of shared memory a block may use on an H100 / H200 (227 KB)
+LOG2E = 1.4426950408889634
+
+Config = dict[str, Any]
+
+
+def new_output(shape, dtype, device) -> torch.Tensor:
+    """An output buffer: NaN-filled under ``NSA_DSL_NAN_FILL=1`` (the tests), so an element a
+    kernel forgets to write fails every comparison; else ``torch.empty``."""
+    if os.environ.get("NSA_DSL_NAN_FILL") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def unit_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with unit stride in its last dim (the kernels take the other strides)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def is_tile(x) -> bool:
+    """A tl.dot dimension: a power of two of at least 16."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 16 and x & (x - 1) == 0
+
+
+def launch_invalid(cfg: Config) -> Optional[str]:
+    """What is wrong with num_warps / num_stages / maxnreg (Triton's default when absent), or None."""
+    if cfg.get("num_warps") not in (1, 2, 4, 8, 16):
+        return "num_warps must be 1, 2, 4, 8 or 16"
+    stages = cfg.get("num_stages")
+    if "num_stages" in cfg and not (isinstance(stages, int) and not isinstance(stages, bool) and 1 <= stages <= 8):
+        return "num_stages must be 1 to 8"
+    reg = cfg.get("maxnreg")
+    if reg is not None and not (isinstance(reg, int) and not isinstance(reg, bool) and 24 <= reg <= 255):
+        return "maxnreg (registers per thread) must be 24 to 255"
+    return None
+
+
+def launch_options(cfg: Config) -> dict:
+    """The Triton launch options of a config: num_warps, num_stages and maxnreg, where set."""
+    return {k: cfg[k] for k in ("num_warps", "num_stages", "maxnreg") if cfg.get(k) is not None}
+
+
+class Family:
+    """The launchers of one rendered kernel module.
+
+    ``kernels`` is the rendered module (its ``@triton.jit`` functions); ``variables`` the
+    plan's finished numbers it was rendered with. A family declares its kernel kinds
+    (``KINDS``), which kinds each launcher runs (``TUNE_KINDS``: what the tuner times), and
+    implements ``_heuristic``, ``_invalid``, ``smem_bytes`` and ``config_space``.
+    """
+
+    family = ""
+    KINDS: tuple[str, ...] = ()
+    TUNE_KINDS: Mapping[str, tuple[str, ...]] = {}
+
+    def __init__(self, kernels: ModuleType, variables: Mapping[str, Any]):
+        self.kernels = kernels
+        self.variables = dict(variables)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in sorted(self.variables.items()))
+        return f"<{type(self).__name__} {args}>"
+
+    # -- configs: the family fills these in --------------------------------------------------
+    def _heuristic(self, kind: str, gpu: bool, T: int) -> Config:
+        """The untuned config of kernel ``kind`` on a GPU (``gpu``) or the interpreter, at length T."""
+        raise NotImplementedError
+
+    def _invalid(self, kind: str, cfg: Config) -> Optional[str]:
+        """Why ``cfg`` cannot run kernel ``kind`` (beyond the launch options), or None."""
+        return None
+
+    def smem_bytes(self, kind: str, cfg: Config, dtype_bytes: int = 2) -> int:
+        """The shared memory a config takes, estimated (pruning only)."""
+        return 0
+
+    def config_space(self, kind: str, T: int, *, smem: Optional[int] = None, dtype_bytes: int = 2) -> list[Config]:
+        """Candidate configs of kernel ``kind`` for the tuner (GPU), partial dicts over the heuristic."""
+        return []
+
+    # -- shared machinery ----------------------------------------------------------------------
+    def _for_kind(self, config: Optional[Mapping], kind: str) -> Optional[Mapping]:
+        """The part of ``config`` for kernel ``kind`` (None: the heuristic)."""
+        if not config:
+            return None
+        if any(k in config for k in self.KINDS):
+            return config.get(kind) or None
+        return config
+
+    def resolve_config(self, q: torch.Tensor, kind: str, config: Optional[Mapping] = None) -> Config:
+        """The full config a launcher uses for kernel ``kind`` on ``q``: the heuristic, updated by
+        ``config`` (keyed by kind or flat). Raises ValueError for an invalid one."""
+        cfg = self._heuristic(kind, q.is_cuda, q.shape[1])
+        override = self._for_kind(config, kind)
+        if override:
+            cfg.update(override)
+        reason = self._invalid(kind, cfg) or launch_invalid(cfg)
+        if reason:
+            raise ValueError(f"invalid {kind} config {cfg}: {reason}")
+        return cfg
+
+    def _prune(self, kind: str, candidates: list[Config], T: int, smem: Optional[int],
+               dtype_bytes: int) -> list[Config]:
+        """The candidates that are valid (over the GPU heuristic) and whose estimated shared memory
+        fits in ``smem`` bytes (SMEM_DEFAULT when None), without repeats, in order."""
+        limit = SMEM_DEFAULT if smem is None else smem
+        out: list[Config] = []
+        for c in candidates:
+            full = {**self._heuristic(kind, True, T), **c}
+            if c in out or self._invalid(kind, full) or launch_invalid(full):
+                continue
+            if self.smem_bytes(kind, full, dtype_bytes) <= limit:
+                out.append(c)
+        return out
+
+
+def row_delta(kernels: ModuleType, o: torch.Tensor, do: torch.Tensor, DV: int, BDV: int) -> torch.Tensor:
+    """``delta = rowsum(o * do)`` in fp32, [B, T, HQ], without fp32 copies of o and do (the
+    rendered module's ``bwd_delta_kernel``)."""
+    o, do = o.contiguous(), do.contiguous()
+    delta = torch.empty(o.shape[:-1], dtype=torch.float32, device=o.device)
+    n_rows = delta.numel()
+    if n_rows:
+        BR = 16
+        kernels.bwd_delta_kernel[(-(-n_rows // BR),)](o, do, delta, n_rows, DV=DV, BDV=BDV, BR=BR)
+    return delta
+
+
+def dq_buffer(q: torch.Tensor, dq_acc: Optional[torch.Tensor]) -> torch.Tensor:
+    """The dq a backward writes: a new tensor, or ``dq_acc`` (other branches' gradient of q,
+    which the dq kernel adds its own to, in place)."""
+    if dq_acc is None:
+        return new_output(q.shape, q.dtype, q.device)
+    if dq_acc.shape != q.shape or dq_acc.dtype != q.dtype or not dq_acc.is_contiguous():
+        raise ValueError(f"dq_acc must be a contiguous {q.dtype} tensor of q's shape {list(q.shape)}, "
+                         f"got {dq_acc.dtype} {list(dq_acc.shape)}")
+    return dq_acc
