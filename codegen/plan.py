@@ -147,8 +147,7 @@ def lower(spec: Spec, binding: Binding, varlen: bool = False) -> Plan:
     seq = {"VARLEN": True} if varlen else {}
     kernels = []
     for b in spec.of_kind("compress"):
-        kernels.append(_kernel(f"compress_{b.name}", b.name, "compress",
-                               G=G, DQK=DQK, DV=DV, L=b.block, STRIDE=b.stride, **seq))
+        kernels.append(_kernel(f"compress_{b.name}", b.name, "compress", **tiles, L=b.block, STRIDE=b.stride, **seq))
     for b in spec.of_kind("select"):
         if b.score == "mean_pool":
             L, STRIDE, SCORE = b.block, b.block, "mean_pool"
@@ -156,10 +155,9 @@ def lower(spec: Spec, binding: Binding, varlen: bool = False) -> Plan:
             src = spec.branch(b.score)
             L, STRIDE, SCORE = src.block, src.stride, "cmp"
         kernels.append(_kernel(f"topk_{b.name}", b.name, "topk",
-                               G=G, DQK=DQK, L=L, STRIDE=STRIDE, LS=b.block, TOPK=b.top_k,
-                               KEEP_FIRST=b.keep_first, KEEP_LAST=b.keep_last, SCORE=SCORE, **seq))
-        kernels.append(_kernel(f"select_{b.name}", b.name, "select",
-                               G=G, DQK=DQK, DV=DV, LS=b.block, TOPK=b.top_k, **seq))
+                               G=G, GP=tiles["GP"], DQK=DQK, BDK=tiles["BDK"], L=L, STRIDE=STRIDE, LS=b.block,
+                               TOPK=b.top_k, KEEP_FIRST=b.keep_first, KEEP_LAST=b.keep_last, SCORE=SCORE, **seq))
+        kernels.append(_kernel(f"select_{b.name}", b.name, "select", **tiles, LS=b.block, TOPK=b.top_k, **seq))
     for b in spec.of_kind("window"):
         kernels.append(_kernel(f"window_{b.name}", b.name, "window", **tiles, W=b.size, SINKS=b.sinks, **seq))
     out = spec.output
