@@ -11,11 +11,9 @@ import re
 from dataclasses import dataclass
 
 from nsa_dsl.errors import SpecError
-
-from .ints import next_pow2
 from nsa_dsl.ir import Compress, Select, Spec, Window
 
-GENERATOR_VERSION = "0.1.0"
+from .ints import cdiv, next_pow2
 
 
 @dataclass(frozen=True)
@@ -62,7 +60,6 @@ class Plan:
     def canonical(self) -> str:
         """Stable text of everything that determines the generated code."""
         return json.dumps({
-            "generator": GENERATOR_VERSION,
             "spec": self.spec.canonical(),
             "binding": [self.binding.heads, self.binding.kv_heads,
                         self.binding.qk_dim, self.binding.v_dim],
@@ -95,8 +92,9 @@ def _kernel(name, branch, family, **variables) -> KernelPlan:
         raise SpecError("E116", f"branch name {branch!r} is not an identifier",
                         hint="names are letters, digits and '_', starting with a letter or '_'")
     for key, value in variables.items():
-        ok = (isinstance(value, bool) or (type(value) is int and 0 <= value <= 1 << 20)
-              or (isinstance(value, str) and value in _WORDS))
+        ok = all(isinstance(x, bool) or (type(x) is int and 0 <= x <= 1 << 20)
+                 or (isinstance(x, str) and x in _WORDS)
+                 for x in (value if isinstance(value, tuple) else (value,)))   # a tuple: of such values
         if not ok:
             raise SpecError("E216", f"branch '{branch}': {key} = {value!r} is not a valid value",
                             hint="build specs with nsa_dsl.parse or nsa_dsl.load, which check every value")
@@ -135,6 +133,25 @@ def tile_vars(G: int, DQK: int, DV: int) -> dict:
     return dict(G=G, GP=next_pow2(G), DQK=DQK, DV=DV, BDK=max(16, next_pow2(DQK)), BDV=max(16, next_pow2(DV)))
 
 
+def select_vars(LS: int, TOPK: int) -> dict:
+    """The selection's tile constants: ``TOPKP`` (TOPK padded to a power of two, at least 2: the
+    width of a row's idx tile); ``BN`` (the key tile: the whole block when it fits in 64 keys, as a
+    power of two >= 16 covering it, else the largest of 64, 32 dividing it, else 64 with a mask on
+    the block's end) and ``NT`` (tiles per block); ``PARTIAL`` (the block's end is masked: LS is no
+    multiple of BN); ``BN_CHOICES`` (the key tiles a config may pick: BN, then 16 to 128 keys
+    dividing the block, so no block-end mask is needed; a block with a masked end keeps BN);
+    ``MULTI_NT`` (some choice needs several tiles per block: the per-block tile loop is rendered)."""
+    if LS <= 64:
+        BN = max(16, next_pow2(LS))
+    else:
+        BN = 64 if LS % 64 == 0 else 32 if LS % 32 == 0 else 64
+    partial = LS % BN != 0
+    choices = (BN,) + (() if partial else tuple(b for b in (16, 32, 64, 128) if b != BN and b <= LS and LS % b == 0))
+    NT = cdiv(LS, BN)
+    return dict(TOPKP=max(2, next_pow2(TOPK)), BN=BN, NT=NT, PARTIAL=partial, BN_CHOICES=choices,
+                MULTI_NT=NT > 1 or any(LS // b > 1 for b in choices[1:]))
+
+
 def lower(spec: Spec, binding: Binding, varlen: bool = False) -> Plan:
     """Which kernels run, in dependency order: compression, selection, window, combination.
 
@@ -157,7 +174,8 @@ def lower(spec: Spec, binding: Binding, varlen: bool = False) -> Plan:
         kernels.append(_kernel(f"topk_{b.name}", b.name, "topk",
                                G=G, GP=tiles["GP"], DQK=DQK, BDK=tiles["BDK"], L=L, STRIDE=STRIDE, LS=b.block,
                                TOPK=b.top_k, KEEP_FIRST=b.keep_first, KEEP_LAST=b.keep_last, SCORE=SCORE, **seq))
-        kernels.append(_kernel(f"select_{b.name}", b.name, "select", **tiles, LS=b.block, TOPK=b.top_k, **seq))
+        kernels.append(_kernel(f"select_{b.name}", b.name, "select", **tiles, LS=b.block, TOPK=b.top_k,
+                               **select_vars(b.block, b.top_k), **seq))
     for b in spec.of_kind("window"):
         kernels.append(_kernel(f"window_{b.name}", b.name, "window", **tiles, W=b.size, SINKS=b.sinks, **seq))
     out = spec.output
@@ -196,5 +214,5 @@ def lower_decode(spec: Spec, binding: Binding) -> Plan:
     return Plan(spec, binding, (kernel,))
 
 
-__all__ = ["Binding", "KernelPlan", "Plan", "bind", "lower", "lower_decode", "GENERATOR_VERSION",
+__all__ = ["Binding", "KernelPlan", "Plan", "bind", "lower", "lower_decode",
            "Compress", "Select", "Window"]

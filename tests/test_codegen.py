@@ -88,7 +88,7 @@ def test_corrupt_entry_is_detected_and_rebuilt(tmp_path):
     c = KernelCache(tmp_path)
     c.load(plan)
     assert c.renders == 1
-    assert "def fwd" in victim.read_text()
+    assert "def window_fwd_kernel" in victim.read_text()
     (entry / "manifest.json").write_text("{not json")  # edited manifest
     c = KernelCache(tmp_path)
     c.load(plan)
