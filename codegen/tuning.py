@@ -139,8 +139,8 @@ class Store:
                     or not all(isinstance(e, dict) and isinstance(e.get("config"), dict) for e in entries.values()):
                 raise ValueError("unexpected layout")
             return entries
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            warnings.warn(f"nsa-dsl: the tuning store {self.path} is corrupt ({e}); ignoring it "
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            warnings.warn(f"nsa-dsl: the tuning store {self.path} is corrupt ({type(e).__name__}: {str(e)[:100]}); ignoring it "
                           "(it is rebuilt by the next tuning run)", RuntimeWarning, stacklevel=2)
             return {}
 
@@ -181,6 +181,7 @@ def register(module_key: str, directory) -> None:
 
 
 def _index(path: Path, entries: Optional[dict] = None) -> dict:
+    """{(module key, dtype, bucket): {kind: entry}} of one store, read once per process."""
     if entries is not None or path not in _INDEX:
         if entries is None:
             entries = Store(path).read()
@@ -190,14 +191,63 @@ def _index(path: Path, entries: Optional[dict] = None) -> dict:
             if len(parts) != 4 or not parts[3].isdigit():
                 continue
             module_key, kind, dtype, b = parts
-            index.setdefault((module_key, dtype, int(b)), {})[kind] = entry["config"]
+            index.setdefault((module_key, dtype, int(b)), {})[kind] = entry
         _INDEX[path] = index
+        for k in [k for k in _CHECKED if k[0] == path]:
+            del _CHECKED[k]
     return _INDEX[path]
 
 
 def stored(path: Path, module_key: str, dtype: str, bucket_: int) -> Optional[dict]:
     """The configs stored for one module, dtype and bucket, ``{kind: config}``, or None."""
     found = _index(path if isinstance(path, Path) else Path(path)).get((module_key, dtype, bucket_))
+    return {kind: entry["config"] for kind, entry in found.items()} if found else None
+
+
+_CHECKED: dict[tuple, Optional[dict]] = {}   # (path, module key, dtype, bucket) -> the valid configs
+
+
+def _bad_entry(module, kind: str, entry: dict, x, bucket_: int) -> Optional[str]:
+    """Why a stored entry cannot run (None: it can): its config must be the heuristic ({}) or a
+    candidate of the kernel's own config space at the length it was tuned for."""
+    if kind not in getattr(module, "KINDS", ()):
+        return f"no kernel kind {kind!r}"
+    config = entry.get("config")
+    if not isinstance(config, dict):
+        return "the config is not a mapping"
+    if not config:
+        return None
+    T, B = entry.get("T"), entry.get("B", 1)
+    if not (type(T) is int and type(B) is int and T >= 1 and B >= 1 and bucket(B * T) == bucket_):
+        return "no tuning length of this bucket recorded"
+    smem = smem_limit(x.device) if enabled(x) else None
+    if config not in module.config_space(kind, T, smem=smem, dtype_bytes=x.element_size()):
+        return f"{config} is not in the kernel's config space"
+    try:
+        module.resolve_config(x, kind, {kind: config})
+    except (ValueError, TypeError, KeyError) as e:
+        return str(e)
+    return None
+
+
+def checked(path: Path, module_key: str, module, x, dtype: str, bucket_: int) -> Optional[dict]:
+    """:func:`stored`, with every entry checked once per process against the kernel's config
+    space: a bad one (hand-edited, from another version) is dropped with a warning, and its
+    kernel runs the heuristic."""
+    tag = (path, module_key, dtype, bucket_)
+    if tag not in _CHECKED:
+        found = _index(path).get((module_key, dtype, bucket_)) or {}
+        good = {}
+        for kind, entry in found.items():
+            reason = _bad_entry(module, kind, entry if isinstance(entry, dict) else {}, x, bucket_)
+            if reason is None:
+                good[kind] = entry["config"]
+            else:
+                warnings.warn(f"nsa-dsl: the tuning store {path} holds an unusable {kind} config for "
+                              f"{module_key} ({reason}); running the heuristic config instead",
+                              RuntimeWarning, stacklevel=3)
+        _CHECKED[tag] = good or None
+    found = _CHECKED[tag]
     return dict(found) if found else None
 
 
@@ -220,6 +270,7 @@ def lookup(module_key: str, x) -> Optional[dict]:
 def forget() -> None:
     """Drop what this process read from the stores (tests; after editing a store by hand)."""
     _INDEX.clear()
+    _CHECKED.clear()
     _PATHS.clear()
     _ATTEMPTED.clear()
 
@@ -381,7 +432,7 @@ def config_for(module_key: str, module, launcher: str, x, args: tuple, kwargs: d
     if not enabled(x):
         return None
     path, dtype, b = _path_for(module_key, x), dtype_name(x.dtype), bucket(x.shape[0] * x.shape[1])
-    found = stored(path, module_key, dtype, b)
+    found = checked(path, module_key, module, x, dtype, b)
     if _SESSION is None and not autotune_requested():
         return found                                   # the common case: a lookup, no tuning
     kinds = getattr(module, "TUNE_KINDS", {}).get(launcher, ())
@@ -408,8 +459,10 @@ def config_for(module_key: str, module, launcher: str, x, args: tuple, kwargs: d
     except OSError as e:               # keep the configs for this process at least
         warnings.warn(f"nsa-dsl: cannot write the tuning store {path} ({e})", RuntimeWarning, stacklevel=2)
         current = _index(path)
-        current.setdefault((module_key, dtype, b), {}).update({r.kind: r.config for r in results})
+        current.setdefault((module_key, dtype, b), {}).update(
+            {r.kind: entries[entry_key(module_key, r.kind, dtype, b)] for r in results})
+        _CHECKED.pop((path, module_key, dtype, b), None)
     if _SESSION is not None:
         _SESSION.done.add(tag)
         _SESSION.results.extend(results)
-    return stored(path, module_key, dtype, b)
+    return checked(path, module_key, module, x, dtype, b)
