@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -43,6 +43,7 @@ from torch import Tensor
 from .errors import SpecError
 from .ir import Spec
 from .backend import check_kernel_device
+from .inputs import check_scale
 from .semantics import gate_activation
 
 __all__ = ["NSACache", "DecodeStep", "DecodeOp", "decode_torch", "decode_bench",
@@ -77,6 +78,8 @@ class DecodeStep:
     start_host: tuple[int, ...]
     n_host: tuple[int, ...]
     chunk: int                    # C: tokens per sequence in the chunk tensors
+    cache: Optional[Callable] = field(default=None, compare=False, repr=False)   # weakref to its NSACache
+    generation: int = -1          # the cache's generation (reset() starts a new one)
 
     @property
     def t_max(self) -> int:
@@ -104,12 +107,16 @@ class NSACache:
                         ("qk_dim", qk_dim), ("v_dim", v_dim)):
             if not isinstance(x, int) or isinstance(x, bool) or x < 1:
                 raise _err("E801", f"NSACache: {name} must be a positive integer, got {x!r}")
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise _err("E801", f"NSACache: dtype must be a floating-point torch dtype, got {dtype!r}",
+                       hint="float16, bfloat16 or float32 (float64 for the reference backend)")
         self.spec = spec
         self.batch_size, self.max_len = batch_size, max_len
         self.kv_heads, self.qk_dim, self.v_dim = kv_heads, qk_dim, v_dim
         self.shared_kv = bool(shared_kv)
         self.dtype, self.device = dtype, torch.device(device)
         B, H = batch_size, kv_heads
+        self.generation = 0                    # reset() starts a new one: older steps are refused
         self.lengths = torch.zeros(B, dtype=torch.int32, device=self.device)
         self.device = self.lengths.device      # "cuda" -> "cuda:0": compares equal to tensors' devices
         self._lengths = [0] * B
@@ -145,6 +152,7 @@ class NSACache:
         """Forget every sequence (buffers are kept; their stale contents are never read)."""
         self._lengths = [0] * self.batch_size
         self.lengths.zero_()
+        self.generation += 1
 
     def nbytes(self) -> int:
         seen, total = set(), 0
@@ -194,12 +202,10 @@ class NSACache:
                                        f"expected [{B}, {C}, {H}, {D}] (batch, chunk, kv heads, dim)")
                 if x.device != self.device:
                     raise _err("E803", f"{what} is on {x.device}; the cache is on {self.device}")
-        if n_new is None:
-            n_host = [C] * B
-        else:
-            n_host = [int(n) for n in (n_new.tolist() if isinstance(n_new, Tensor) else n_new)]
-            if len(n_host) != B or any(not 0 <= n <= C for n in n_host):
-                raise _err("E804", f"n_new must hold {B} counts in [0, {C}]; got {n_host}")
+                if x.dtype != self.dtype:
+                    raise _err("E803", f"{what} for branch '{name}' is {x.dtype}; the cache holds {self.dtype}",
+                               hint=f"cast it: {what}.to({self.dtype}) (nothing is cast silently)")
+        n_host = [C] * B if n_new is None else _counts(n_new, B, C)
         old = list(self._lengths)
         new = [s + n for s, n in zip(old, n_host)]
         if max(new, default=0) > self.max_len:
@@ -277,7 +283,51 @@ class NSACache:
         else:
             n_dev = torch.tensor(n_host, dtype=torch.int32, device=dev)
             self.lengths += n_dev
-        return DecodeStep(start, n_dev, tuple(old), tuple(n_host), C)
+        return DecodeStep(start, n_dev, tuple(old), tuple(n_host), C, weakref.ref(self), self.generation)
+
+    def step_at(self, start: Sequence[int], n_new: Sequence[int], chunk: int) -> DecodeStep:
+        """A step over tokens already in the cache: token ``i < n_new[b]`` of sequence ``b`` at
+        ``start[b] + i`` (benchmarks replay a step this way); checked against the lengths."""
+        start, n_new = [int(s) for s in start], [int(n) for n in n_new]
+        step = DecodeStep(torch.tensor(start, dtype=torch.int32, device=self.device),
+                          torch.tensor(n_new, dtype=torch.int32, device=self.device),
+                          tuple(start), tuple(n_new), int(chunk), weakref.ref(self), self.generation)
+        check_step(self, step)
+        return step
+
+
+def check_step(cache: "NSACache", step) -> None:
+    """A step must come from ``cache`` (``append`` or ``step_at``), in its current generation
+    (no ``reset()`` since), and lie inside its lengths: otherwise the kernels would read past
+    what the cache holds."""
+    if not isinstance(step, DecodeStep) or step.cache is None:
+        raise _err("E811", "step must be a DecodeStep from cache.append(...) (or cache.step_at(...))")
+    if step.cache() is not cache:
+        raise _err("E811", "this decode step belongs to another cache",
+                   hint="pass the step returned by this cache's append()")
+    if step.generation != cache.generation:
+        raise _err("E811", "this decode step is from before the cache's last reset()",
+                   hint="append the tokens again and use the new step")
+    lengths = cache.lengths_host
+    if len(step.start_host) != len(lengths) or len(step.n_host) != len(lengths) or any(
+            s < 0 or n < 0 or n > step.chunk or s + n > L for s, n, L in zip(step.start_host, step.n_host, lengths)):
+        raise _err("E811", f"the step covers positions start {list(step.start_host)} + n_new {list(step.n_host)}, "
+                           f"beyond the cache's lengths {list(lengths)}")
+
+
+def _counts(n_new, B: int, C: int) -> list[int]:
+    """``n_new`` as B ints in [0, C]: a sequence or 1-D tensor of integers (no floats, bools, strings)."""
+    if isinstance(n_new, Tensor):
+        if n_new.dim() != 1 or n_new.dtype.is_floating_point or n_new.dtype.is_complex or n_new.dtype == torch.bool:
+            raise _err("E804", f"n_new must be a 1-D integer tensor of {B} counts; got {n_new.dtype} {list(n_new.shape)}")
+        counts = n_new.tolist()
+    elif isinstance(n_new, (list, tuple)):
+        counts = list(n_new)
+    else:
+        raise _err("E804", f"n_new must be a list or tensor of {B} integer counts; got {type(n_new).__name__}")
+    if len(counts) != B or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= C for n in counts):
+        raise _err("E804", f"n_new must hold {B} integer counts in [0, {C}]; got {counts!r}")
+    return counts
 
 
 def _ranges(firsts: Sequence[int], counts: Sequence[int], device) -> tuple[Tensor, Tensor]:
@@ -434,7 +484,7 @@ def decode_torch(spec: Spec, q: Tensor, cache: NSACache, step: DecodeStep, gates
     """
     _check_q(spec, q, cache, step, gates)
     B, C, HQ, Dqk = q.shape
-    scale = float(Dqk ** -0.5 if scale is None else scale)
+    scale = check_scale(scale, Dqk)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     dev = q.device
     pos = step.start.to(dev).long()[:, None] + torch.arange(C, device=dev)
@@ -460,6 +510,7 @@ def decode_torch(spec: Spec, q: Tensor, cache: NSACache, step: DecodeStep, gates
 
 
 def _check_q(spec: Spec, q: Tensor, cache: NSACache, step: DecodeStep, gates) -> None:
+    check_step(cache, step)
     if not isinstance(q, Tensor) or q.dim() != 4:
         raise _err("E807", "q must be a tensor [B, C, HQ, Dqk]")
     B, C, HQ, Dqk = q.shape
@@ -525,7 +576,7 @@ class DecodeOp:
                                + ": one dtype for all")
         B, C, HQ, Dqk = q.shape
         mod = self.module(HQ, cache.kv_heads, Dqk, cache.v_dim)
-        scale = float(Dqk ** -0.5 if scale is None else scale)
+        scale = check_scale(scale, Dqk)
         cmp = [(cache.k_cmp[b.name], cache.v_cmp[b.name]) for b in spec.of_kind("compress")]
         sel = [(cache.k[b.name], cache.v[b.name], cache.k_mean.get(b.name)) for b in spec.of_kind("select")]
         win = [(cache.k[b.name], cache.v[b.name]) for b in spec.of_kind("window")]
@@ -604,8 +655,10 @@ def forward_cached(layer, x: Tensor, cache: NSACache, *, n_new=None, return_aux:
     gates = None
     if layer.gate_proj is not None:
         gates = layer.gate_proj(x).view(B, C, HQ, layer.num_gates)     # logits: the op applies sigmoid
+    def cast(x):                     # the projections' dtype (autocast) -> the cache's
+        return {n: t.to(cache.dtype) for n, t in x.items()} if isinstance(x, dict) else x.to(cache.dtype)
     with torch.no_grad():
-        step = cache.append(k, v, n_new=n_new, pool=_pool_for(layer))
+        step = cache.append(cast(k), cast(v), n_new=n_new, pool=_pool_for(layer))
     use_kernels = layer.backend == "kernels" or (layer.backend == "auto" and x.is_cuda)
     if use_kernels:
         op = _DECODE_OPS.get(layer)
@@ -685,8 +738,7 @@ def decode_bench(op: Union[DecodeOp, Spec, str, os.PathLike], cache_lengths: Seq
                 cache.lengths.copy_(lengths_dev)
                 return op(q, cache, cache.append(k_new, v_new), gates)
             one_step()                             # compiles; leaves the cache holding T tokens
-            step = DecodeStep(lengths_dev, torch.full((B,), q_len, dtype=torch.int32, device=dev),
-                              tuple(lengths_host), (q_len,) * B, q_len)
+            step = cache.step_at(lengths_host, (q_len,) * B, q_len)
             row = {"B": B, "T": T, "q_len": q_len, "HQ": HQ, "H": H, "Dqk": Dqk, "Dv": Dv,
                    "dtype": str(dtype).split(".")[-1], "cache_bytes": cache.nbytes()}
             row["nsa_step_ms"] = timer(one_step)
