@@ -16,6 +16,7 @@ so never renumber one.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
@@ -26,11 +27,17 @@ MAX_SIZE = 2 ** 20      # largest block, stride, top_k, window, head count
 MAX_DIM = 256           # largest head dimension the kernels support
 DIM_MULTIPLE = 16       # tl.dot needs dims that are multiples of 16
 MAX_GROUP = 64          # query heads per kv head the kernels pack into one tile
+MAX_TOP_K = 64          # block top-k: the kernel keeps [rows, top_k, top_k] rank tiles in registers
+MAX_SEGMENTS = 64       # block / stride of a compress branch that scores a select (segments per block)
+MAX_SELECT_SEGMENTS = 256   # select block / stride of its score source
+MAX_LEARNED_BLOCK = 512     # pool = linear | mlp: a Linear of block * head_dim inputs
+MAX_NAME = 64           # characters of a name (it becomes part of kernel and module names)
 ACTIVATIONS = ("sigmoid",)
 COMBINERS = ("gate", "sum")
 MEAN_POOL = "mean_pool"  # the score source that needs no compress branch
 
 _REQUIRED = object()
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,%d}\Z" % (MAX_NAME - 1))
 
 
 @dataclass(frozen=True)
@@ -207,7 +214,11 @@ def check_spec(spec: Spec) -> Spec:
 
 
 def problems(spec: Spec) -> list[SpecError]:
-    """Every semantic problem of ``spec``, in the order they appear in the file."""
+    """Every semantic problem of ``spec``, in the order they appear in the file. A Spec built by
+    hand (not by the parser) gets the parser's own rules first: value types, choices, kinds."""
+    typed = list(_types(spec))
+    if typed:
+        return typed
     found = [*_names(spec), *_fields(spec), *_branch_values(spec), *_scores(spec), *_output(spec)]
 
     def where(e: SpecError):
@@ -222,9 +233,55 @@ def _value_span(branch, name: str) -> Span:
     return branch.span  # a default value: point at the branch
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _types(spec: Spec) -> Iterator[SpecError]:
+    """What the parser guarantees by construction, checked for IR built by hand: known kinds,
+    ints where numbers go, words from their choices, the output's combiner and activation."""
+    for name in ("heads", "kv_heads", "qk_dim", "v_dim"):
+        value = getattr(spec, name)
+        if value is not None and not _is_int(value):
+            yield _err("E213", f"{name} must be an integer, got {value!r}", spec.span)
+    if not isinstance(spec.causal, bool):
+        yield _err("E213", f"causal must be true or false, got {spec.causal!r}", spec.span)
+    for b in spec.branches:
+        kind = getattr(b, "kind", None)
+        if kind not in BRANCH_PARAMS or not isinstance(b, (Compress, Select, Window)):
+            yield _err("E308", f"unknown branch kind {kind!r}", getattr(b, "span", spec.span),
+                       f"branch kinds are {words(BRANCH_PARAMS)}")
+            continue
+        if not isinstance(b.name, str):
+            yield _err("E116", f"branch name {b.name!r} is not a name", b.span)
+        for pname, rule in BRANCH_PARAMS[kind].items():
+            value = getattr(b, pname)
+            if rule.type == "int" and not _is_int(value):
+                yield _err("E213", f"branch '{b.name}': {pname} must be an integer, got {value!r}",
+                           _value_span(b, pname))
+            elif rule.type == "name" and not isinstance(value, str):
+                yield _err("E213", f"branch '{b.name}': {pname} takes a name, got {value!r}",
+                           _value_span(b, pname))
+    out = spec.output
+    if out.kind not in (*COMBINERS, "branch"):
+        yield _err("E400", f"unknown output combiner {out.kind!r}", out.span, f"use {words(COMBINERS)}")
+    elif out.kind == "gate" and out.activation not in ACTIVATIONS:
+        yield _err("E403", f"gate activation {out.activation!r} is not supported", out.span,
+                   f"only {words(ACTIVATIONS)} is supported: gate(sigmoid, a, b, ...)")
+    elif out.kind != "gate" and out.activation is not None:
+        yield _err("E403", f"output = {out.kind}(...) takes no activation", out.span)
+    elif out.kind == "branch" and len(out.branches) != 1:
+        yield _err("E404", "an output that names one branch names exactly one", out.span)
+    if not all(isinstance(n, str) for n in out.branches):
+        yield _err("E310", f"output branches must be branch names, got {list(out.branches)!r}", out.span)
+
+
 def _names(spec: Spec) -> Iterator[SpecError]:
     seen: dict[str, Union[Compress, Select, Window]] = {}
     for b in spec.branches:
+        if not _IDENTIFIER.match(b.name):
+            yield _err("E116", f"branch name {b.name[:80]!r} is not a name of at most {MAX_NAME} characters",
+                       b.span, "names are letters, digits and '_', starting with a letter or '_'")
         if b.name == MEAN_POOL:
             yield _err("E312", f"'{MEAN_POOL}' is reserved and cannot name a branch", b.span,
                        f"score = {MEAN_POOL} selects blocks by their mean key; rename the branch")
@@ -313,6 +370,14 @@ def _branch_values(spec: Spec) -> Iterator[SpecError]:
             near = _nearest([d for d in _divisors(b.block)], b.stride)
             yield _err("E204", f"stride {b.stride} does not divide block {b.block}",
                        _value_span(b, "stride"), f"try {words(str(d) for d in near)}")
+        if isinstance(b, Select) and b.top_k > MAX_TOP_K:
+            yield _err("E217", f"top_k = {b.top_k} is above {MAX_TOP_K}, the most blocks the selection "
+                               "kernels rank per query", _value_span(b, "top_k"),
+                       f"use top_k <= {MAX_TOP_K} with larger blocks (top_k * block keys are attended)")
+        if isinstance(b, Compress) and b.pool != "mean" and b.block > MAX_LEARNED_BLOCK:
+            yield _err("E219", f"pool = {b.pool} over blocks of {b.block} keys: the learned pooling is a "
+                               f"Linear of block * head_dim inputs; at most {MAX_LEARNED_BLOCK} keys",
+                       _value_span(b, "block"), f"use pool = mean, or block <= {MAX_LEARNED_BLOCK}")
         if isinstance(b, Select) and b.top_k < b.keep_first + b.keep_last:
             need = b.keep_first + b.keep_last
             yield _err("E208", f"top_k = {b.top_k} is less than keep_first + keep_last = "
@@ -339,6 +404,17 @@ def _scores(spec: Spec) -> Iterator[SpecError]:
             yield _err("E311", f"score = {b.score} names a {source.kind} branch; "
                                "blocks are scored by a compress branch or mean_pool", span,
                        f"use score = {options}")
+        elif _valid(source.stride) and _valid(source.block) and source.block // source.stride > MAX_SEGMENTS:
+            yield _err("E218", f"compress {source.name} scores {b.name} with block / stride = "
+                               f"{source.block // source.stride} segments per block; the scoring kernels "
+                               f"add at most {MAX_SEGMENTS}", _value_span(source, "stride"),
+                       f"raise stride to {-(-source.block // MAX_SEGMENTS)} or more")
+        elif _valid(source.stride) and _valid(b.block) and b.block % source.stride == 0 \
+                and b.block // source.stride > MAX_SELECT_SEGMENTS:
+            yield _err("E218", f"select block {b.block} spans {b.block // source.stride} strides of its "
+                               f"score source {source.name}; the scoring kernels add at most "
+                               f"{MAX_SELECT_SEGMENTS}", _value_span(b, "block"),
+                       f"use block <= {MAX_SELECT_SEGMENTS * source.stride}, or a larger stride")
         elif _valid(source.stride) and _valid(b.block) and b.block % source.stride:
             d = source.stride
             below = b.block // d * d

@@ -3,7 +3,7 @@
     layer = nsa_dsl.SparseAttention("examples/nsa_paper.nsa", hidden_size=2048)
     y = layer(x)                      # x, y: [B, T, hidden_size]
 
-The layer owns every learned piece around the attention op (DESIGN.md section 4):
+The layer owns every learned piece around the attention op (docs/SEMANTICS.md, compress):
 
     x --q_proj-------------------------------> q [B, T, HQ, Dqk] --rotary--+
     x --k_proj / v_proj (shared or per branch)-> k, v [B, T, H, D] --rotary(k)-+--> op --> o --o_proj--> y
@@ -38,6 +38,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .checks import check_spec
 from .errors import SpecError
 from .ir import Compress, Spec, SpecFile
 
@@ -234,7 +235,7 @@ class SparseAttention(nn.Module):
                  scale: Optional[float] = None, pool_hidden: Optional[int] = None,
                  device=None, dtype=None):
         super().__init__()
-        spec = _as_spec(spec)
+        spec = check_spec(_as_spec(spec))         # a Spec built by hand gets the parser's checks
         if not isinstance(hidden_size, int) or isinstance(hidden_size, bool) or hidden_size <= 0:
             raise SpecError("E703", f"hidden_size must be a positive integer, got {hidden_size!r}")
         if backend not in BACKENDS:

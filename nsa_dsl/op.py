@@ -23,6 +23,7 @@ from codegen.plan import Binding, Plan, bind, lower
 from . import kernel_ops as ops
 from . import varlen as _varlen
 from .backend import check_kernel_device
+from .checks import check_spec
 from .errors import SpecError
 from .ir import Compress, Select, Spec, Window
 
@@ -84,7 +85,7 @@ class CompiledOp:
     fuse_backward: bool = True
 
     def __init__(self, spec: Spec, cache: KernelCache | None = None):
-        self.spec = spec
+        self.spec = check_spec(spec)        # a Spec built by hand gets the parser's checks
         self._cache = cache
         self._keys: dict[tuple[Binding, bool], tuple[Plan, dict[str, str]]] = {}
         self._programs: dict[tuple[Binding, bool], str] = {}

@@ -828,7 +828,8 @@ class SelectShapes(BranchShapes):
             return ()
         jj = self.score_block // self.score_stride + 1   # lo(j) = j*l'/d - l/d + 1 >= 1
         lo, hi = evaluate(self.weight_lo, j=jj), evaluate(self.weight_hi, j=jj)
-        return tuple(evaluate(self.weight, i=k, j=jj) for k in range(lo, hi + 1))
+        w = lambdify_int(self.weight, i, j)              # compiled once: hi - lo can be large
+        return tuple(w(k, jj) for k in range(lo, hi + 1))
 
 
 @dataclass(frozen=True, kw_only=True)
