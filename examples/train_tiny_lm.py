@@ -132,6 +132,13 @@ def spec_gap(spec) -> int:
     return max([b.size for b in spec.of_kind("window")] + [0])
 
 
+def min_seq_len(cfg: Config, min_gap: Optional[int] = None) -> int:
+    """The shortest sequence :func:`make_batch` can fill: the pairs (two tokens each, at even
+    positions), then the gap, then ``SEP`` and the questions."""
+    gap = cfg.min_gap if min_gap is None else min_gap
+    return 2 * cfg.pairs + 1 + gap + 1 + 2 * cfg.queries
+
+
 # ------------------------------------------------------------------------------------ task
 
 def make_batch(cfg: Config, batch: int, generator: torch.Generator, seq_len: Optional[int] = None,
@@ -654,6 +661,14 @@ def main(argv: Optional[Sequence[str]] = None, log=print) -> dict:
     cfg = Config(seq_len=args.seq_len or Config.seq_len, layers=args.layers, hidden=args.hidden,
                  heads=args.heads, kv_heads=args.kv_heads, pairs=args.pairs, queries=args.queries,
                  min_gap=spec_gap(spec), token_shift=args.token_shift == "on")
+    if cfg.queries > cfg.pairs or cfg.pairs > cfg.n_keys:
+        raise SystemExit(f"error: --queries {cfg.queries} and --pairs {cfg.pairs}: the task asks at most "
+                         f"--pairs keys and holds at most {cfg.n_keys} pairs; pass --queries <= --pairs <= {cfg.n_keys}")
+    if cfg.seq_len < min_seq_len(cfg):
+        raise SystemExit(f"error: --seq-len {cfg.seq_len} is too short for spec '{spec.name}': the {cfg.pairs} "
+                         f"key-value pairs must lie beyond its widest window ({cfg.min_gap} keys) from the "
+                         f"{cfg.queries} questions, which takes --seq-len {min_seq_len(cfg)} or more; pass "
+                         f"--seq-len {min_seq_len(cfg)} (or use a spec with a smaller window, or fewer --pairs)")
     threads = torch.get_num_threads()
     if args.threads or args.device == "cpu":
         torch.set_num_threads(args.threads or 1)
@@ -726,4 +741,7 @@ def main(argv: Optional[Sequence[str]] = None, log=print) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except nsa_dsl.SpecError as e:     # a bad --spec, or one the model cannot take: no traceback
+        raise SystemExit(e.render())

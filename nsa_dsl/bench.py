@@ -41,7 +41,7 @@ Workloads (:func:`make_inputs`):
 - ``random``: q, k, v iid standard normal. Selections are then nearly independent between
   neighbouring tokens, more diverse than a trained model's.
 - ``local``: keys drift slowly along T and queries follow recent keys, so neighbouring tokens
-  choose mostly the same blocks, as in trained models (PERF.md, lever 2). Per kv head ``h``,
+  choose mostly the same blocks, as in trained models (docs/KERNELS.md, "Known performance weaknesses"). Per kv head ``h``,
   ``z_h[t]`` is a moving sum of ``L = LOCAL_DRIFT`` (128) iid normal steps divided by ``sqrt(L)``: a
   stationary process of unit variance whose correlation between tokens ``s`` apart is
   ``max(0, 1 - s / L)``. Keys are ``k[t, h] = (z_h[t] + 0.5 n) / sqrt(1.25)`` with ``n`` iid
@@ -52,7 +52,7 @@ Workloads (:func:`make_inputs`):
   have the random workload's scale). Values stay iid normal. The weights are calibrated on the
   reference top-k (``nsa_dsl.semantics``; paper pattern, G = 16, D = 64, T = 8192): 2 / 4 / 8 / 16
   adjacent tokens choose about 22 / 29 / 37 / 44 distinct blocks (random inputs, T = 16384:
-  27 / 44 / 69 / 98), near PERF.md's figures for drifting keys (22 / 30 / 42 / 59).
+  27 / 44 / 69 / 98), near an earlier measurement with drifting keys (22 / 30 / 42 / 59).
 """
 from __future__ import annotations
 

@@ -237,8 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("show", _heavy("show_cmd", "show"),
                  "draw which keys each query attends, per branch")
     sp.add_argument("file", metavar="FILE")
-    sp.add_argument("--seq-len", type=_positive_int, required=True, metavar="T")
-    sp.add_argument("--out", metavar="PNG", help="where to write the picture")
+    sp.add_argument("--seq-len", type=_positive_int, required=True, metavar="T",
+                    help="sequence length (8k = 8192); the work is estimated first: minutes of it are "
+                         "refused without --force, tens of seconds warned about, and a progress bar shows")
+    sp.add_argument("--out", metavar="PNG",
+                    help="where to write the picture (default: show_<NAME>_T<T>.png in the current folder)")
+    sp.add_argument("--force", action="store_true",
+                    help="run even when the estimated work is past the limit")
     sp.add_argument("--from-model", metavar="CKPT", help="take q and k from a model checkpoint")
     sp.add_argument("--layer", type=int, default=0, help="which attention layer of --from-model")
     name_option(sp)

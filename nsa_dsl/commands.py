@@ -33,12 +33,20 @@ def _shape_args(args) -> dict:
 def compile_cmd(args, emit=print) -> int:
     import nsa_dsl
     spec = nsa_dsl.load(args.file, getattr(args, "name", None))
+    from .shapes import Dims
     op = nsa_dsl.compile(spec)
-    plan = op.plan(**_shape_args(args))
+    given = _shape_args(args)
+    dims = Dims.of(spec, **given)      # the options, else the spec's, else the defaults explain assumes
+    shapes = {"heads": dims.heads, "kv_heads": dims.kv_heads, "qk_dim": dims.qk_dim, "v_dim": dims.v_dim}
+    if dims.defaulted:
+        emit(f"shapes: {', '.join(f'{f} = {shapes[f]}' for f in dims.defaulted)} assumed (the spec does "
+             f"not declare {'it' if len(dims.defaulted) == 1 else 'them'}; the defaults of `nsa-dsl explain`); "
+             f"set {' '.join('--' + f.replace('_', '-') + ' N' for f in dims.defaulted)} to compile for others")
+    plan = op.plan(**shapes)
     emit(plan.describe())
     emit(f"cache entry: {op.cache.entry(plan)}")
     if getattr(args, "emit", None):
-        for p in op.emit(args.emit, **_shape_args(args)):
+        for p in op.emit(args.emit, **shapes):
             emit(f"wrote {p}")
     return 0
 
@@ -74,6 +82,7 @@ def demo_cmd(args, emit=print) -> int:
     T = getattr(args, "seq_len", None) or (4096 if on_gpu else 160)
     HQ = spec.heads or (64 if on_gpu else 16)
     H = spec.kv_heads or (4 if on_gpu else 1)
+    declared = spec
     if not on_gpu:  # keep the interpreter run under a minute
         HQ, H = min(HQ, 16), max(1, min(H, 16) * min(HQ, 16) // HQ)
         spec = _shrink(spec, HQ, H)
@@ -82,6 +91,16 @@ def demo_cmd(args, emit=print) -> int:
          f"output {spec.output.kind})")
     emit(f"inputs    B=1 T={T} HQ={HQ} H={H} Dqk={Dqk} Dv={Dv} {str(dtype).replace('torch.', '')} on {device}"
          + ("" if on_gpu else " (Triton interpreter)"))
+    ran = {"heads": HQ, "kv_heads": H, "qk_dim": Dqk, "v_dim": Dv}
+    shrunk = [f for f in ran if getattr(declared, f) is not None and getattr(declared, f) != ran[f]]
+    if shrunk:
+        emit(f"shapes    the spec declares {', '.join(f'{f}={getattr(declared, f)}' for f in shrunk)}; this CPU "
+             f"run uses {', '.join(f'{f}={ran[f]}' for f in shrunk)} so that the interpreter finishes in "
+             "about a minute (on a GPU, `nsa-dsl demo --device cuda` runs the declared shapes)")
+    undeclared = [f for f in ran if getattr(declared, f) is None]
+    if undeclared:
+        emit(f"shapes    {', '.join(f'{f}={ran[f]}' for f in undeclared)}: not declared by the spec, "
+             "bound from the demo's tensors")
 
     g = torch.Generator(device="cpu").manual_seed(0)
     def rnd(*shape):
@@ -140,7 +159,10 @@ def demo_cmd(args, emit=print) -> int:
     else:
         emit(f"timing    first forward (render + load + run) {t1 - t0:.1f} s; backward {t2 - t1:.1f} s "
              "(interpreter: correctness, not speed)")
-    emit("source    op.source('all') prints the generated Triton; `nsa-dsl compile FILE --emit DIR` writes it")
+    flags = "".join(f" --{f.replace('_', '-')} {ran[f]}" for f in undeclared)
+    name = f" --name {declared.name}" if getattr(args, "name", None) else ""
+    emit(f"source    `nsa-dsl compile {path}{name} --emit DIR{flags}` writes the generated Triton and the plan "
+         f"to DIR ({'for the declared shapes; ' if shrunk else ''}in Python: print(op.source('all')) after a call)")
     dec_err = _demo_decode(spec, q.detach(), k.detach(), v.detach(), None if gates is None else gates.detach(),
                            selection, (q64, k64, v64, g64, c64), emit)
     worst = max([_rel(o, o_ref), dec_err] + [_rel(a, b) for a, b in zip(grads, ref_grads)])
@@ -337,29 +359,116 @@ def _bench_decode(spec, args, emit) -> int:
     return 0
 
 
+class _PhaseBar:
+    """A tqdm bar on stderr over work in phases of estimated length (``show.Estimate.phases``).
+    A phase that reports its own progress moves the bar through the callback ``phase`` yields;
+    during one that cannot (a single reference run), a thread moves it at the estimated pace,
+    never past 95% of the phase until the phase ends. ``enabled=False``: no bar, no thread."""
+
+    STEPS = 1000
+
+    def __init__(self, phases, enabled: bool, desc: str):
+        import threading
+
+        from tqdm import tqdm
+        self.phases = dict(phases)
+        self.total = sum(self.phases.values()) or 1.0
+        self.enabled = enabled
+        self.done = 0.0                       # share of the estimate behind the current phase
+        self.lock = threading.Lock()
+        self.bar = tqdm(total=self.STEPS, desc=desc, file=sys.stderr, disable=not enabled,
+                        dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
+
+    def _move(self, share: float) -> None:
+        with self.lock:
+            n = min(self.STEPS, int(share * self.STEPS))
+            if n > self.bar.n:
+                self.bar.update(n - self.bar.n)
+
+    def phase(self, name: str):
+        import contextlib
+        import threading
+        bar = self
+
+        @contextlib.contextmanager
+        def run():
+            begin, est = bar.done, bar.phases.get(name, 0.0)
+            width = est / bar.total
+            stop, thread = threading.Event(), None
+            if bar.enabled:
+                bar.bar.set_postfix_str(name)
+                t0 = time.perf_counter()
+
+                def tick():
+                    while not stop.wait(0.25):
+                        bar._move(begin + width * min(0.95, (time.perf_counter() - t0) / max(est, 1e-9)))
+                thread = threading.Thread(target=tick, daemon=True)
+                thread.start()
+            try:
+                yield lambda share: bar._move(begin + width * min(1.0, share))
+            finally:
+                stop.set()
+                if thread is not None:
+                    thread.join()
+                bar.done = begin + width
+                bar._move(bar.done)
+        return run()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} minutes"
+
+
 def show_cmd(args, emit=print) -> int:
-    """`nsa-dsl show FILE --seq-len T [--out PNG] [--from-model CKPT]`: a PNG of the keys each
-    query attends, per branch (logic in nsa_dsl.show)."""
+    """`nsa-dsl show FILE --seq-len T [--out PNG] [--from-model CKPT] [--force]`: a PNG of the keys
+    each query attends, per branch (logic in nsa_dsl.show). The work is estimated first
+    (``show.estimate``): past ``show.REFUSE_SECONDS`` it refuses without ``--force``, past
+    ``show.WARN_SECONDS`` it warns, past ``show.PROGRESS_SECONDS`` a progress bar runs on stderr."""
     import nsa_dsl
     from . import show
 
     spec = nsa_dsl.load(args.file, getattr(args, "name", None))
     T = int(args.seq_len)
     show._import_pyplot()                 # a missing matplotlib fails before any work
-    marks = None
-    if getattr(args, "from_model", None):
-        indices, note, marks = show.model_selection(spec, T, args.from_model,
-                                                    layer=getattr(args, "layer", None) or 0)
-    elif spec.of_kind("select"):
-        indices, note = show.random_selection(spec, T)
-    else:
-        indices, note = None, "static pattern"
-    masks = show.attention_masks(spec, T, indices, size=show.DEFAULT_SIZE)
-    stats = show.keys_per_query(spec, T, indices)
-    out = getattr(args, "out", None) or f"show_{spec.name}_T{T}.png"
-    title = (f"{spec.name}: keys attended per query, T = {T} (dense causal: {(T + 1) / 2:.1f} keys "
-             f"per query on average)\n{note}" + ("\ncircles: each answer's query (row) and the value it must retrieve (column)" if marks else ""))
-    path = show.render_png(spec, masks, T, out, title=title, stats=stats, marks=marks)
+    from_model = getattr(args, "from_model", None)
+    model = show.checkpoint_shapes(from_model) if from_model else None
+    cost = show.estimate(spec, T, model=model)
+    if cost.seconds > show.REFUSE_SECONDS and not getattr(args, "force", False):
+        quick = show.longest_within(spec, show.WARN_SECONDS, model=model)
+        quick = int(float(f"{quick:.2g}")) if quick >= 100 else quick     # a round number
+        raise SpecError("E631", f"show --seq-len {T} is about {_duration(cost.seconds)} of work on a "
+                                f"2-core CPU (the most: {cost.heaviest})",
+                        hint=f"a smaller --seq-len (up to about {quick} takes under "
+                             f"{show.WARN_SECONDS:.0f} s), or --force to run it anyway")
+    if cost.seconds > show.WARN_SECONDS:
+        print(f"nsa-dsl show: --seq-len {T} is about {_duration(cost.seconds)} of work on a 2-core CPU "
+              f"(the most: {cost.heaviest}); a smaller --seq-len is quicker", file=sys.stderr)
+    bar = _PhaseBar(cost.phases, enabled=cost.seconds > show.PROGRESS_SECONDS, desc=f"show T={T}")
+    try:
+        marks = None
+        if from_model:
+            with bar.phase("selection"):
+                indices, note, marks = show.model_selection(spec, T, from_model,
+                                                            layer=getattr(args, "layer", None) or 0)
+        elif spec.of_kind("select"):
+            with bar.phase("selection"):
+                indices, note = show.random_selection(spec, T)
+        else:
+            indices, note = None, "static pattern"
+        with bar.phase("masks") as done:
+            masks = show.attention_masks(spec, T, indices, size=show.DEFAULT_SIZE, progress=done)
+        with bar.phase("key counts"):
+            stats = show.keys_per_query(spec, T, indices)
+        out = getattr(args, "out", None) or f"show_{spec.name}_T{T}.png"
+        title = (f"{spec.name}: keys attended per query, T = {T} (dense causal: {(T + 1) / 2:.1f} keys "
+                 f"per query on average)\n{note}" + ("\ncircles: each answer's query (row) and the value it must retrieve (column)" if marks else ""))
+        with bar.phase("picture"):
+            path = show.render_png(spec, masks, T, out, title=title, stats=stats, marks=marks)
+    finally:
+        bar.close()
     emit(f"wrote {path}")
     return 0
 

@@ -14,7 +14,7 @@ or, below the module, with tensors:
 Token ``i`` of a chunk of ``C`` new tokens of sequence ``b`` sits at position ``start[b] + i``
 (``start`` = the cache length before the chunk) and attends causally to the cache ``[0, t]``,
 its own chunk included: the outputs equal those of the full forward (``nsa_dsl.reference``)
-at the same positions, for every branch (DESIGN.md section 3 is causal throughout). Sequences
+at the same positions, for every branch (docs/SEMANTICS.md is causal throughout). Sequences
 of a batch may have different lengths; ``append(..., n_new=[...])`` appends fewer than ``C``
 tokens to some of them (right padding; padded tokens output 0).
 

@@ -89,6 +89,7 @@ class CompiledOp:
         self._cache = cache
         self._keys: dict[tuple[Binding, bool], tuple[Plan, dict[str, str]]] = {}
         self._programs: dict[tuple[Binding, bool], str] = {}
+        self._bound: Binding | None = None       # the shapes of the last call (see binding())
 
     @property
     def cache(self) -> KernelCache:
@@ -101,20 +102,32 @@ class CompiledOp:
 
     # -- pipeline ------------------------------------------------------------------------------
     def binding(self, heads=None, kv_heads=None, qk_dim=None, v_dim=None) -> Binding:
-        s = self.spec
-        heads, kv_heads = heads or s.heads, kv_heads or s.kv_heads
-        qk_dim, v_dim = qk_dim or s.qk_dim, v_dim or s.v_dim
-        if None in (heads, kv_heads, qk_dim, v_dim):
-            raise _err("E612", f"spec '{s.name}' does not declare all of heads, kv_heads, qk_dim, v_dim",
-                       hint="call the op once (shapes bind from the tensors) or pass them, "
-                            "e.g. op.plan(heads=16, kv_heads=1, qk_dim=64, v_dim=64)")
-        return bind(s, heads, kv_heads, qk_dim, v_dim)
+        """The shapes to plan for: each field as given, else as the spec declares it, else as the
+        op's last call bound it from its tensors. E612 when a field is none of these."""
+        s, last = self.spec, self._bound
+        given = {"heads": heads, "kv_heads": kv_heads, "qk_dim": qk_dim, "v_dim": v_dim}
+        shapes = {f: given[f] or getattr(s, f) or (getattr(last, f) if last is not None else None)
+                  for f in given}
+        missing = [f for f, value in shapes.items() if value is None]
+        if missing:
+            raise _err("E612", f"spec '{s.name}' does not declare {', '.join(missing)}, and no call "
+                               "has bound them from tensors yet",
+                       hint="call the op once (the tensors' shapes bind them), or give them: in Python "
+                            "op.source(heads=16, kv_heads=1, qk_dim=64, v_dim=64) (plan and emit take the "
+                            "same), on the command line --heads 16 --kv-heads 1 --qk-dim 64 --v-dim 64")
+        return bind(s, **shapes)
 
     def plan(self, *, varlen: bool = False, **shapes) -> Plan:
+        """The kernel plan for ``shapes`` (see :meth:`binding`: by default the declared shapes,
+        else those of the last call)."""
         return lower(self.spec, self.binding(**shapes), varlen=varlen)
 
-    def _kernels(self, binding: Binding, varlen: bool = False) -> tuple[Plan, dict[str, str]]:
-        """Plan, render or load from the cache, register: kernel name -> op key."""
+    def _kernels(self, binding: Binding, varlen: bool = False, *, record: bool = True) -> tuple[Plan, dict[str, str]]:
+        """Plan, render or load from the cache, register: kernel name -> op key. ``record``: the
+        binding becomes the one :meth:`binding` falls back to (calls record theirs; source and
+        emit, which only read, do not)."""
+        if record:
+            self._bound = binding
         if (binding, varlen) not in self._keys:
             plan = lower(self.spec, binding, varlen=varlen)
             modules = launch.build(plan, self.cache.load(plan))
@@ -138,8 +151,9 @@ class CompiledOp:
     def source(self, which: str = "all", *, varlen: bool = False, **shapes) -> str:
         """The generated Triton source: ``"all"`` (or ``"fwd"``/``"bwd"``: every module holds
         both), or one kernel module by name, e.g. ``"window_swa"``. ``varlen=True``: the
-        kernels for packed sequences (``cu_seqlens``)."""
-        plan, _ = self._kernels(self.binding(**shapes), varlen)
+        kernels for packed sequences (``cu_seqlens``). ``shapes`` (heads, kv_heads, qk_dim,
+        v_dim) default to the spec's declared ones, else to those of the op's last call."""
+        plan, _ = self._kernels(self.binding(**shapes), varlen, record=False)
         entry = self.cache.entry(plan)
         names = [k.name for k in plan.kernels]
         if which not in ("all", "fwd", "bwd"):
@@ -150,8 +164,8 @@ class CompiledOp:
                            for n in names)
 
     def emit(self, directory, *, varlen: bool = False, **shapes) -> list[Path]:
-        """Write the plan and every rendered module to ``directory``."""
-        plan, _ = self._kernels(self.binding(**shapes), varlen)
+        """Write the plan and every rendered module to ``directory`` (shapes as :meth:`source`)."""
+        plan, _ = self._kernels(self.binding(**shapes), varlen, record=False)
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         entry = self.cache.entry(plan)
@@ -369,6 +383,11 @@ def compile(spec: Union[Spec, str, os.PathLike], *, cache_dir=None) -> CompiledO
     Kernels are generated lazily at the first call, when the tensor shapes bind the
     spec's undeclared fields, and cached on disk (``$NSA_DSL_CACHE_DIR``).
     """
+    if not isinstance(spec, (Spec, str, os.PathLike)):
+        raise _err("E600", f"nsa_dsl.compile() takes a Spec or the path of a .nsa file, got "
+                           f"{'None' if spec is None else type(spec).__name__}",
+                   hint="nsa_dsl.compile(nsa_dsl.load('examples/nsa_paper_mean.nsa')), "
+                        "nsa_dsl.compile(nsa_dsl.parse(text)) or nsa_dsl.compile('file.nsa')")
     if not isinstance(spec, Spec):
         from . import load
         spec = load(spec)

@@ -1,6 +1,6 @@
 """The reference semantics of nsa-dsl, in plain PyTorch: the oracle every kernel is judged by.
 
-Everything here follows DESIGN.md section 3 literally; readability beats speed, but the code
+Everything here follows docs/SEMANTICS.md literally; readability beats speed, but the code
 is vectorized and works on query chunks so the paper's pattern at T = 4096 runs on a CPU in
 seconds and never builds a ``[T, T]`` matrix per head.
 

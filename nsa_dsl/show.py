@@ -3,7 +3,7 @@
     masks = attention_masks(spec, T, indices)         # branch -> bool [rows, cols] (numpy)
     render_png(spec, masks, T, "show.png", title=...)  # one panel per branch + the combined one
 
-Each branch's key set per query follows DESIGN.md section 3:
+Each branch's key set per query follows docs/SEMANTICS.md:
 
 - ``compress(l, d)``: query ``t`` sees compressed block ``i`` iff ``i*d + l - 1 <= t``;
   block ``i`` pools keys ``[i*d, i*d + l)``: drawn as the key ranges of the visible blocks.
@@ -26,7 +26,7 @@ only the CLI prints.
 | code | meaning |
 |---|---|
 | E630 | matplotlib is not installed |
-| E631 | bad ``T`` / ``size`` / ``indices`` |
+| E631 | bad ``T`` / ``size`` / ``indices``; for ``nsa-dsl show``, a ``T`` past the cost limit (see :func:`estimate`) |
 | E632 | the checkpoint cannot be read or was not written by ``examples/train_tiny_lm.py`` |
 | E633 | the checkpoint's attention pattern differs from the spec's |
 | E634 | the checkpoint's model has no sparse attention (``--attn sdpa``) or no such layer |
@@ -39,7 +39,7 @@ import importlib.util
 import math
 import os
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -133,14 +133,15 @@ def _selection_for(branch: Select, T: int, indices) -> Optional[np.ndarray]:
     return idx.astype(np.int64)
 
 
-def _rasterize(q, start, end, T: int, n: int) -> np.ndarray:
+def _rasterize(q, start, end, T: int, n: int, progress=None) -> np.ndarray:
     """The mask of one branch from its key intervals.
 
     ``n == T``: ``[T, T]`` bool, ``[t, p]`` True when query ``t`` attends key ``p``. ``n < T``:
     ``[n, n]`` float32, cell ``(r, c)`` the fraction of the queries of row ``r`` that attend at
     least one key of column ``c`` (max over the keys of the cell, mean over its queries): any
     attended pair makes a cell non-zero, so a one-key band stays visible, and a key range that
-    only some queries of the row choose shows as partly covered.
+    only some queries of the row choose shows as partly covered. ``progress``: called with the
+    share of the queries done after each pass.
     """
     keep = end > start
     q, start, end = q[keep], start[keep], end[keep]
@@ -165,12 +166,14 @@ def _rasterize(q, start, end, T: int, n: int) -> np.ndarray:
             r = np.arange(t0, t0 + rows) * n // T                 # sorted: sum runs of rows
             uniq, first = np.unique(r, return_index=True)
             out[uniq] += np.add.reduceat(hit.astype(np.float32), first, axis=0)
+        if progress is not None:
+            progress((t0 + rows) / T)
     if not exact:
         out /= np.bincount(np.arange(T) * n // T, minlength=n).astype(np.float32)[:, None]
     return out
 
 
-def attention_masks(spec: Spec, T: int, indices=None, size: Optional[int] = None) -> dict:
+def attention_masks(spec: Spec, T: int, indices=None, size: Optional[int] = None, progress=None) -> dict:
     """Which keys each query attends, per branch: ``{branch name: bool array}`` in spec order.
 
     ``T``: sequence length. ``indices``: selected blocks, a dict ``{select branch: idx}`` or one
@@ -180,7 +183,7 @@ def attention_masks(spec: Spec, T: int, indices=None, size: Optional[int] = None
     ``size``: None (or ``>= T``) for exact ``[T, T]`` bool masks, ``[t, p]`` True when query
     ``t`` attends key ``p``; else ``[size, size]`` float32 masks, each cell the fraction of its
     queries that attend any of its keys (see :func:`_rasterize`); ``mask > 0`` is the
-    max-pooled mask.
+    max-pooled mask. ``progress``: called with the share of the work done (0 to 1) as it goes.
     """
     if not isinstance(T, int) or isinstance(T, bool) or T < 1:
         raise SpecError("E631", f"the sequence length must be a positive integer, got {T!r}")
@@ -191,9 +194,10 @@ def attention_masks(spec: Spec, T: int, indices=None, size: Optional[int] = None
         raise SpecError("E631", "indices: pass a dict {select branch: idx} for a spec with "
                                 f"{len(spec.of_kind('select'))} select branches")
     masks = {}
-    for b in spec.branches:
+    for i, b in enumerate(spec.branches):
         idx = _selection_for(b, T, indices) if isinstance(b, Select) else None
-        masks[b.name] = _rasterize(*_intervals(b, T, idx), T, n)
+        done = None if progress is None else (lambda share, i=i: progress((i + share) / len(spec.branches)))
+        masks[b.name] = _rasterize(*_intervals(b, T, idx), T, n, done)
     return masks
 
 
@@ -235,6 +239,14 @@ def _shape_free(spec: Spec) -> Spec:
     return replace(spec, heads=None, kv_heads=None, qk_dim=None, v_dim=None)
 
 
+def random_shapes(spec: Spec) -> tuple[int, int, int]:
+    """``(heads, kv_heads, dim)`` of :func:`random_selection`'s inputs."""
+    G = RANDOM_HEADS
+    if spec.heads and spec.kv_heads:
+        G = min(16, spec.heads // spec.kv_heads)
+    return G * RANDOM_KV_HEADS, RANDOM_KV_HEADS, RANDOM_DIM
+
+
 def random_selection(spec: Spec, T: int, seed: int = 0):
     """``({select branch: idx [T, top_k]}, description)`` from ``nsa_dsl.reference`` on random
     ``q, k, v`` (batch 1; heads 4 and kv heads 1, or the spec's group size ``heads / kv_heads``
@@ -244,10 +256,7 @@ def random_selection(spec: Spec, T: int, seed: int = 0):
     import torch
 
     import nsa_dsl
-    G = RANDOM_HEADS
-    if spec.heads and spec.kv_heads:
-        G = min(16, spec.heads // spec.kv_heads)
-    HQ, H, D = G * RANDOM_KV_HEADS, RANDOM_KV_HEADS, RANDOM_DIM
+    HQ, H, D = random_shapes(spec)
     run_spec = _shape_free(spec)           # declared shapes would make the inputs huge; G is kept
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(1, T, HQ, D, generator=g)
@@ -347,6 +356,123 @@ def model_selection(spec: Spec, T: int, checkpoint: str, layer: int = 0, seed: i
         if earlier:
             marks.append((t, earlier[0] + 1))
     return sel, note, marks
+
+
+# ----------------------------------------------------------------------------------- cost
+
+#: ``nsa-dsl show`` warns when its estimate passes WARN_SECONDS, refuses past REFUSE_SECONDS
+#: (unless ``--force``), and draws a progress bar on stderr past PROGRESS_SECONDS
+WARN_SECONDS, REFUSE_SECONDS, PROGRESS_SECONDS = 20.0, 120.0, 3.0
+
+# Seconds per unit of work, measured on a 2-core x86 CPU (torch 2.13 and numpy, float32):
+# multiply-adds of the reference's small per-chunk products, of a large matrix product (the
+# compressed-to-selection overlap weights), elementwise passes, scores ranked (two stable sorts),
+# key/value elements gathered, mask intervals (numpy scatter-adds), mask cells (cumulative sums),
+# and the picture itself. A shared or slower machine takes longer.
+_SECONDS_PER = {"mac": 1.0e-10, "matmul": 1.7e-11, "elem": 1.25e-10, "rank": 4.0e-8,
+                "gather": 2.0e-9, "interval": 4.0e-7, "count": 2.0e-7, "cell": 3.0e-8, "picture": 1.5}
+_REFERENCE_CHUNK = 256     # queries per chunk of the reference; a window chunk reads w + 255 keys
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What ``nsa-dsl show`` will cost: ``phases``, ``(name, seconds)`` in the order they run (a
+    rough guide, see ``_SECONDS_PER``), and ``heaviest``, the largest piece of work in words."""
+    phases: tuple
+    heaviest: str
+
+    @property
+    def seconds(self) -> float:
+        return sum(sec for _, sec in self.phases)
+
+
+def _reference_terms(spec: Spec, T: int, heads: int, kv_heads: int, dim: int) -> list:
+    """``[(seconds, description)]``: ``nsa_dsl.reference`` (no gradient) on ``[1, T, heads, dim]``
+    queries and ``kv_heads`` key/value heads, branch by branch as it computes them."""
+    c, H, G, D = _SECONDS_PER, kv_heads, max(1, heads // max(1, kv_heads)), dim
+    used = set(spec.output.branches) | {b.score for b in spec.of_kind("select")}
+    terms = []
+
+    def n_cmp(b):
+        return 0 if T < b.block else (T - b.block) // b.stride + 1
+
+    for b in spec.branches:
+        if b.name not in used:
+            continue
+        if isinstance(b, Compress):
+            pairs = T * n_cmp(b) * H * G
+            terms.append((pairs * (2 * D * c["mac"] + 8 * c["elem"]),
+                          f"compression '{b.name}': {T} queries x {n_cmp(b)} compressed blocks"))
+        elif isinstance(b, Select):
+            n_sel = -(-T // b.block)
+            if b.score == "mean_pool":
+                score = T * n_sel * H * G * D * c["mac"]
+                what = f"scoring '{b.name}': {T} queries x {n_sel} blocks"
+            else:
+                nc = n_cmp(spec.branch(b.score))
+                score = T * nc * H * (G * (D * c["mac"] + 8 * c["elem"]) + n_sel * c["matmul"])
+                what = f"scoring '{b.name}': {T} queries x {nc} compressed blocks x {n_sel} selection blocks"
+            terms.append((score + T * H * n_sel * c["rank"], what))
+            keys = T * H * b.top_k * b.block
+            terms.append((keys * (2 * D * c["gather"] + G * (2 * D * c["mac"] + 8 * c["elem"])),
+                          f"selection '{b.name}': {T} queries x {b.top_k * b.block} keys"))
+        elif isinstance(b, Window):
+            keys = min(T, b.size + _REFERENCE_CHUNK - 1) + b.sinks
+            terms.append((T * keys * H * G * (2 * D * c["mac"] + 8 * c["elem"]),
+                          f"window '{b.name}': {T} queries x {keys} keys per chunk"))
+    return terms
+
+
+def _intervals_per_branch(b, T: int) -> int:
+    return T * b.top_k if isinstance(b, Select) else 2 * T if isinstance(b, Window) else T
+
+
+def estimate(spec: Spec, T: int, *, size: int = DEFAULT_SIZE, model: Optional[Mapping] = None) -> Estimate:
+    """The cost of ``nsa-dsl show`` at length ``T``: the selection (``nsa_dsl.reference`` on
+    random inputs of :func:`random_shapes` when the spec selects; with ``model``, a dict of
+    ``heads``, ``kv_heads``, ``dim`` and ``layers`` (see :func:`checkpoint_shapes`), the model's
+    forward, one reference run per layer), the masks at ``size`` cells per side, the key counts
+    and the picture."""
+    c = _SECONDS_PER
+    terms = []
+    if model:
+        for sec, what in _reference_terms(spec, T, model["heads"], model["kv_heads"], model["dim"]):
+            terms.append((sec * model["layers"], what + f" in each of {model['layers']} layers"))
+    elif spec.of_kind("select"):
+        terms = _reference_terms(spec, T, *random_shapes(spec))
+    n = min(T, size)
+    masks = [(_intervals_per_branch(b, T) * c["interval"] + T * (n + 1) * c["cell"],
+              f"mask '{b.name}': {T} queries x {n} cells") for b in spec.branches]
+    counts = sum(_intervals_per_branch(b, T) for b in spec.branches) * c["count"]
+    phases = (("selection", sum(sec for sec, _ in terms)), ("masks", sum(sec for sec, _ in masks)),
+              ("key counts", counts), ("picture", c["picture"]))
+    heaviest = max(terms + masks, key=lambda term: term[0])[1]
+    return Estimate(tuple((name, sec) for name, sec in phases if sec > 0), heaviest)
+
+
+def longest_within(spec: Spec, seconds: float, *, size: int = DEFAULT_SIZE, model: Optional[Mapping] = None) -> int:
+    """The largest length whose :func:`estimate` stays within ``seconds`` (at least 1)."""
+    lo, hi = 1, 2
+    while hi < 1 << 40 and estimate(spec, hi, size=size, model=model).seconds <= seconds:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if estimate(spec, mid, size=size, model=model).seconds <= seconds else (lo, mid)
+    return lo
+
+
+def checkpoint_shapes(checkpoint) -> dict:
+    """``{heads, kv_heads, dim, layers}`` of a model saved by ``examples/train_tiny_lm.py``, for
+    :func:`estimate`; ``{}`` when the file cannot be read that way (:func:`model_selection` then
+    says why)."""
+    try:
+        import torch
+        cfg = torch.load(str(checkpoint), map_location="cpu", weights_only=True)["config"]
+        heads, hidden = int(cfg["heads"]), int(cfg["hidden"])
+        return {"heads": heads, "kv_heads": int(cfg.get("kv_heads", 1)), "dim": max(1, hidden // heads),
+                "layers": int(cfg["layers"])}
+    except Exception:           # torch.load's many failure types; a foreign or missing file
+        return {}
 
 
 # -------------------------------------------------------------------------------- picture

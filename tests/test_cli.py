@@ -257,6 +257,16 @@ def test_demo_runs_end_to_end(capsys, tmp_path, monkeypatch):
     assert cli.main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "result    OK" in out and "rows choose the same blocks" in out
+    # the shapes it ran, and that they are not the ones the packaged spec declares
+    assert "inputs    B=1 T=160 HQ=16 H=1 Dqk=64 Dv=32 float32" in out
+    assert ("the spec declares heads=64, kv_heads=4, qk_dim=192, v_dim=128; this CPU run uses "
+            "heads=16, kv_heads=1, qk_dim=64, v_dim=32") in out
+    # its pointer to the generated source is a command that works as printed
+    source = next(line for line in out.splitlines() if line.startswith("source"))
+    assert "op.source('all') prints" not in source
+    command = source.split("`")[1].replace("DIR", str(tmp_path / "emit")).split()
+    assert command[0] == "nsa-dsl" and cli.main(command[1:]) == 0
+    assert (tmp_path / "emit" / "plan.txt").is_file() and (tmp_path / "emit" / "window_swa.py").is_file()
 
 
 def test_bench_decode_cases_and_json(tmp_path, monkeypatch):
