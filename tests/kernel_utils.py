@@ -12,25 +12,28 @@ if str(Path(__file__).resolve().parent.parent) not in sys.path:   # plain `pytes
 
 from codegen import launch
 from codegen.loader import load_module
-from codegen.plan import tile_vars
+from codegen.plan import select_vars, tile_vars
 from codegen.render import render
 
 
-def with_tiles(variables: dict) -> dict:
-    """A family's template variables with the plan's derived tile constants (GP, BDK, BDV)."""
+def with_tiles(variables: dict, template: str = "") -> dict:
+    """A family's template variables with the plan's derived tile constants (GP, BDK, BDV; the
+    selection's TOPKP, BN, NT, ... for ``select.py.j2``)."""
     if "G" in variables and "GP" not in variables:
-        return {**tile_vars(variables["G"], variables.get("DQK", 16), variables.get("DV", 16)), **variables}
+        variables = {**tile_vars(variables["G"], variables.get("DQK", 16), variables.get("DV", 16)), **variables}
+    if template.startswith("select") and "BN" not in variables:
+        variables = {**select_vars(variables["LS"], variables["TOPK"]), **variables}
     return variables
 
 
 def render_family(template: str, **variables) -> str:
     """``templates/<template>`` rendered as the plan would (derived tile constants added)."""
-    return render(template, **with_tiles(variables))
+    return render(template, **with_tiles(variables, template))
 
 
 @functools.lru_cache(maxsize=None)
 def _load(template: str, items: tuple):
-    variables = with_tiles(dict(items))
+    variables = with_tiles(dict(items), template)
     stem = template.split(".")[0]
     source = render(template, **variables)
     name = stem + "_" + "_".join(f"{k}{v}" for k, v in items)

@@ -9,8 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codegen.render import render
-from kernel_utils import load_family, rand, rel_err
+from kernel_utils import load_family, rand, rel_err, render_family
 from nsa_dsl.semantics import select_attention, select_blocks_mean_pool
 
 HAS_CUDA = torch.cuda.is_available()
@@ -217,14 +216,14 @@ def test_select_block_lists():
 def test_select_render_specializes():
     """Jinja decides what exists: no block-end mask when BN divides LS, no head-dim masks for
     power-of-two dims; LS = 48 gets the mask, D = 48 gets the dim masks."""
-    plain = render("select.py.j2", G=16, DQK=64, DV=64, LS=64, TOPK=16)
+    plain = render_family("select.py.j2", G=16, DQK=64, DV=64, LS=64, TOPK=16)
     assert "(i_j + 1) * LS" not in plain and "m_dk" not in plain and "m_dv" not in plain
     assert "o_g < G" not in plain                                       # G is a power of two
     assert "BN = 64" in plain and "NT = 1" in plain
-    odd = render("select.py.j2", G=3, DQK=48, DV=80, LS=48, TOPK=3)
+    odd = render_family("select.py.j2", G=3, DQK=48, DV=80, LS=48, TOPK=3)
     assert "(i_j + 1) * LS" in odd and "m_dk = " in odd and "m_dv = " in odd and "o_g < G" in odd
     assert "for i_n in range(NT)" not in odd                            # 48 fits one tile
-    long = render("select.py.j2", G=4, DQK=64, DV=64, LS=128, TOPK=4)
+    long = render_family("select.py.j2", G=4, DQK=64, DV=64, LS=128, TOPK=4)
     assert "BN = 64" in long and "NT = 2" in long and "for i_n in range(NT)" in long
     assert "(i_j + 1) * LS" not in long
 

@@ -10,7 +10,7 @@ from kernel_utils import run_sm90_check
 _CHECK = r"""
 from codegen import launch
 from codegen.loader import load_module
-from codegen.plan import tile_vars
+from codegen.plan import select_vars, tile_vars
 from codegen.render import render
 from codegen.sm90 import compile_kernel, ptxas_usage, signature, spill_bytes
 
@@ -23,7 +23,8 @@ F32 = {n: "*fp32" for n in ("lse", "delta")}
 cm = load_module(render("compress.py.j2", G=G, DQK=D, DV=D, L=L, STRIDE=S), "sm90_compress")
 tk = load_module(render("topk.py.j2", G=G, DQK=D, L=L, STRIDE=S, LS=LS, TOPK=K, KEEP_FIRST=1,
                         KEEP_LAST=2, SCORE="cmp"), "sm90_topk")
-sm = load_module(render("select.py.j2", G=G, DQK=D, DV=D, LS=LS, TOPK=K), "sm90_select")
+svars = dict(tile_vars(G, D, D), LS=LS, TOPK=K, **select_vars(LS, K))
+sm = launch.launchers("select", svars, load_module(render("select.py.j2", **svars), "sm90_select"))
 wvars = dict(tile_vars(G, D, D), W=W, SINKS=0)
 wm = launch.launchers("window", wvars, load_module(render("window.py.j2", **wvars), "sm90_window"))
 
@@ -54,7 +55,8 @@ assert cfg["R"] * 8 == 64 and cfg["maxnreg"] == 168, cfg
 consts.update(G=8, GP=8, R=cfg["R"], BM=8 * cfg["R"], BN=cfg["BN"], BJ=cfg["BJ"], NI=cfg.get("NI", 0))
 run("topk G8", tk8.topk_cmp_kernel, cfg, consts, {**BF16, **F32, **I32})
 
-for kind, fn in (("fwd", sm.select_fwd_kernel), ("dq", sm.select_bwd_dq_kernel), ("dkdv", sm.select_bwd_dkdv_kernel)):
+for kind, fn in (("fwd", sm.kernels.select_fwd_kernel), ("dq", sm.kernels.select_bwd_dq_kernel),
+                 ("dkdv", sm.kernels.select_bwd_dkdv_kernel)):
     cfg = sm._heuristic(kind, True, T)
     consts = dict(G=G, GP=G, LS=LS, BN=cfg["BN"], DQK=D, DV=D, BDK=D, BDV=D, ACC=True, TMA=cfg.get("TMA", False))
     assert consts["TMA"] == (kind != "dkdv"), cfg     # fwd / dq read K/V tiles by TMA
