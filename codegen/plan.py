@@ -180,7 +180,7 @@ def lower(spec: Spec, binding: Binding, varlen: bool = False) -> Plan:
         kernels.append(_kernel(f"window_{b.name}", b.name, "window", **tiles, W=b.size, SINKS=b.sinks, **seq))
     out = spec.output
     kernels.append(_kernel("combine", "output", "combine",
-                           C=len(out.branches), DV=DV, GATED=out.kind == "gate"))
+                           C=len(out.branches), DV=DV, BDV=tiles["BDV"], GATED=out.kind == "gate"))
     return Plan(spec, binding, tuple(kernels))
 
 

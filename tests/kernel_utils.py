@@ -23,6 +23,8 @@ def with_tiles(variables: dict, template: str = "") -> dict:
         variables = {**tile_vars(variables["G"], variables.get("DQK", 16), variables.get("DV", 16)), **variables}
     if template.startswith("select") and "BN" not in variables:
         variables = {**select_vars(variables["LS"], variables["TOPK"]), **variables}
+    if "DV" in variables and "BDV" not in variables:   # combine (C, DV, GATED): its row tiles' width
+        variables = {**variables, "BDV": tile_vars(1, variables["DV"], variables["DV"])["BDV"]}
     return variables
 
 

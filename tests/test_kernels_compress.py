@@ -2,9 +2,8 @@
 import pytest
 import torch
 
-from kernel_utils import load_family, rand, rel_err
+from kernel_utils import load_family, rand, rel_err, render_family
 from nsa_dsl.semantics import compress_attention, num_compressed_blocks
-from codegen.render import render
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -115,15 +114,15 @@ def test_compress_strided_inputs():
 
 def test_compress_rendering_specializes():
     """Jinja renders only what the variables need."""
-    same = render("compress.py.j2", G=4, DQK=64, DV=32, L=16, STRIDE=16)
+    same = render_family("compress.py.j2", G=4, DQK=64, DV=32, L=16, STRIDE=16)
     assert "n_all = (t_first + 1) // 16 " in same                 # l == d: no clip at 0
 
     assert "< DQK" not in same and "< DV" not in same      # power-of-two dims: no dim masks
     assert "% GP < G" not in same                          # G a power of two: no padded heads
-    over = render("compress.py.j2", G=3, DQK=48, DV=80, L=32, STRIDE=16)
+    over = render_family("compress.py.j2", G=3, DQK=48, DV=80, L=32, STRIDE=16)
     assert "n_all = tl.maximum(0, (t_first + 1) // 16 - 1)" in over        # from nsa_dsl.shapes
     assert "(o_k < DQK)" in over and "(o_v < DV)" in over and "o_r % GP < G" in over
-    one = render("compress.py.j2", G=1, DQK=32, DV=32, L=32, STRIDE=16)
+    one = render_family("compress.py.j2", G=1, DQK=32, DV=32, L=32, STRIDE=16)
     assert "o_r // GP" not in one                          # G = 1: rows are positions
 
 

@@ -20,7 +20,8 @@ BF16 = {n: "*bf16" for n in ("q", "k", "v", "o", "do", "dq")}
 I32 = {n: "*i32" for n in ("idx", "blk", "pos", "list_off", "item_list", "item_chunk")}
 F32 = {n: "*fp32" for n in ("lse", "delta")}
 
-cm = load_module(render("compress.py.j2", G=G, DQK=D, DV=D, L=L, STRIDE=S), "sm90_compress")
+cvars = dict(tile_vars(G, D, D), L=L, STRIDE=S)
+cm = launch.launchers("compress", cvars, load_module(render("compress.py.j2", **cvars), "sm90_compress"))
 tk = load_module(render("topk.py.j2", G=G, DQK=D, L=L, STRIDE=S, LS=LS, TOPK=K, KEEP_FIRST=1,
                         KEEP_LAST=2, SCORE="cmp"), "sm90_topk")
 svars = dict(tile_vars(G, D, D), LS=LS, TOPK=K, **select_vars(LS, K))
@@ -36,9 +37,10 @@ def run(name, fn, cfg, consts, pointers, spills=64):
     assert kernel.metadata.shared <= 232448, (name, kernel.metadata.shared)
     assert spill_bytes(usage) <= spills, (name, usage)
 
-for kind, fn in (("fwd", cm.compress_fwd_kernel), ("dq", cm.compress_bwd_dq_kernel), ("dkdv", cm.compress_bwd_dkdv_kernel)):
+for kind, fn in (("fwd", cm.kernels.compress_fwd_kernel), ("dq", cm.kernels.compress_bwd_dq_kernel),
+                 ("dkdv", cm.kernels.compress_bwd_dkdv_kernel)):
     cfg = cm._heuristic(kind, True, T)
-    consts = dict(G=G, GP=G, L=L, STRIDE=S, DQK=D, DV=D, BK=D, BV=D, R=cfg["R"], BM=G * cfg["R"], BN=cfg["BN"],
+    consts = dict(G=G, GP=G, L=L, STRIDE=S, DQK=D, DV=D, BDK=D, BDV=D, R=cfg["R"], BM=G * cfg["R"], BN=cfg["BN"],
                   ACC=True)   # dq: added to the other branches' (the op's fused backward)
     run("compress " + kind, fn, cfg, consts, {**BF16, **F32, "dk": "*fp32", "dv": "*fp32"})
 
