@@ -133,6 +133,20 @@ def tile_vars(G: int, DQK: int, DV: int) -> dict:
     return dict(G=G, GP=next_pow2(G), DQK=DQK, DV=DV, BDK=max(16, next_pow2(DQK)), BDV=max(16, next_pow2(DV)))
 
 
+def topk_vars(L: int, STRIDE: int, LS: int, TOPK: int, SCORE: str) -> dict:
+    """The constants the top-k family derives from a select branch: ``TOPKP`` (its top-k buffer:
+    TOPK padded to a power of two) and, scored by a compression branch (``SCORE == "cmp"``),
+    ``A = L / STRIDE`` and ``C = LS / STRIDE``: the STRIDE-key segments of a compressed block and
+    of a select block."""
+    out = dict(TOPKP=next_pow2(TOPK))
+    if SCORE == "cmp":
+        if L % STRIDE or LS % STRIDE:
+            raise ValueError(f"scoring by compression needs STRIDE | L and STRIDE | LS; got L = {L}, "
+                             f"STRIDE = {STRIDE}, LS = {LS}")
+        out.update(A=L // STRIDE, C=LS // STRIDE)
+    return out
+
+
 def select_vars(LS: int, TOPK: int) -> dict:
     """The selection's tile constants: ``TOPKP`` (TOPK padded to a power of two, at least 2: the
     width of a row's idx tile); ``BN`` (the key tile: the whole block when it fits in 64 keys, as a
@@ -173,7 +187,8 @@ def lower(spec: Spec, binding: Binding, varlen: bool = False) -> Plan:
             L, STRIDE, SCORE = src.block, src.stride, "cmp"
         kernels.append(_kernel(f"topk_{b.name}", b.name, "topk",
                                G=G, GP=tiles["GP"], DQK=DQK, BDK=tiles["BDK"], L=L, STRIDE=STRIDE, LS=b.block,
-                               TOPK=b.top_k, KEEP_FIRST=b.keep_first, KEEP_LAST=b.keep_last, SCORE=SCORE, **seq))
+                               TOPK=b.top_k, KEEP_FIRST=b.keep_first, KEEP_LAST=b.keep_last, SCORE=SCORE,
+                               **topk_vars(L, STRIDE, b.block, b.top_k, SCORE), **seq))
         kernels.append(_kernel(f"select_{b.name}", b.name, "select", **tiles, LS=b.block, TOPK=b.top_k,
                                **select_vars(b.block, b.top_k), **seq))
     for b in spec.of_kind("window"):

@@ -12,17 +12,20 @@ if str(Path(__file__).resolve().parent.parent) not in sys.path:   # plain `pytes
 
 from codegen import launch
 from codegen.loader import load_module
-from codegen.plan import select_vars, tile_vars
+from codegen.plan import select_vars, tile_vars, topk_vars
 from codegen.render import render
 
 
 def with_tiles(variables: dict, template: str = "") -> dict:
     """A family's template variables with the plan's derived tile constants (GP, BDK, BDV; the
-    selection's TOPKP, BN, NT, ... for ``select.py.j2``)."""
+    selection's TOPKP, BN, NT, ... for ``select.py.j2``; the top-k's TOPKP, A, C for ``topk.py.j2``)."""
     if "G" in variables and "GP" not in variables:
         variables = {**tile_vars(variables["G"], variables.get("DQK", 16), variables.get("DV", 16)), **variables}
     if template.startswith("select") and "BN" not in variables:
         variables = {**select_vars(variables["LS"], variables["TOPK"]), **variables}
+    if template.startswith("topk") and "TOPKP" not in variables:   # L, STRIDE: LS for mean_pool
+        v = variables
+        variables = {**topk_vars(v.get("L", v["LS"]), v.get("STRIDE", v["LS"]), v["LS"], v["TOPK"], v["SCORE"]), **v}
     if "DV" in variables and "BDV" not in variables:   # combine (C, DV, GATED): its row tiles' width
         variables = {**variables, "BDV": tile_vars(1, variables["DV"], variables["DV"])["BDV"]}
     return variables

@@ -3,10 +3,9 @@ are exact in float32, near ties (within rounding) decided either way elsewhere."
 import pytest
 import torch
 
-from kernel_utils import assert_near_ties, load_family, rand
+from kernel_utils import assert_near_ties, load_family, rand, render_family
 from nsa_dsl.semantics import (block_scores_cmp, block_scores_mean_pool, compress_attention,
                                num_compressed_blocks, select_blocks_cmp, select_blocks_mean_pool)
-from codegen.render import render
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -141,15 +140,15 @@ def test_topk_mean_pool_equal_keys(keep, ni):
 
 def test_topk_rendering_specializes():
     """One store (the indices: no score tensor is written); code only for the features in use."""
-    paper = render("topk.py.j2", G=16, DQK=128, L=32, STRIDE=16, LS=64, TOPK=16,
-                   KEEP_FIRST=1, KEEP_LAST=2, SCORE="cmp")
+    paper = render_family("topk.py.j2", G=16, DQK=128, L=32, STRIDE=16, LS=64, TOPK=16,
+                          KEEP_FIRST=1, KEEP_LAST=2, SCORE="cmp")
     assert paper.count("tl.store(") == 1
     assert "b_carry" in paper and "m_forced" in paper and "only the best TOPK slots" not in paper
-    plain = render("topk.py.j2", G=4, DQK=64, L=16, STRIDE=16, LS=64, TOPK=5,
-                   KEEP_FIRST=0, KEEP_LAST=0, SCORE="cmp")
+    plain = render_family("topk.py.j2", G=4, DQK=64, L=16, STRIDE=16, LS=64, TOPK=5,
+                          KEEP_FIRST=0, KEEP_LAST=0, SCORE="cmp")
     assert "b_carry" not in plain and "m_forced" not in plain and "KEEP_LAST)" not in plain
     assert "only the best TOPK slots" in plain                            # TOPK = 5: padded buffer slots
-    mp = render("topk.py.j2", G=1, DQK=48, LS=64, TOPK=4, KEEP_FIRST=1, KEEP_LAST=0, SCORE="mean_pool")
+    mp = render_family("topk.py.j2", G=1, DQK=48, LS=64, TOPK=4, KEEP_FIRST=1, KEEP_LAST=0, SCORE="mean_pool")
     assert mp.count("tl.store(") == 1 and "topk_cmp_kernel" not in mp and "b_lse" not in mp
     assert "(o_j[None, :] < KEEP_FIRST)" in mp and "o_own[:, None] - KEEP_LAST" not in mp
 

@@ -9,8 +9,9 @@ from kernel_utils import run_sm90_check
 
 _CHECK = r"""
 from codegen import launch
+from codegen.launch.topk import SORT_KEYS
 from codegen.loader import load_module
-from codegen.plan import select_vars, tile_vars
+from codegen.plan import select_vars, tile_vars, topk_vars
 from codegen.render import render
 from codegen.sm90 import compile_kernel, ptxas_usage, signature, spill_bytes
 
@@ -22,8 +23,12 @@ F32 = {n: "*fp32" for n in ("lse", "delta")}
 
 cvars = dict(tile_vars(G, D, D), L=L, STRIDE=S)
 cm = launch.launchers("compress", cvars, load_module(render("compress.py.j2", **cvars), "sm90_compress"))
-tk = load_module(render("topk.py.j2", G=G, DQK=D, L=L, STRIDE=S, LS=LS, TOPK=K, KEEP_FIRST=1,
-                        KEEP_LAST=2, SCORE="cmp"), "sm90_topk")
+def topk_family(G, name):
+    tvars = dict(tile_vars(G, D, D), L=L, STRIDE=S, LS=LS, TOPK=K, KEEP_FIRST=1, KEEP_LAST=2, SCORE="cmp",
+                 **topk_vars(L, S, LS, K, "cmp"))
+    return launch.launchers("topk", tvars, load_module(render("topk.py.j2", **tvars), name))
+
+tk = topk_family(G, "sm90_topk")
 svars = dict(tile_vars(G, D, D), LS=LS, TOPK=K, **select_vars(LS, K))
 sm = launch.launchers("select", svars, load_module(render("select.py.j2", **svars), "sm90_select"))
 wvars = dict(tile_vars(G, D, D), W=W, SINKS=0)
@@ -45,17 +50,15 @@ for kind, fn in (("fwd", cm.kernels.compress_fwd_kernel), ("dq", cm.kernels.comp
     run("compress " + kind, fn, cfg, consts, {**BF16, **F32, "dk": "*fp32", "dv": "*fp32"})
 
 cfg = tk._heuristic("topk", True, T)
-consts = dict(G=G, GP=G, DQK=D, BK=D, L=L, STRIDE=S, A=L // S, C=LS // S, LS=LS, TOPK=K, TK=K, KEEP_FIRST=1,
-              KEEP_LAST=2, IDX_MAX=tk.IDX_MAX, VALID=tk.VALID, EMPTY=tk.EMPTY, INELIGIBLE=tk.INELIGIBLE,
-              FLOOR=tk.FLOOR, PINNED=tk.PINNED, NI=cfg.get("NI", 0), R=cfg["R"], BM=G * cfg["R"], BN=cfg["BN"],
+consts = dict(G=G, GP=G, DQK=D, BDK=D, L=L, STRIDE=S, A=tk.A, C=tk.C, LS=LS, TOPK=K, TOPKP=K, KEEP_FIRST=1,
+              KEEP_LAST=2, **SORT_KEYS, NI=cfg.get("NI", 0), R=cfg["R"], BM=G * cfg["R"], BN=cfg["BN"],
               BJ=cfg["BJ"], LOWP=True)
-run("topk", tk.topk_cmp_kernel, cfg, consts, {**BF16, **F32, **I32})
-tk8 = load_module(render("topk.py.j2", G=8, DQK=D, L=L, STRIDE=S, LS=LS, TOPK=K, KEEP_FIRST=1,
-                         KEEP_LAST=2, SCORE="cmp"), "sm90_topk_g8")
+run("topk", tk.kernels.topk_cmp_kernel, cfg, consts, {**BF16, **F32, **I32})
+tk8 = topk_family(8, "sm90_topk_g8")
 cfg = tk8._heuristic("topk", True, T)      # GQA group of 8: 64-row tiles, at most 168 registers
 assert cfg["R"] * 8 == 64 and cfg["maxnreg"] == 168, cfg
 consts.update(G=8, GP=8, R=cfg["R"], BM=8 * cfg["R"], BN=cfg["BN"], BJ=cfg["BJ"], NI=cfg.get("NI", 0))
-run("topk G8", tk8.topk_cmp_kernel, cfg, consts, {**BF16, **F32, **I32})
+run("topk G8", tk8.kernels.topk_cmp_kernel, cfg, consts, {**BF16, **F32, **I32})
 
 for kind, fn in (("fwd", sm.kernels.select_fwd_kernel), ("dq", sm.kernels.select_bwd_dq_kernel),
                  ("dkdv", sm.kernels.select_bwd_dkdv_kernel)):

@@ -1,0 +1,270 @@
+"""Block scoring + top-k selection (``templates/topk.py.j2``): configs and launchers.
+
+Variables (the plan's): G, GP, DQK, BDK, LS, TOPK, TOPKP (TOPK padded to a power of two),
+KEEP_FIRST, KEEP_LAST, SCORE ("cmp" | "mean_pool"), L, STRIDE, VARLEN; scored by a compression
+branch also A = L / STRIDE and C = LS / STRIDE (``codegen.plan.topk_vars``).
+
+A module rendered with ``SCORE == "cmp"`` has the launcher ``topk(q, k_cmp, lse_cmp, scale)``,
+one with ``"mean_pool"`` ``topk_mean_pool(q, k)``: :class:`Topk` builds the class of its score.
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Optional
+
+import torch
+
+from nsa_dsl.semantics import num_compressed_blocks
+from nsa_dsl.varlen import compressed_cu_seqlens
+
+from ..ints import cdiv, next_pow2
+from . import family
+from .base import LOG2E, Config, Family, is_tile, launch_options
+from .packed import check_packed, cumsum0, packed, tile_table
+
+# int64 sort keys of the top-k buffer (the template's merge_chunk): the order-preserving int32 of
+# the score << 32 plus IDX_MAX - block. Below every eligible block (score >= -inf): empty slots,
+# then ineligible blocks. The kernels take these as constexprs.
+IDX_MAX = (1 << 31) - 1
+ORD_NEG_INF = -2139095041               # the order-preserving int32 of float -inf
+VALID = ORD_NEG_INF << 32               # keys >= VALID are eligible blocks
+EMPTY = (ORD_NEG_INF - 1) << 32
+INELIGIBLE = (ORD_NEG_INF - 2) << 32
+FLOOR = (ORD_NEG_INF - 3) << 32         # below every key
+PINNED = (1 << 63) - 1                  # above every key: padding slots of an unsorted buffer hold PINNED - slot
+SORT_KEYS = dict(IDX_MAX=IDX_MAX, VALID=VALID, EMPTY=EMPTY, INELIGIBLE=INELIGIBLE, FLOOR=FLOOR, PINNED=PINNED)
+
+
+def new_idx(shape, device) -> torch.Tensor:
+    """An int32 index buffer: under ``NSA_DSL_NAN_FILL=1`` (the tests, as ``base.new_output``)
+    filled with a value no kernel writes (int32 has no NaN), else empty."""
+    if os.environ.get("NSA_DSL_NAN_FILL") == "1":
+        return torch.full(shape, -(1 << 31), dtype=torch.int32, device=device)
+    return torch.empty(shape, dtype=torch.int32, device=device)
+
+
+@family("topk")
+class Topk(Family):
+    """The top-k launchers of one rendered module; constructing ``Topk`` gives the subclass of the
+    module's score (:class:`TopkCmp` or :class:`TopkMeanPool`)."""
+
+    KINDS = ("topk",)
+
+    def __new__(cls, kernels, variables: Mapping):
+        if cls is Topk:
+            cls = TopkCmp if variables["SCORE"] == "cmp" else TopkMeanPool
+        return super().__new__(cls)
+
+    def __init__(self, kernels, variables: Mapping):
+        super().__init__(kernels, variables)
+        v = self.variables
+        self.G, self.GP, self.DQK, self.BDK = v["G"], v["GP"], v["DQK"], v["BDK"]
+        self.LS, self.TOPK, self.TOPKP = v["LS"], v["TOPK"], v["TOPKP"]
+        self.KEEP_FIRST, self.KEEP_LAST = v["KEEP_FIRST"], v["KEEP_LAST"]
+        self.varlen = bool(v.get("VARLEN", False))
+        self.CONFIG: Optional[tuple] = None   # a pinned config (R, BN, BJ, num_warps, dot); None: the heuristic
+
+    # -- configs ---------------------------------------------------------------------------------
+    def _pinned(self) -> Optional[Config]:
+        return None if self.CONFIG is None else dict(zip(("R", "BN", "BJ", "num_warps", "dot"), self.CONFIG))
+
+    def _min_bj(self) -> int:
+        return 1
+
+    def _invalid(self, kind: str, cfg: Config) -> Optional[str]:
+        R = cfg["R"]
+        if not (isinstance(R, int) and is_tile(R * self.GP) and R & (R - 1) == 0):
+            return "R and the row tile R * GP must be powers of two, R * GP >= 16 (tl.dot)"
+        if not (is_tile(cfg["BN"]) and is_tile(cfg["BJ"])):
+            return "BN and BJ must be powers of two of at least 16 (tl.dot)"
+        ni = cfg.get("NI", 0)
+        if not (isinstance(ni, int) and 0 <= ni <= 16):
+            return "NI (insertion steps before the rank merge) must be an int in [0, 16]"
+        if cfg["BJ"] < self._min_bj():
+            return f"BJ must be at least {self._min_bj()} (the overlap carry reaches that far)"
+        return None
+
+    def _candidates(self, bn) -> list[Config]:
+        """64 / 128 rows x BJ of 16, 32, 64 select blocks per chunk (BN = bn(BJ) where given) x
+        4 / 8 warps x 3 stages, and with 4 warps also 2 stages capped at 168 registers (3 programs
+        per SM where shared memory allows); then the heuristic with 0 to 3 insertion steps (NI)."""
+        GP = self.GP
+        cands = [dict(R=m // GP, BJ=bj, num_warps=w, num_stages=st, maxnreg=reg, **({"BN": bn(bj)} if bn else {}))
+                 for m in (64, 128) if m >= GP for bj in (16, 32, 64) for w in (4, 8)
+                 for st, reg in ((3, None), (2, 168)) if w == 4 or reg is None]
+        return cands + [dict(NI=n) for n in range(4)]
+
+    # -- launchers ---------------------------------------------------------------------------------
+    def _check(self, q: torch.Tensor, H: int, cu_seqlens) -> tuple[int, int]:
+        B, T, HQ, dqk = q.shape
+        if dqk != self.DQK:
+            raise ValueError(f"topk kernels were generated for DQK={self.DQK}; got q {tuple(q.shape)}")
+        if HQ != H * self.G:
+            raise ValueError(f"topk kernels were generated for G={self.G} query heads per kv head; "
+                             f"got {HQ} query heads and {H} kv heads")
+        check_packed(q, cu_seqlens, self.varlen, "topk")
+        return B, T
+
+    def _consts(self, cfg: Config) -> dict:
+        return dict(G=self.G, GP=self.GP, DQK=self.DQK, BDK=self.BDK, LS=self.LS, TOPK=self.TOPK,
+                    TOPKP=self.TOPKP, KEEP_FIRST=self.KEEP_FIRST, KEEP_LAST=self.KEEP_LAST, **SORT_KEYS,
+                    NI=cfg.get("NI", 0), R=cfg["R"], BM=self.GP * cfg["R"], BN=cfg["BN"], BJ=cfg["BJ"],
+                    **launch_options(cfg))
+
+
+class TopkCmp(Topk):
+    """Select blocks scored by the compression branch's attention probabilities."""
+
+    TUNE_KINDS = {"topk": ("topk",)}
+
+    def __init__(self, kernels, variables: Mapping):
+        super().__init__(kernels, variables)
+        v = self.variables
+        self.L, self.STRIDE, self.A, self.C = v["L"], v["STRIDE"], v["A"], v["C"]
+
+    def _min_bj(self) -> int:
+        """A compressed block read by chunk j0 may overlap select blocks up to (A - 2) // C + 1 past the
+        chunk's end: its share is carried into the next chunk only, so BJ must cover that reach."""
+        return next_pow2((self.A - 2) // self.C + 1) if self.A > 1 else 1
+
+    def _bn(self, BJ: int) -> int:
+        """Compressed blocks per tile for chunks of BJ select blocks (BJ * C compressed blocks)."""
+        return max(16, min(64, next_pow2(BJ * self.C)))
+
+    def _heuristic(self, kind: str, gpu: bool, T: int) -> Config:
+        """The untuned config {R, BN, BJ, num_warps, dot}: BM = GP * R query rows, BN compressed
+        blocks per tile, BJ select blocks per chunk; dot: True scores with an fp16 tl.dot (p times
+        the integer overlap weights; GPU), False in fp32."""
+        pinned = self._pinned()
+        if pinned is not None:
+            return pinned
+        GP = self.GP
+        R = max(1, 128 // GP)                   # interpreter too: few, large programs
+        # H200, T = 64k, G = 16, D = 128, bf16 (ms): BM = 128, BJ = 16, BN = 64 (one tile per chunk,
+        # a flat loop) 13.3; BJ = 32, BN = 64 15.1; BJ = 32, BN = 128 30.9 (4 warps) / 16.4 (8 warps)
+        BJ = max(16, self._min_bj())
+        if gpu:   # 64-row tiles; H200, 64k (ms): G = 16 10.00 against 10.19 for 128 rows; G = 8 7.90
+            R = max(1, 64 // GP)   # against 8.88; G = 4 10.62 against 16.45 (32 rows: 23.9)
+        cfg = dict(R=R, BN=self._bn(BJ), BJ=BJ, num_warps=4, dot=gpu)
+        if gpu and self.BDK <= 128 and R * GP <= 128:
+            # 2 stages (67 KB of shared memory) and at most 168 registers: 3 programs per SM instead of
+            # 2; H200, 64k / 32k / 16k: 10.9 / 2.89 / 0.81 ms against 11.7 / 3.11 / 0.87
+            cfg.update(num_stages=2, maxnreg=168)
+        if gpu and T >= 48 * self.LS * BJ:
+            # long sequences: late chunks rarely bring a row more than 2 entrants, so 2 insertion steps
+            # replace most rank merges (NI); H200, G = 16, 64k: 10.21 ms against 10.83 (NI = 1 10.67,
+            # 3 10.62, 4 11.42); G = 8 (HQ = 32): 8.89 against 9.70; at 32k (32 chunks) 2.92 against 2.88
+            cfg["NI"] = 2
+        return cfg
+
+    def smem_bytes(self, kind: str, cfg: Config, dtype_bytes: int = 2) -> int:
+        """Shared memory of a config, estimated: the q tile (a tl.dot operand loaded once) plus
+        num_stages - 1 buffers (Triton's default 3 stages) of the tiles the chunk loop loads, and
+        the fp16 overlap weights as a dot operand. At or above what triton 3.9 allocates for sm_90;
+        the tuner still catches out-of-resources errors."""
+        BM, bufs, BDK = cfg["R"] * self.GP, max(1, (cfg.get("num_stages") or 3) - 1), self.BDK
+        return (BM * BDK + bufs * BDK * cfg["BN"]) * dtype_bytes + cfg["BN"] * cfg["BJ"] * 2 * (2 if self.A > 1 else 1)
+
+    def config_space(self, kind: str, T: int, *, smem: Optional[int] = None, dtype_bytes: int = 2) -> list[Config]:
+        """Candidate configs for the tuner (GPU), partial dicts over the heuristic (``_candidates``,
+        BN following BJ)."""
+        return self._prune(kind, self._candidates(self._bn), T, smem, dtype_bytes)
+
+    def topk(self, q, k_cmp, lse_cmp, scale, cu_seqlens=None, *, config=None) -> torch.Tensor:
+        """Select blocks scored by the compression branch -> idx [B, T, H, TOPK] int32, ascending,
+        -1 padded. Packed sequences (VARLEN): B = 1, cu_seqlens [N + 1], k_cmp [1, sum NC_s, H, DQK]
+        (each sequence's compressed blocks in turn); idx holds each sequence's own block numbers."""
+        DQK, L, STRIDE = self.DQK, self.L, self.STRIDE
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        if k_cmp.stride(-1) != 1:
+            k_cmp = k_cmp.contiguous()
+        H = k_cmp.shape[2]
+        B, T = self._check(q, H, cu_seqlens)
+        if self.varlen:
+            NC = k_cmp.shape[1]                                   # sum of NC_s, checked by the caller
+            if k_cmp.shape[0] != 1 or k_cmp.shape[-1] != DQK:
+                raise ValueError(f"k_cmp must be [1, NC, H, DQK]; got {tuple(k_cmp.shape)}")
+        else:
+            NC = num_compressed_blocks(T, L, STRIDE)
+            if k_cmp.shape[:2] != (B, NC) or k_cmp.shape[-1] != DQK:
+                raise ValueError(f"k_cmp must be [B, NC, H, DQK] with NC = {NC} for T = {T}; got {tuple(k_cmp.shape)}")
+        lse_cmp = lse_cmp.float().contiguous()
+        idx = new_idx((B, T, H, self.TOPK), q.device)
+        cfg = self.resolve_config(q, "topk", config)
+        if NC == 0:                                           # nothing visible: every score is 0
+            k_cmp = q.new_zeros((B, 1, H, DQK))
+        if self.varlen:
+            if T == 0:
+                return idx
+            cu, lens = packed(cu_seqlens)
+            cu_cmp = compressed_cu_seqlens(cu, L, STRIDE)         # int32, as cu
+            tiles = tile_table(lens, cfg["R"], T)                 # (sequence, query tile of R positions)
+            grid, seq = (tiles.shape[0], H), (cu, cu_cmp, tiles, lens.numel())
+        else:
+            grid, seq = (cdiv(T, cfg["R"]), B * H), (T,)
+        self.kernels.topk_cmp_kernel[grid](
+            q, k_cmp, lse_cmp, idx, *q.stride()[:3], *k_cmp.stride()[:3], *seq, H, scale * LOG2E,
+            L=L, STRIDE=STRIDE, A=self.A, C=self.C, LOWP=cfg["dot"], **self._consts(cfg))
+        return idx
+
+
+class TopkMeanPool(Topk):
+    """Select blocks scored by q . mean(block keys)."""
+
+    TUNE_KINDS = {"topk_mean_pool": ("topk",)}
+
+    def _heuristic(self, kind: str, gpu: bool, T: int) -> Config:
+        """The untuned config {R, BN, BJ, num_warps, dot}: BM = GP * R query rows, BJ select blocks
+        per chunk; dot: the input_precision of the fp32 q . kbar tl.dot."""
+        pinned = self._pinned()
+        if pinned is not None:
+            return pinned
+        R = max(1, 128 // self.GP)              # interpreter too: few, large programs
+        return dict(R=R, BN=16, BJ=32 if gpu else 16, num_warps=4, dot="tf32" if gpu else "ieee")
+
+    def smem_bytes(self, kind: str, cfg: Config, dtype_bytes: int = 2) -> int:
+        """Shared memory of a config, estimated: the fp32 q tile plus num_stages - 1 buffers
+        (Triton's default 3 stages) of the fp32 block means the chunk loop loads."""
+        BM, bufs, BDK = cfg["R"] * self.GP, max(1, (cfg.get("num_stages") or 3) - 1), self.BDK
+        return (BM * BDK + bufs * BDK * cfg["BJ"]) * 4
+
+    def config_space(self, kind: str, T: int, *, smem: Optional[int] = None, dtype_bytes: int = 2) -> list[Config]:
+        """Candidate configs for the tuner (GPU), partial dicts over the heuristic (``_candidates``)."""
+        return self._prune(kind, self._candidates(None), T, smem, dtype_bytes)
+
+    def topk_mean_pool(self, q, k, cu_seqlens=None, *, config=None) -> torch.Tensor:
+        """Select blocks scored by q . mean(block keys) -> idx [B, T, H, TOPK] int32, ascending, -1
+        padded. Packed sequences (VARLEN): B = 1, cu_seqlens [N + 1]; blocks and their means are
+        each sequence's own."""
+        DQK, LS = self.DQK, self.LS
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        H = k.shape[2]
+        B, T = self._check(q, H, cu_seqlens)
+        idx = new_idx((B, T, H, self.TOPK), q.device)
+        cfg = self.resolve_config(q, "topk", config)
+        NF = T // LS                         # complete blocks (packed: a bound on sum(len_s // LS), no host sync)
+        if self.varlen:
+            if T == 0:
+                return idx
+            cu, lens = packed(cu_seqlens)
+            cu_f = cumsum0(lens // LS)       # the complete blocks of every sequence, packed: offsets
+            if NF > 0:
+                f = torch.arange(NF, device=q.device)
+                s = torch.searchsorted(cu_f[1:].long(), f, right=True)            # sequence of block f (N: none)
+                s = s.clamp(max=lens.numel() - 1)
+                start = cu.long()[s] + (f - cu_f.long()[s]) * LS                  # its first row
+                rows = (start[:, None] + torch.arange(LS, device=q.device)).clamp(max=T - 1)   # [NF, LS]
+                kbar = k[0, rows].float().mean(1)[None].contiguous()             # [1, NF, H, DQK]
+            tiles = tile_table(lens, cfg["R"], T)                 # (sequence, query tile of R positions)
+            grid, seq = (tiles.shape[0], H), (cu, cu_f, tiles, lens.numel(), H)
+        else:
+            if NF > 0:
+                kbar = k[:, :NF * LS].float().unflatten(1, (NF, LS)).mean(2).contiguous()   # [B, NF, H, DQK]
+            grid, seq = (cdiv(T, cfg["R"]), B * H), (T, H, NF)
+        if NF == 0:                          # no complete block: every score is -inf
+            kbar = q.new_zeros((B, 1, H, DQK), dtype=torch.float32)
+        self.kernels.topk_mean_pool_kernel[grid](
+            q, kbar, idx, *q.stride()[:3], *seq, PREC=cfg["dot"], **self._consts(cfg))
+        return idx
