@@ -9,7 +9,6 @@ from kernel_utils import run_sm90_check
 
 _CHECK = r"""
 from codegen import launch
-from codegen.launch.topk import SORT_KEYS
 from codegen.loader import load_module
 from codegen.plan import select_vars, tile_vars, topk_vars
 from codegen.render import render
@@ -51,7 +50,7 @@ for kind, fn in (("fwd", cm.kernels.compress_fwd_kernel), ("dq", cm.kernels.comp
 
 cfg = tk._heuristic("topk", True, T)
 consts = dict(G=G, GP=G, DQK=D, BDK=D, L=L, STRIDE=S, A=tk.A, C=tk.C, LS=LS, TOPK=K, TOPKP=K, KEEP_FIRST=1,
-              KEEP_LAST=2, **SORT_KEYS, NI=cfg.get("NI", 0), R=cfg["R"], BM=G * cfg["R"], BN=cfg["BN"],
+              KEEP_LAST=2, **tk.SORT_KEYS, NI=cfg.get("NI", 0), R=cfg["R"], BM=G * cfg["R"], BN=cfg["BN"],
               BJ=cfg["BJ"], LOWP=True)
 run("topk", tk.kernels.topk_cmp_kernel, cfg, consts, {**BF16, **F32, **I32})
 tk8 = topk_family(8, "sm90_topk_g8")

@@ -49,6 +49,7 @@ class Topk(Family):
     module's score (:class:`TopkCmp` or :class:`TopkMeanPool`)."""
 
     KINDS = ("topk",)
+    SORT_KEYS = SORT_KEYS            # the sentinels of the kernels' sort keys (constexprs), by name
 
     def __new__(cls, kernels, variables: Mapping):
         if cls is Topk:
