@@ -21,13 +21,15 @@ from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
 from .errors import SpecError
-from .ir import Compress, Param, Select, Span, Spec, Window
+from .ir import Compress, Indexer, Param, Select, Span, Spec, Window
 
 MAX_SIZE = 2 ** 20      # largest block, stride, top_k, window, head count
 MAX_DIM = 256           # largest head dimension the kernels support
 DIM_MULTIPLE = 16       # tl.dot needs dims that are multiples of 16
 MAX_GROUP = 64          # query heads per kv head the kernels pack into one tile
 MAX_TOP_K = 64          # block top-k: the kernel keeps [rows, top_k, top_k] rank tiles in registers
+MAX_TOKEN_TOP_K = 8192  # token top-k (score = an indexer): the gather kernels walk the list in tiles
+MAX_QUERY_BLOCK = 128   # query_block: positions sharing one selection (dense query tiles)
 MAX_SEGMENTS = 64       # block / stride of a compress branch that scores a select (segments per block)
 MAX_SELECT_SEGMENTS = 256   # select block / stride of its score source
 MAX_LEARNED_BLOCK = 512     # pool = linear | mlp: a Linear of block * head_dim inputs
@@ -75,10 +77,15 @@ BRANCH_PARAMS: dict[str, dict[str, Rule]] = {
         "score": Rule("name", example="cmp"),
         "keep_first": Rule("int", 1, minimum=0, example="1"),
         "keep_last": Rule("int", 2, minimum=0, example="2"),
+        "query_block": Rule("int", 1, example="64"),
     },
     "window": {
         "size": Rule("int", example="512"),
         "sinks": Rule("int", 0, minimum=0, example="4"),
+    },
+    "indexer": {
+        "heads": Rule("int", example="64"),
+        "dim": Rule("int", example="128"),
     },
 }
 
@@ -86,6 +93,7 @@ _EXAMPLE_CALL = {
     "compress": "compress(block = 32, stride = 16)",
     "select": "select(block = 64, top_k = 16, score = cmp)",
     "window": "window(size = 512)",
+    "indexer": "indexer(heads = 64, dim = 128)",
 }
 
 
@@ -248,7 +256,7 @@ def _types(spec: Spec) -> Iterator[SpecError]:
         yield _err("E213", f"causal must be true or false, got {spec.causal!r}", spec.span)
     for b in spec.branches:
         kind = getattr(b, "kind", None)
-        if kind not in BRANCH_PARAMS or not isinstance(b, (Compress, Select, Window)):
+        if kind not in BRANCH_PARAMS or not isinstance(b, (Compress, Select, Window, Indexer)):
             yield _err("E308", f"unknown branch kind {kind!r}", getattr(b, "span", spec.span),
                        f"branch kinds are {words(BRANCH_PARAMS)}")
             continue
@@ -345,9 +353,6 @@ def _fields(spec: Spec) -> Iterator[SpecError]:
                                f"the kernels support at most {MAX_GROUP}",
                        spans.get("kv_heads", spec.span),
                        f"try kv_heads = {min(d for d in _divisors(h) if h // d <= MAX_GROUP)}")
-    if not spec.causal:
-        yield _err("E212", "causal = false is not supported yet", spans.get("causal", spec.span),
-                   "only causal attention is compiled for now; write causal = true or drop the line")
 
 
 def _branch_values(spec: Spec) -> Iterator[SpecError]:
@@ -370,10 +375,10 @@ def _branch_values(spec: Spec) -> Iterator[SpecError]:
             near = _nearest([d for d in _divisors(b.block)], b.stride)
             yield _err("E204", f"stride {b.stride} does not divide block {b.block}",
                        _value_span(b, "stride"), f"try {words(str(d) for d in near)}")
-        if isinstance(b, Select) and b.top_k > MAX_TOP_K:
-            yield _err("E217", f"top_k = {b.top_k} is above {MAX_TOP_K}, the most blocks the selection "
-                               "kernels rank per query", _value_span(b, "top_k"),
-                       f"use top_k <= {MAX_TOP_K} with larger blocks (top_k * block keys are attended)")
+        if isinstance(b, Select):
+            yield from _select_values(spec, b)
+        if isinstance(b, Indexer):
+            yield from _dim("dim", b.dim, _value_span(b, "dim"), "the indexer's")
         if isinstance(b, Compress) and b.pool != "mean" and b.block > MAX_LEARNED_BLOCK:
             yield _err("E219", f"pool = {b.pool} over blocks of {b.block} keys: the learned pooling is a "
                                f"Linear of block * head_dim inputs; at most {MAX_LEARNED_BLOCK} keys",
@@ -384,6 +389,35 @@ def _branch_values(spec: Spec) -> Iterator[SpecError]:
                                f"{b.keep_first} + {b.keep_last}", _value_span(b, "top_k"),
                        f"the forced blocks count toward top_k: raise top_k to {need} or more, "
                        f"or lower keep_first / keep_last (defaults 1 and 2)")
+
+
+def _select_values(spec: Spec, b: Select) -> Iterator[SpecError]:
+    """top_k within what the kernels rank, query_block a power of two up to MAX_QUERY_BLOCK."""
+    source = {x.name: x for x in spec.branches}.get(b.score)
+    tokens = isinstance(source, Indexer)
+    limit = MAX_TOKEN_TOP_K if tokens else MAX_TOP_K
+    if b.top_k > limit:
+        what = "tokens the indexer's gather kernels attend" if tokens else "blocks the selection kernels rank"
+        yield _err("E217", f"top_k = {b.top_k} is above {limit}, the most {what} per query",
+                   _value_span(b, "top_k"),
+                   f"use top_k <= {limit}" + ("" if tokens else " with larger blocks (top_k * block keys are attended)"))
+    Q = b.query_block
+    if Q > MAX_QUERY_BLOCK or Q & (Q - 1):
+        below = 1 << (min(Q, MAX_QUERY_BLOCK).bit_length() - 1)
+        yield _err("E220", f"query_block = {Q} must be a power of two from 1 to {MAX_QUERY_BLOCK}",
+                   _value_span(b, "query_block"),
+                   f"try {words(str(x) for x in sorted({below, min(2 * below, MAX_QUERY_BLOCK)}))}")
+
+
+def _dim(label: str, value: int, span: Span, whose: str) -> Iterator[SpecError]:
+    """A tl.dot width: a multiple of DIM_MULTIPLE up to MAX_DIM."""
+    if value > MAX_DIM:
+        yield _err("E211", f"{label} = {value} is above {MAX_DIM}, the largest {whose} dimension the "
+                           "kernels support", span, f"use at most {MAX_DIM}")
+    elif value % DIM_MULTIPLE:
+        near = _nearest([m for m in range(DIM_MULTIPLE, MAX_DIM + 1, DIM_MULTIPLE)], value)
+        yield _err("E210", f"{label} = {value} is not a multiple of {DIM_MULTIPLE}", span,
+                   f"the kernels tile {whose} dimensions by {DIM_MULTIPLE}; try {words(str(m) for m in near)}")
 
 
 def _scores(spec: Spec) -> Iterator[SpecError]:
@@ -399,10 +433,19 @@ def _scores(spec: Spec) -> Iterator[SpecError]:
             yield _err("E310", f"score = {b.score}: {spec.name} has no branch '{b.score}'", span,
                        join_hints(did_you_mean(b.score, [*names, MEAN_POOL]),
                                    f"score takes {options}"))
+        elif isinstance(source, Indexer):
+            if b.block != 1:
+                yield _err("E221", f"score = {b.score} is an indexer: it scores single tokens, so "
+                                   f"{b.name} needs block = 1, not {b.block}", _value_span(b, "block"),
+                           "write select(block = 1, top_k = 2048, score = " + b.score + ")")
+            elif b.query_block != 1:
+                yield _err("E221", f"score = {b.score} is an indexer: every position chooses its own "
+                                   "tokens, so query_block must be 1", _value_span(b, "query_block"),
+                           "drop query_block, or score blocks with a compress branch or mean_pool")
         elif not isinstance(source, Compress):
-            options = words([*compress_names, MEAN_POOL])
+            options = words([*compress_names, *[x.name for x in spec.of_kind("indexer")], MEAN_POOL])
             yield _err("E311", f"score = {b.score} names a {source.kind} branch; "
-                               "blocks are scored by a compress branch or mean_pool", span,
+                               "blocks are scored by a compress branch, an indexer or mean_pool", span,
                        f"use score = {options}")
         elif _valid(source.stride) and _valid(source.block) and source.block // source.stride > MAX_SEGMENTS:
             yield _err("E218", f"compress {source.name} scores {b.name} with block / stride = "
@@ -432,7 +475,11 @@ def _output(spec: Spec) -> Iterator[SpecError]:
     seen: set[str] = set()
     unknown = False
     for name, span in zip(out.branches, spans):
-        if name not in names:
+        if isinstance(names.get(name), Indexer):
+            yield _err("E223", f"output names '{name}', an indexer: it scores a select branch and has "
+                               "no output of its own", span,
+                       f"output the select branch it scores (select(block = 1, score = {name}, ...))")
+        elif name not in names:
             unknown = True
             yield _err("E310", f"output names '{name}', which is not a branch of {spec.name}", span,
                        join_hints(did_you_mean(name, names),

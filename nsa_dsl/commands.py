@@ -140,7 +140,7 @@ def demo_cmd(args, emit=print) -> int:
     _, aux = op(q.detach(), k.detach(), v.detach(), None if gates is None else gates.detach(),
                 compressed=compressed or None, return_aux=True)
     selection = {n: i.long() for n, i in aux.indices.items()}
-    o_ref = reference(spec, q64, k64, v64, g64, compressed=c64 or None, selection=selection)
+    o_ref = reference(spec, q64, k64, v64, g64, compressed=c64 or None, indices=selection)
     ref_grads = torch.autograd.grad(o_ref, [x for x in (q64, k64, v64, g64) if x is not None], do.double())
     if selection:
         _, aux_ref = reference(spec, q64.detach(), k64.detach(), v64.detach(),
@@ -206,7 +206,7 @@ def _demo_decode(spec, q, k, v, gates, selection, ref_inputs, emit, steps: int =
         sel[n][:, T - steps:] = torch.cat(idx[n], 1).to(sel[n].device).long()
     q64, k64, v64, g64, c64 = ref_inputs
     o_ref = reference(spec, q64.detach(), k64.detach(), v64.detach(), None if g64 is None else g64.detach(),
-                      compressed={n: (a.detach(), b.detach()) for n, (a, b) in c64.items()} or None, selection=sel)
+                      compressed={n: (a.detach(), b.detach()) for n, (a, b) in c64.items()} or None, indices=sel)
     err = _rel(y, o_ref[:, T - steps:])
     emit(f"decode    KV cache: prefill {T - steps} tokens, then {steps} steps of one token "
          f"({t1 - t0:.1f} s); rel. error vs float64 reference: {err:.2e}")

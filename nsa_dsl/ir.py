@@ -60,11 +60,13 @@ class Select:
     keep_last: int
     span: Span = field(compare=False)
     params: tuple[Param, ...] = field(default=(), compare=False)
+    query_block: int = 1    # Q: aligned groups of Q positions share one selection
     kind = "select"
 
     def call_text(self) -> str:
         return (f"select(block = {self.block}, top_k = {self.top_k}, score = {self.score}, "
-                f"keep_first = {self.keep_first}, keep_last = {self.keep_last})")
+                f"keep_first = {self.keep_first}, keep_last = {self.keep_last}"
+                + (f", query_block = {self.query_block})" if self.query_block != 1 else ")"))
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,22 @@ class Window:
         return f"window(size = {self.size}" + (f", sinks = {self.sinks})" if self.sinks else ")")
 
 
-Branch = Union[Compress, Select, Window]
+@dataclass(frozen=True)
+class Indexer:
+    """A learned scoring branch (DeepSeek-V3.2's lightning indexer): it scores the tokens a
+    ``select(block = 1, score = <indexer>)`` branch attends; it has no output of its own."""
+    name: str
+    heads: int          # HI: indexer heads
+    dim: int            # DI: indexer head dim (one key of DI per position)
+    span: Span = field(compare=False)
+    params: tuple[Param, ...] = field(default=(), compare=False)
+    kind = "indexer"
+
+    def call_text(self) -> str:
+        return f"indexer(heads = {self.heads}, dim = {self.dim})"
+
+
+Branch = Union[Compress, Select, Window, Indexer]
 
 
 @dataclass(frozen=True)
@@ -126,6 +143,10 @@ class Spec:
     def of_kind(self, kind: str) -> tuple[Branch, ...]:
         return tuple(b for b in self.branches if b.kind == kind)
 
+    def score_kind(self, select: "Select") -> str:
+        """What scores a select branch: "mean_pool", "compress" or "indexer"."""
+        return "mean_pool" if select.score == "mean_pool" else self.branch(select.score).kind
+
     def canonical(self) -> str:
         """A stable text of everything that changes the computation (cache keys)."""
         parts = [f"attention {self.name}",
@@ -136,7 +157,9 @@ class Spec:
                 parts.append(f"{b.name}=compress(block={b.block},stride={b.stride},pool={b.pool})")
             elif isinstance(b, Select):
                 parts.append(f"{b.name}=select(block={b.block},top_k={b.top_k},score={b.score},"
-                             f"keep_first={b.keep_first},keep_last={b.keep_last})")
+                             f"keep_first={b.keep_first},keep_last={b.keep_last},query_block={b.query_block})")
+            elif isinstance(b, Indexer):
+                parts.append(f"{b.name}=indexer(heads={b.heads},dim={b.dim})")
             else:
                 parts.append(f"{b.name}=window(size={b.size},sinks={b.sinks})")
         o = self.output

@@ -284,19 +284,24 @@ def program(key: str) -> Program:
 
 
 def run_forward(prog: Program, q: Tensor, kv: dict, gates: Optional[Tensor], scale: float,
-                cu_seqlens: Optional[Tensor] = None, *, combine_in: Optional[str] = None):
+                cu_seqlens: Optional[Tensor] = None, *, given: Optional[dict] = None,
+                combine_in: Optional[str] = None):
     """The branches' forward through the per-branch ops: (outs, lses, idxs) by branch name, and
     the output when ``combine_in`` names the window branch whose kernel combines it (inference:
     that branch's o and lse are never stored), else None. ``kv``: branch name -> (k, v) its
-    kernels read (compressed keys and values for compress branches)."""
+    kernels read (compressed keys and values for compress branches); ``given``: select branch ->
+    the caller's (cleaned) selection, which replaces its scoring."""
     seq = () if cu_seqlens is None else (cu_seqlens,)
     outs, lses, idxs = {}, {}, {}
+    given = given or {}
     for b in prog.branches:
         k, v = kv[b.name]
         if b.kind == "compress":
             outs[b.name], lses[b.name] = compress_fwd(b.key, q, k, v, scale, *seq)
         elif b.kind == "select":
-            if b.score == "mean_pool":
+            if b.name in given:
+                idx = given[b.name]
+            elif b.score == "mean_pool":
                 idx = topk_mean_pool(b.topk, q.detach(), k.detach(), prog.kv_heads, b.top_k, *seq)
             else:
                 idx = topk_cmp(b.topk, q.detach(), kv[b.score][0].detach(), lses[b.score].detach(),

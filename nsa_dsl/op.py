@@ -7,9 +7,7 @@ orchestrates the branches and returns outputs (and, on request, the selected blo
 """
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
@@ -25,42 +23,16 @@ from . import varlen as _varlen
 from .backend import check_kernel_device
 from .checks import check_spec
 from .errors import SpecError
-from .ir import Compress, Select, Spec, Window
+from .inputs import check_call, check_scale
+from .ir import Spec
+from .rules import num_select_blocks
+from .semantics import Aux, clean_indices, mean_pool
 
 TensorOrDict = Union[Tensor, Mapping[str, Tensor]]
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@dataclass(frozen=True)
-class Aux:
-    """What ``op(..., return_aux=True)`` returns beside the output, keyed by branch name."""
-    indices: dict    # select branches: [B, T, H, top_k] int32, ascending, -1 padded (per-sequence
-                     # block numbers with cu_seqlens)
-    lse: dict        # every branch: [B, T, HQ] float32 log-sum-exp, -inf with no keys
-    outputs: dict    # every branch: [B, T, HQ, Dv]
 
 
 def _err(code: str, message: str, hint: str | None = None) -> SpecError:
     return SpecError(code, message, hint=hint)
-
-
-def mean_pool(k: Tensor, block: int, stride: int) -> Tensor:
-    """[B, T, H, D] -> [B, Nc, H, D]: compressed block i averages keys [i*stride, i*stride + block)."""
-    B, T, H, D = k.shape
-    if T < block:
-        return k.new_zeros(B, 0, H, D)
-    if block % stride:
-        return k.unfold(1, block, stride).mean(-1)
-    # stride | block: a block is block / stride whole segments of stride keys. Segment sums in fp32
-    # (or k's wider dtype), added in turn: the backward is a few small adds and one expand (the
-    # unfold's backward scatters every key block / stride times: 0.8 ms of a 64k step, H200)
-    nc, a = (T - block) // stride + 1, block // stride
-    seg = k[:, :(nc + a - 1) * stride].unflatten(1, (nc + a - 1, stride))
-    seg = seg.sum(2, dtype=torch.promote_types(k.dtype, torch.float32))   # [B, nc + a - 1, H, D], no fp32 copy of k
-    out = seg[:, :nc]
-    for i in range(1, a):
-        out = out + seg[:, i:i + nc]
-    return (out / block).to(k.dtype)
 
 
 class CompiledOp:
@@ -183,59 +155,74 @@ class CompiledOp:
     def __call__(self, q: Tensor, k: TensorOrDict, v: TensorOrDict, gates: Optional[Tensor] = None, *,
                  compressed: Optional[Mapping[str, tuple[Tensor, Tensor]]] = None,
                  scale: Optional[float] = None, return_aux: bool = False,
+                 indices: Optional[Mapping[str, Tensor]] = None,
                  cu_seqlens: Optional[Tensor] = None):
-        """``cu_seqlens [N + 1]`` (int32 or int64, on q's device): packed variable-length
-        sequences with ``B = 1``, each computed as if alone (``nsa_dsl.varlen``); compressed
-        keys / values then hold each sequence's blocks in turn, ``[1, sum Nc_s, H, D]``."""
+        """The spec's attention, as ``nsa_dsl.reference`` computes it (see there for the
+        arguments). ``indices``: select branch -> the caller's selection (no scoring runs; entries
+        out of range or after the position's block are ignored, repeats count once).
+        ``cu_seqlens [N + 1]`` (int32 or int64, on q's device): packed variable-length sequences
+        with ``B = 1``, each computed as if alone (``nsa_dsl.varlen``); compressed keys / values
+        then hold each sequence's blocks in turn, ``[1, sum Nc_s, H, D]``."""
         spec = self.spec
-        ks, vs = self._per_branch(k, "k"), self._per_branch(v, "v")
-        compressed = dict(compressed or {})
+        if isinstance(q, Tensor):
+            check_kernel_device(q, q.dtype)
         cu = None                                   # the packed sequences' offsets, on the host
         if cu_seqlens is not None:
             if not isinstance(q, Tensor) or q.dim() != 4:
                 raise _err("E601", "q must be a 4-D tensor [1, T, HQ, Dqk] with cu_seqlens")
             cu = _varlen.check_cu_seqlens(cu_seqlens, q)
             cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
-        binding = self._check(q, ks, vs, gates, compressed, cu)
+        call = check_call(spec, q, k, v, gates, compressed=compressed, indices=indices, cu=cu, kernels=True)
+        binding = bind(spec, call.HQ, call.H, call.Dqk, call.Dv)
         plan, keys = self._kernels(binding, cu is not None)
-        scale = _check_scale(binding.qk_dim ** -0.5 if scale is None else scale)
+        scale = check_scale(scale, call.Dqk)
         q = _unit_last_stride(q)
         seq = () if cu is None else (cu_seqlens,)  # the ops' last argument, with packed sequences
 
         kv = {}                                     # branch -> the (k, v) its kernels read
         for b in spec.branches:
-            if b.kind != "compress":
-                kv[b.name] = (_unit_last_stride(ks[b.name]), _unit_last_stride(vs[b.name]))
+            if b.kind in ("select", "window"):
+                kv[b.name] = (_unit_last_stride(call.k[b.name]), _unit_last_stride(call.v[b.name]))
+            elif b.kind != "compress":
                 continue
-            if b.name in compressed:
-                k_c, v_c = compressed[b.name]
+            elif b.name in call.compressed:
+                k_c, v_c = call.compressed[b.name]
+                kv[b.name] = (_unit_last_stride(k_c), _unit_last_stride(v_c))
             elif cu is not None:                    # each sequence's blocks, packed
-                k_c = _varlen.mean_pool(ks[b.name], cu, b.block, b.stride)
-                v_c = _varlen.mean_pool(vs[b.name], cu, b.block, b.stride)
+                kv[b.name] = (_varlen.mean_pool(call.k[b.name], cu, b.block, b.stride),
+                              _varlen.mean_pool(call.v[b.name], cu, b.block, b.stride))
             else:
-                k_c = mean_pool(ks[b.name], b.block, b.stride)
-                v_c = mean_pool(vs[b.name], b.block, b.stride)
-            kv[b.name] = (_unit_last_stride(k_c), _unit_last_stride(v_c))
+                kv[b.name] = (mean_pool(call.k[b.name], b.block, b.stride), mean_pool(call.v[b.name], b.block, b.stride))
+        given = {name: self._given(name, idx, call.T, cu) for name, idx in call.indices.items()}
         g = _unit_last_stride(gates) if spec.output.kind == "gate" else None
         prog_key = self._programs[(binding, cu is not None)]
         prog = ops.program(prog_key)
 
         training = torch.is_grad_enabled() and any(
             isinstance(x, Tensor) and x.requires_grad for x in (q, g, *(t for pair in kv.values() for t in pair)))
-        if training and self.fuse_backward and not return_aux:
+        if training and self.fuse_backward and not return_aux and not given:
             # the whole op as one autograd node: its backward hands each branch its delta from
             # the combination's and sums the gradient of q inside the dq kernels
             flat = [t for b in prog.branches for t in kv[b.name]]
             return ops.attention(prog_key, q, flat, g, scale, cu_seqlens if cu is not None else None)[0]
         fused = None if training or return_aux else self._fused_window()
-        outs, lses, idxs, o = ops.run_forward(prog, q, kv, g, scale, *seq,
+        outs, lses, idxs, o = ops.run_forward(prog, q, kv, g, scale, *seq, given=given,
                                               combine_in=fused.name if fused is not None else None)
         if o is not None:
             return o
         o = ops.combine_fwd(keys["combine"], [outs[n] for n in spec.output.branches], g)
         if return_aux:
-            return o, Aux(indices=idxs, lse=lses, outputs=outs)
+            return o, Aux(indices=idxs, lse=lses, outputs=outs, spec=spec)
         return o
+
+    def _given(self, name: str, idx: Tensor, T: int, cu) -> Tensor:
+        """A caller's selection as the kernels take it: cleaned (the reference's rule), int32."""
+        b = self.spec.branch(name)
+        if cu is None:
+            return clean_indices(idx, num_select_blocks(T, b.block), b.block, self.spec.causal)
+        parts = [clean_indices(idx[:, s:e], num_select_blocks(e - s, b.block), b.block, self.spec.causal)
+                 for s, e in zip(cu[:-1], cu[1:])]
+        return torch.cat(parts, 1) if parts else idx.to(torch.int32)
 
     def _fused_window(self):
         """For inference calls without aux outputs: the window branch whose kernel can also
@@ -273,105 +260,6 @@ class CompiledOp:
             if backward:
                 o.backward(torch.randn_like(o))
         return s.results
-
-    # -- input checks: expected versus actual, before any kernel runs -----------------------------
-    def _needs_raw_keys(self) -> tuple[str, ...]:
-        return tuple(b.name for b in self.spec.branches if b.kind != "compress" or b.pool == "mean")
-
-    def _per_branch(self, x: TensorOrDict, what: str) -> dict:
-        names = self.spec.branch_names
-        if isinstance(x, Tensor):
-            return {n: x for n in names}
-        if isinstance(x, Mapping):
-            unknown = set(x) - set(names)
-            if unknown:
-                raise _err("E608", f"{what} has keys for unknown branches {sorted(unknown)}",
-                           hint=f"the spec's branches are {', '.join(names)}")
-            return dict(x)
-        raise _err("E601", f"{what} must be a tensor or a dict of branch name -> tensor, "
-                           f"got {type(x).__name__}")
-
-    def _check(self, q, ks, vs, gates, compressed, cu=None) -> Binding:
-        spec = self.spec
-        if not isinstance(q, Tensor) or q.dim() != 4:
-            raise _err("E601", f"q must be a 4-D tensor [B, T, HQ, Dqk], got "
-                               f"{tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__}")
-        B, T, HQ, Dqk = q.shape
-        if q.dtype not in _DTYPES:
-            raise _err("E606", f"q has dtype {q.dtype}; expected float16, bfloat16 or float32")
-        check_kernel_device(q, q.dtype)
-        H = Dv = None
-        for b in spec.branches:
-            if b.kind == "compress" and b.name in compressed:
-                pair = compressed[b.name]
-                if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-                    raise _err("E610", f"compressed['{b.name}'] must be a pair (k_cmp, v_cmp)")
-                k_c, v_c = pair
-                if cu is None:
-                    Nc = max(0, (T - b.block) // b.stride + 1)
-                else:                               # packed: each sequence's blocks in turn
-                    Nc = _varlen.compressed_cu_seqlens(cu, b.block, b.stride)[-1]
-                _expect(k_c, f"compressed['{b.name}'][0]", (B, Nc, None, Dqk), q)
-                _expect(v_c, f"compressed['{b.name}'][1]", (B, Nc, k_c.shape[2], None), q)
-                H, Dv = _agree(H, k_c.shape[2], Dv, v_c.shape[3], f"compressed['{b.name}']")
-                continue
-            if b.kind == "compress" and b.pool != "mean":
-                raise _err("E611", f"branch '{b.name}' pools with '{b.pool}', a learned pooling: "
-                                   "the op needs its compressed keys and values",
-                           hint=f"pass compressed={{'{b.name}': (k_cmp, v_cmp)}} "
-                                "(nsa_dsl.SparseAttention does this for you)")
-            if b.name not in ks or b.name not in vs:
-                raise _err("E608", f"no keys/values for branch '{b.name}'",
-                           hint="pass k and v as tensors shared by all branches, or dicts "
-                                f"with an entry for each of {', '.join(self._needs_raw_keys())}")
-            _expect(ks[b.name], f"k['{b.name}']" if len(ks) > 1 else "k", (B, T, None, Dqk), q)
-            _expect(vs[b.name], f"v['{b.name}']" if len(vs) > 1 else "v", (B, T, ks[b.name].shape[2], None), q)
-            H, Dv = _agree(H, ks[b.name].shape[2], Dv, vs[b.name].shape[3], b.name)
-        if spec.output.kind == "gate":
-            C = len(spec.output.branches)
-            if gates is None:
-                raise _err("E609", f"output = gate(...) needs gates [B, T, HQ, {C}]",
-                           hint=f"pass gate values for branches {', '.join(spec.output.branches)} in that order")
-            _expect(gates, "gates", (B, T, HQ, C), q)
-        elif gates is not None:
-            raise _err("E609", f"output = {spec.output.kind}(...) takes no gates, but gates were given",
-                       hint="drop the gates argument, or use output = gate(sigmoid, ...)")
-        return bind(spec, HQ, H, Dqk, Dv)
-
-
-def _check_scale(scale) -> float:
-    """The softmax scale as a float; the kernels take a finite scale > 0 (they find a row's max
-    before scaling, which only a positive scale leaves in place)."""
-    try:
-        value = float(scale)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not (math.isfinite(value) and value > 0):
-        raise _err("E618", f"scale must be a finite number > 0, got {scale!r}",
-                   hint="leave scale=None for qk_dim ** -0.5, or pass a positive float")
-    return value
-
-
-def _expect(x, name: str, shape: tuple, q: Tensor) -> None:
-    if not isinstance(x, Tensor):
-        raise _err("E601", f"{name} must be a tensor, got {type(x).__name__}")
-    want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-    if x.dim() != len(shape) or any(s is not None and s != a for s, a in zip(shape, x.shape)):
-        raise _err("E601", f"{name} has shape {list(x.shape)}; expected {want}",
-                   hint="q is [B, T, HQ, Dqk], k [B, T, H, Dqk], v [B, T, H, Dv], gates [B, T, HQ, C]")
-    if x.dtype != q.dtype:
-        raise _err("E606", f"{name} has dtype {x.dtype} but q has {q.dtype}; all inputs share one dtype")
-    if x.device != q.device:
-        raise _err("E607", f"{name} is on {x.device} but q is on {q.device}")
-
-
-def _agree(H, h, Dv, dv, where: str):
-    if H is not None and h != H:
-        raise _err("E601", f"{where}: {h} kv heads, but another branch has {H}")
-    if Dv is not None and dv != Dv:
-        raise _err("E601", f"{where}: value dim {dv}, but another branch has {Dv}")
-    return h, dv
-
 
 def _unit_last_stride(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()

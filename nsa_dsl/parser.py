@@ -19,7 +19,7 @@ from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedInput, Un
 
 from . import checks
 from .errors import SpecError
-from .ir import Compress, Output, Param, Select, Span, Spec, SpecFile, Window
+from .ir import Compress, Indexer, Output, Param, Select, Span, Spec, SpecFile, Window
 
 MAX_BYTES = 1 << 20     # larger files are refused before reading them whole
 # lark's LALR parser runs at roughly 50k tokens/s; real specs have a few
@@ -28,7 +28,7 @@ MAX_TOKENS = 10_000
 MAX_NESTING = 64        # parentheses / unary signs inside one expression
 MAX_VALUE = 2 ** 62     # any literal or intermediate result beyond this is absurd
 
-_BRANCH_TYPES = {"compress": Compress, "select": Select, "window": Window}
+_BRANCH_TYPES = {"compress": Compress, "select": Select, "window": Window, "indexer": Indexer}
 _KEYWORDS = ("ATTENTION", "LET", "BRANCH", "OUTPUT")
 _COMMENT_RE = re.compile(r"#[^\n]*")
 _TOKEN_RE = re.compile(r"\w+|//|\S")
@@ -364,7 +364,7 @@ class _Lowering:
 
     @staticmethod
     def _default_output(branches) -> str:
-        names = [b.name for b in branches]
+        names = [b.name for b in branches if not isinstance(b, Indexer)]
         scores = {b.score for b in branches if isinstance(b, Select)}
         names = [n for n in names if n not in scores] or names
         return names[0] if len(names) == 1 else f"gate(sigmoid, {', '.join(names)})"

@@ -13,18 +13,16 @@ is finite).  Selected blocks ``idx [B, T, H, top_k]`` int32, ascending, padded w
 
 Per-branch functions (each kernel family is judged against one of them):
 ``mean_pool``, ``compress_attention``, ``overlap_weights``, ``select_blocks_cmp``,
-``select_blocks_mean_pool``, ``select_attention``, ``window_attention``; and the whole spec:
-``reference``.
+``select_blocks_mean_pool``, ``select_tokens_indexer``, ``select_attention``, ``index_loss``,
+``window_attention``, ``clean_indices``; and the whole spec: ``reference``. Every one takes
+``causal`` (False: encoders, see docs/SEMANTICS.md); the selections take ``query_block``.
 
 Everything is computed in the input dtype (tests use float64).  Attention runs one query chunk
 at a time and backward recomputes each chunk (see ``_QueryChunks``), so memory stays linear in
 T; gradients come from autograd inside each chunk.
 
-Error codes raised here (``SpecError``, span None):
-E600 a spec value the reference cannot run (the checker should have refused it),
-E601 a tensor of the wrong rank or shape, E602 wrong dtype, E603 wrong device,
-E604 per-branch tensors missing or naming an unknown branch, E605 bad or missing gates,
-E606 a bad ``selection`` override.
+Calls are checked by ``nsa_dsl.inputs.check_call``, which the op shares: the same bad call gets
+the same error code from both (docs/LANGUAGE.md lists them).
 """
 from __future__ import annotations
 
@@ -34,8 +32,13 @@ from typing import Mapping, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from .checks import check_spec
 from .errors import SpecError
-from .ir import Compress, Select, Spec, Window
+from .inputs import check_call, check_scale, needed_branches
+from .ir import Compress, Indexer, Select, Spec, Window
+from .rules import num_compressed_blocks, num_select_blocks
+
+TensorOrDict = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 
 __all__ = [
     "Aux", "reference", "mean_pool", "compress_attention", "overlap_weights",
@@ -51,16 +54,6 @@ _GATHER_BUDGET = 1 << 24
 
 
 # ----------------------------------------------------------------------------- small helpers
-
-def num_compressed_blocks(T: int, block: int, stride: int) -> int:
-    """``Nc = floor((T - l) / d) + 1``, 0 when ``T < l``."""
-    return 0 if T < block else (T - block) // stride + 1
-
-
-def num_select_blocks(T: int, select_block: int) -> int:
-    """Selection blocks that hold at least one key: ``ceil(T / l')``."""
-    return -(-T // select_block)
-
 
 def gate_activation(name: str):
     """The torch function of a gate activation the language names (``gate(sigmoid, ...)``)."""
@@ -165,25 +158,39 @@ def _positions(t0: int, n: int, device) -> torch.Tensor:
 # ----------------------------------------------------------------------------- compression
 
 def mean_pool(k: torch.Tensor, block: int, stride: int) -> torch.Tensor:
-    """``[B, T, H, D] -> [B, Nc, H, D]``: compressed block ``i`` averages keys ``[i*d, i*d + l)``."""
+    """``[B, T, H, D] -> [B, Nc, H, D]``: compressed block ``i`` averages keys ``[i*d, i*d + l)``.
+
+    With ``d | l`` a block is ``l / d`` whole segments of ``d`` keys: segment sums (in fp32, or k's
+    wider dtype) added in turn, whose backward is a few small adds and one expand (the op pools
+    with this too: an unfold's backward scatters every key ``l / d`` times, 0.8 ms of a 64k step)."""
     B, T, H, D = k.shape
-    if num_compressed_blocks(T, block, stride) == 0:
+    nc = num_compressed_blocks(T, block, stride)
+    if nc == 0:
         return k[:, :0]
-    return k.unfold(1, block, stride).mean(-1)       # unfold: [B, Nc, H, D, block]
+    if block % stride:
+        return k.unfold(1, block, stride).mean(-1)   # unfold: [B, Nc, H, D, block]
+    a = block // stride
+    seg = k[:, :(nc + a - 1) * stride].unflatten(1, (nc + a - 1, stride))
+    seg = seg.sum(2, dtype=torch.promote_types(k.dtype, torch.float32))   # [B, nc + a - 1, H, D]
+    out = seg[:, :nc]
+    for i in range(1, a):
+        out = out + seg[:, i:i + nc]
+    return (out / block).to(k.dtype)
 
 
-def compress_attention(q, k_cmp, v_cmp, block: int, stride: int, scale: float):
+def compress_attention(q, k_cmp, v_cmp, block: int, stride: int, scale: float, causal: bool = True):
     """Softmax attention of every query over the compressed blocks it sees; returns ``(o, lse)``.
 
-    Query ``t`` sees compressed block ``i`` iff ``i*stride + block - 1 <= t``.
-    ``o [B, T, HQ, Dv]``, ``lse [B, T, HQ]`` (``-inf`` and ``o = 0`` before the first block ends).
+    Causal: query ``t`` sees compressed block ``i`` iff ``i*stride + block - 1 <= t``; not
+    causal: every (complete) block. ``o [B, T, HQ, Dv]``, ``lse [B, T, HQ]`` (``-inf`` and
+    ``o = 0`` where no block is visible).
     """
     H, Nc = k_cmp.shape[2], k_cmp.shape[1]
     block_end = torch.arange(Nc, device=q.device) * stride + block - 1     # last key of block i
 
     def chunk(qc, t0, k_cmp, v_cmp):
         t = _positions(t0, qc.shape[1], q.device)
-        visible = block_end[None, :] <= t[:, None]                          # [Tc, Nc]
+        visible = (block_end[None, :] <= t[:, None]) | (not causal)         # [Tc, Nc]
         logits = torch.einsum("bthgd,bnhd->bthgn", _group(qc, H), k_cmp) * scale
         p, lse = _masked_softmax(logits, visible[None, :, None, None, :])
         o = torch.einsum("bthgn,bnhe->bthge", p, v_cmp)
@@ -218,19 +225,34 @@ def _check_top_k(top_k: int, keep_first: int, keep_last: int) -> None:
                                 f"got top_k={top_k}, keep_first={keep_first}, keep_last={keep_last}")
 
 
+def group_last(t: torch.Tensor, query_block: int, T: int) -> torch.Tensor:
+    """The last position ``t_u`` of each position's group ``[u*Q, min((u+1)*Q, T))``: the one
+    whose eligibility and forced blocks the group's shared selection takes."""
+    return torch.clamp((t // query_block + 1) * query_block, max=T) - 1
+
+
+def _eligible_forced(t: torch.Tensor, n_sel: int, select_block: int, keep_first: int, keep_last: int,
+                     causal: bool):
+    """``(eligible, forced)`` bool ``[Tc, n_sel]`` for positions ``t``: eligible blocks start at or
+    before ``t`` (causal) or are any block; forced are the first ``keep_first`` eligible blocks
+    and the ``keep_last`` blocks ending at ``t``'s own block."""
+    j = torch.arange(n_sel, device=t.device)[None, :]
+    own = (t // select_block)[:, None]
+    eligible = (j <= own) if causal else torch.ones_like(j <= own)
+    forced = eligible & ((j < keep_first) | ((j > own - keep_last) & (j <= own)))
+    return eligible, forced
+
+
 def _pick_blocks(scores: torch.Tensor, t: torch.Tensor, select_block: int, top_k: int,
-                 keep_first: int, keep_last: int) -> torch.Tensor:
-    """Choose blocks from ``scores [B, Tc, H, n_sel]`` for the query positions ``t [Tc]``.
+                 keep_first: int, keep_last: int, causal: bool = True) -> torch.Tensor:
+    """Choose blocks from ``scores [B, Tc, H, n_sel]`` for the (reference) positions ``t [Tc]``.
 
     Order of preference: forced blocks, then eligible blocks by score (descending), then the
     other eligible blocks (score ``-inf``); ties go to the lower index.  Ineligible blocks are
     never chosen.  Returns ``[B, Tc, H, top_k]`` int32, ascending, -1 padded.
     """
     n_sel = scores.shape[-1]
-    j = torch.arange(n_sel, device=scores.device)[None, :]
-    own = (t // select_block)[:, None]                               # t's own block
-    eligible = j <= own                                              # j*l' <= t
-    forced = eligible & ((j < keep_first) | (j > own - keep_last))   # [Tc, n_sel]
+    eligible, forced = _eligible_forced(t, n_sel, select_block, keep_first, keep_last, causal)
     eligible = eligible[None, :, None, :].expand_as(scores)
     forced = forced[None, :, None, :].expand_as(scores)
 
@@ -249,59 +271,102 @@ def _pick_blocks(scores: torch.Tensor, t: torch.Tensor, select_block: int, top_k
     return chosen.to(torch.int32)
 
 
-def _scores_cmp(qc, t, k_cmp, lse_c, scale: float, block: int, stride: int, w: torch.Tensor):
+def _group_rows(x: torch.Tensor, query_block: int) -> torch.Tensor:
+    """``[B, Tc, ...] -> [B, ceil(Tc / Q), ...]``: the sum over each group of Q rows (chunks start
+    at multiples of Q, so groups never straddle two chunks)."""
+    if query_block == 1:
+        return x
+    Tc = x.shape[1]
+    pad = -Tc % query_block
+    x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
+    return x.unflatten(1, (-1, query_block)).sum(2)
+
+
+def _pick_shared(scores: torch.Tensor, t: torch.Tensor, T: int, select_block: int, top_k: int,
+                 keep_first: int, keep_last: int, causal: bool, query_block: int) -> torch.Tensor:
+    """``_pick_blocks`` for groups of ``query_block`` positions: ``scores`` are already summed per
+    group (``[B, n_groups, H, n_sel]``); each position's row is its group's choice."""
+    t_u = group_last(t[::query_block], query_block, T)
+    chosen = _pick_blocks(scores, t_u, select_block, top_k, keep_first, keep_last, causal)
+    return chosen.repeat_interleave(query_block, dim=1)[:, :t.shape[0]]
+
+
+def _scores_cmp(qc, t, k_cmp, lse_c, scale: float, block: int, stride: int, w: torch.Tensor,
+                causal: bool = True):
     """Group scores ``[B, Tc, H, n_sel]`` of the queries ``qc`` at positions ``t`` (see below)."""
     H, Nc = k_cmp.shape[2], k_cmp.shape[1]
     block_end = torch.arange(Nc, device=qc.device) * stride + block - 1
     logits = torch.einsum("bthgd,bnhd->bthgn", _group(qc, H), k_cmp) * scale
     lse = _group(lse_c, H)[..., None]                                       # [B, Tc, H, G, 1]
-    visible = (block_end[None, :] <= t[:, None])[None, :, None, None, :] & torch.isfinite(lse)
+    seen = (block_end[None, :] <= t[:, None]) if causal else torch.ones_like(block_end[None, :] <= t[:, None])
+    visible = seen[None, :, None, None, :] & torch.isfinite(lse)
     p = torch.where(visible, torch.exp(torch.where(visible, logits - lse, 0.0)), 0.0)
     return p.sum(3) @ w                                                     # [B, Tc, H, n_sel]
 
 
-def _scores_mean_pool(qc, t, k_mean, select_block: int):
-    """Group scores ``[B, Tc, H, n_sel]`` by block means (incomplete blocks ``-inf``)."""
-    H, n_sel = k_mean.shape[2], k_mean.shape[1]
-    block_last = (torch.arange(n_sel, device=qc.device) + 1) * select_block - 1
-    scores = torch.einsum("bthgd,bnhd->bthn", _group(qc, H), k_mean)
-    complete = (block_last[None, :] <= t[:, None])[None, :, None, :]
-    return torch.where(complete, scores, float("-inf"))
+def _complete(t: torch.Tensor, n_sel: int, select_block: int) -> torch.Tensor:
+    """``[Tc, n_sel]``: blocks whose last key is at or before ``t`` (causal ``mean_pool`` scores
+    only these: no peeking at future keys)."""
+    block_last = (torch.arange(n_sel, device=t.device) + 1) * select_block - 1
+    return block_last[None, :] <= t[:, None]
 
 
 def _block_means(k, select_block: int):
-    """``[B, n_sel, H, D]``: the mean of each selection block's keys (the last may be partial)."""
+    """``[B, n_sel, H, D]``: the mean of each selection block's keys (the last block's mean is
+    over the keys it holds)."""
     T = k.shape[1]
     n_sel = num_select_blocks(T, select_block)
     k_pad = F.pad(k, (0, 0, 0, 0, 0, n_sel * select_block - T))
-    return k_pad.unflatten(1, (n_sel, select_block)).mean(2)
+    counts = torch.clamp(T - torch.arange(n_sel, device=k.device) * select_block, max=select_block)
+    return k_pad.unflatten(1, (n_sel, select_block)).sum(2) / counts[None, :, None, None].to(k.dtype)
 
 
-def block_scores_cmp(q, k_cmp, lse_cmp, scale: float, block: int, stride: int, select_block: int):
-    """The scores ``s [B, T, H, n_sel]`` that ``score = <compress branch>`` ranks (see
-    :func:`select_blocks_cmp`); for tests and inspection (memory ``O(T * n_sel)``)."""
+def _scores_mean_pool(qc, t, k_mean, select_block: int, causal: bool = True, query_block: int = 1, T: int = 0):
+    """Scores ``[B, ceil(Tc / Q), H, n_sel]`` by block means, summed over each group of
+    ``query_block`` positions; causal: blocks incomplete at the group's last position ``-inf``."""
+    H, n_sel = k_mean.shape[2], k_mean.shape[1]
+    scores = _group_rows(torch.einsum("bthgd,bnhd->bthn", _group(qc, H), k_mean), query_block)
+    if not causal:
+        return scores
+    t_u = group_last(t[::query_block], query_block, T or int(t[-1]) + 1)
+    return torch.where(_complete(t_u, n_sel, select_block)[None, :, None, :], scores, float("-inf"))
+
+
+def block_scores_cmp(q, k_cmp, lse_cmp, scale: float, block: int, stride: int, select_block: int,
+                     causal: bool = True):
+    """The per-position scores ``s [B, T, H, n_sel]`` that ``score = <compress branch>`` ranks
+    (see :func:`select_blocks_cmp`); for tests and inspection (memory ``O(T * n_sel)``)."""
     T = q.shape[1]
     with torch.no_grad():
         w = overlap_weights(block, stride, select_block, k_cmp.shape[1], num_select_blocks(T, select_block),
                             dtype=q.dtype, device=q.device)
         return _scores_cmp(q.detach(), _positions(0, T, q.device), k_cmp.detach(), lse_cmp.detach(),
-                           scale, block, stride, w)
+                           scale, block, stride, w, causal)
 
 
-def block_scores_mean_pool(q, k, select_block: int):
-    """The scores ``s [B, T, H, n_sel]`` that ``score = mean_pool`` ranks (``-inf``: incomplete)."""
+def block_scores_mean_pool(q, k, select_block: int, causal: bool = True):
+    """The per-position scores ``s [B, T, H, n_sel]`` that ``score = mean_pool`` ranks (``-inf``:
+    incomplete, causal)."""
     with torch.no_grad():
         return _scores_mean_pool(q.detach(), _positions(0, q.shape[1], q.device),
-                                 _block_means(k.detach(), select_block), select_block)
+                                 _block_means(k.detach(), select_block), select_block, causal, 1, q.shape[1])
+
+
+def _select_chunk(query_block: int) -> int:
+    """Query chunk of the selection loops: a multiple of ``query_block`` (groups stay whole)."""
+    return max(query_block, _chunk_size() // query_block * query_block)
 
 
 def select_blocks_cmp(q, k_cmp, lse_cmp, scale: float, block: int, stride: int,
-                      select_block: int, top_k: int, keep_first: int, keep_last: int):
+                      select_block: int, top_k: int, keep_first: int, keep_last: int,
+                      causal: bool = True, query_block: int = 1):
     """Blocks chosen with ``score = <compress branch>``: ``idx [B, T, H, top_k]`` int32.
 
     ``s[t, g, j] = sum_{h in g} sum_i w(i, j) * p_cmp[t, h, i]`` with
     ``p_cmp = exp(scale * q.k_cmp - lse_cmp)`` over the compressed blocks ``t`` sees (0 for
-    the others) and ``w`` from :func:`overlap_weights`.  No gradient flows through the choice.
+    the others) and ``w`` from :func:`overlap_weights`. With ``query_block = Q``, a group of Q
+    positions sums its positions' scores and shares one choice (eligibility and forced blocks
+    of its last position). No gradient flows through the choice.
     """
     _check_top_k(top_k, keep_first, keep_last)
     T = q.shape[1]
@@ -310,20 +375,23 @@ def select_blocks_cmp(q, k_cmp, lse_cmp, scale: float, block: int, stride: int,
         q, k_cmp, lse_cmp = q.detach(), k_cmp.detach(), lse_cmp.detach()
         w = overlap_weights(block, stride, select_block, k_cmp.shape[1], n_sel, dtype=q.dtype, device=q.device)
         out = []
-        chunk = _chunk_size()
+        chunk = _select_chunk(query_block)
         for t0 in range(0, T, chunk):
             qc = q[:, t0:t0 + chunk]
             t = _positions(t0, qc.shape[1], q.device)
-            scores = _scores_cmp(qc, t, k_cmp, lse_cmp[:, t0:t0 + chunk], scale, block, stride, w)
-            out.append(_pick_blocks(scores, t, select_block, top_k, keep_first, keep_last))
+            scores = _group_rows(_scores_cmp(qc, t, k_cmp, lse_cmp[:, t0:t0 + chunk], scale, block, stride, w,
+                                             causal), query_block)
+            out.append(_pick_shared(scores, t, T, select_block, top_k, keep_first, keep_last, causal, query_block))
         return torch.cat(out, 1)
 
 
-def select_blocks_mean_pool(q, k, select_block: int, top_k: int, keep_first: int, keep_last: int):
+def select_blocks_mean_pool(q, k, select_block: int, top_k: int, keep_first: int, keep_last: int,
+                            causal: bool = True, query_block: int = 1):
     """Blocks chosen with ``score = mean_pool``: ``idx [B, T, H, top_k]`` int32.
 
-    ``s[t, g, j] = sum_{h in g} q[t, h] . mean(k[block j])`` (unscaled) for complete blocks
-    (``(j+1)*l' - 1 <= t``); an incomplete block scores ``-inf`` but stays eligible.
+    ``s[t, g, j] = sum_{h in g} q[t, h] . mean(k[block j])`` (unscaled); causal: only blocks
+    complete at ``t`` (``(j+1)*l' - 1 <= t``) score, an incomplete one scores ``-inf`` but stays
+    eligible. With ``query_block``, summed over the group (complete at its last position).
     """
     _check_top_k(top_k, keep_first, keep_last)
     T = q.shape[1]
@@ -331,23 +399,42 @@ def select_blocks_mean_pool(q, k, select_block: int, top_k: int, keep_first: int
         q, k = q.detach(), k.detach()
         k_mean = _block_means(k, select_block)                               # [B, n_sel, H, D]
         out = []
-        chunk = _chunk_size()
+        chunk = _select_chunk(query_block)
         for t0 in range(0, T, chunk):
             qc = q[:, t0:t0 + chunk]
             t = _positions(t0, qc.shape[1], q.device)
-            scores = _scores_mean_pool(qc, t, k_mean, select_block)
-            out.append(_pick_blocks(scores, t, select_block, top_k, keep_first, keep_last))
+            scores = _scores_mean_pool(qc, t, k_mean, select_block, causal, query_block, T)
+            out.append(_pick_shared(scores, t, T, select_block, top_k, keep_first, keep_last, causal, query_block))
         return torch.cat(out, 1)
 
 
-def select_attention(q, k, v, idx, select_block: int, scale: float):
-    """Attention over the keys of the selected blocks with position ``<= t``; ``(o, lse)``.
+def clean_indices(idx: torch.Tensor, n_blocks: int, select_block: int, causal: bool, t0: int = 0) -> torch.Tensor:
+    """Caller-given selections as the branch attends them: entries outside ``0 .. n_blocks - 1``
+    or (causal) after the position's own block are dropped, repeated entries count once; the
+    rest ascending, ``-1`` padded, int32 (``idx [B, T, H', K]``, rows at positions ``t0 + r``)."""
+    t = _positions(t0, idx.shape[1], idx.device)
+    idx = idx.long()
+    valid = (idx >= 0) & (idx < n_blocks)
+    if causal:
+        valid &= idx <= (t // select_block)[None, :, None, None]
+    s = torch.sort(torch.where(valid, idx, n_blocks), dim=-1).values
+    repeat = torch.zeros_like(s, dtype=torch.bool)
+    repeat[..., 1:] = s[..., 1:] == s[..., :-1]
+    s = torch.sort(torch.where(repeat, n_blocks, s), dim=-1).values
+    return torch.where(s == n_blocks, -1, s).to(torch.int32)
+
+
+def select_attention(q, k, v, idx, select_block: int, scale: float, causal: bool = True):
+    """Attention over the keys of the selected blocks (with position ``<= t`` when causal);
+    ``(o, lse)``.
 
     ``idx [B, T, H, K]`` holds block numbers (distinct) or -1; block ``j`` covers keys
-    ``[j*l', (j+1)*l')``.  Shared by the G query heads of a kv head.
+    ``[j*l', (j+1)*l')``.  Shared by the G query heads of a kv head; ``idx [B, T, 1, K]`` (a
+    token selection: ``select_block = 1``) is shared by every kv head.
     """
     B, T, HQ, Dqk = q.shape
     H, Dv = k.shape[2], v.shape[3]
+    idx = idx.expand(-1, -1, H, -1)
     K = idx.shape[-1]
     n_sel = num_select_blocks(T, select_block)
     pad = n_sel * select_block - T
@@ -369,7 +456,8 @@ def select_attention(q, k, v, idx, select_block: int, scale: float):
         k_sel = k_blocks[rows].flatten(3, 4)                                 # [B, Tc, H, K*l', Dqk]
         v_sel = v_blocks[rows].flatten(3, 4)
         pos = blocks[..., None] * select_block + offsets                     # [B, Tc, H, K, l']
-        valid = ((blocks >= 0)[..., None] & (pos <= t[None, :, None, None, None])).flatten(3, 4)
+        last = t[None, :, None, None, None] if causal else T - 1
+        valid = ((blocks >= 0)[..., None] & (pos <= last)).flatten(3, 4)
         logits = torch.einsum("bthgd,bthkd->bthgk", _group(qc, H), k_sel) * scale
         p, lse = _masked_softmax(logits, valid[:, :, :, None, :])
         o = torch.einsum("bthgk,bthke->bthge", p, v_sel)
@@ -379,25 +467,96 @@ def select_attention(q, k, v, idx, select_block: int, scale: float):
     return _over_query_chunks(chunk, q, _chunk_size(per_query), k_blocks, v_blocks)
 
 
+# ----------------------------------------------------------------------------- indexer (DSA)
+
+def _indexer_scores(qi, t, k_idx, w_idx, causal: bool):
+    """``I [B, Tc, 1, T]``: ``sum_j w[t, j] * relu(q_idx[t, j] . k_idx[s])`` for the queries ``qi``
+    at positions ``t`` (``-inf`` for keys after ``t`` when causal)."""
+    s = torch.einsum("btjd,bsd->btjs", qi, k_idx).relu()
+    scores = torch.einsum("btj,btjs->bts", w_idx, s)[:, :, None, :]
+    if causal:
+        after = torch.arange(k_idx.shape[1], device=qi.device)[None, :] > t[:, None]
+        scores = scores.masked_fill(after[None, :, None, :], float("-inf"))
+    return scores
+
+
+def block_scores_indexer(q_idx, k_idx, w_idx, causal: bool = True):
+    """The index scores ``I [B, T, 1, T]`` that ``score = <indexer>`` ranks (tests; O(T^2))."""
+    with torch.no_grad():
+        return _indexer_scores(q_idx, _positions(0, q_idx.shape[1], q_idx.device), k_idx, w_idx, causal)
+
+
+def select_tokens_indexer(q_idx, k_idx, w_idx, top_k: int, keep_first: int, keep_last: int,
+                          causal: bool = True):
+    """Tokens chosen with ``score = <indexer>``: ``idx [B, T, 1, top_k]`` int32 positions, one
+    selection per position shared by every head. Eligible keys are ``s <= t`` (all when not
+    causal); forced are the first ``keep_first`` and the ``keep_last`` ending at ``t``; the rest
+    by highest ``I[t, s]``, ties to the lower position."""
+    _check_top_k(top_k, keep_first, keep_last)
+    T = q_idx.shape[1]
+    with torch.no_grad():
+        q_idx, k_idx, w_idx = q_idx.detach(), k_idx.detach(), w_idx.detach()
+        out = []
+        chunk = max(1, _chunk_size(T * q_idx.shape[2]) // 4)
+        for t0 in range(0, T, chunk):
+            t = _positions(t0, min(chunk, T - t0), q_idx.device)
+            scores = _indexer_scores(q_idx[:, t0:t0 + chunk], t, k_idx, w_idx[:, t0:t0 + chunk], causal)
+            out.append(_pick_blocks(scores, t, 1, top_k, keep_first, keep_last, causal))
+        return torch.cat(out, 1)
+
+
+def index_loss(q, k, idx, scale: float, q_idx, k_idx, w_idx, causal: bool = True):
+    """``[B, T]`` float32: ``KL(p_t || softmax(I[t, S_t]))`` over each position's selected tokens
+    ``S_t`` (``idx [B, T, 1, K]``), where ``p_t`` is the selection branch's attention probability
+    averaged over the query heads (detached: no gradient to q, k). Its gradient reaches
+    ``q_idx``, ``k_idx`` and ``w_idx`` only."""
+    B, T, HQ, _ = q.shape
+    H = k.shape[2]
+    out = []
+    chunk = max(1, _chunk_size(idx.shape[-1] * (q.shape[-1] + q_idx.shape[2] * q_idx.shape[3])) // 4)
+    for t0 in range(0, T, chunk):
+        sel = idx[:, t0:t0 + chunk, 0].long()                                # [B, Tc, K]
+        Tc = sel.shape[1]
+        t = _positions(t0, Tc, q.device)
+        valid = (sel >= 0) & ((sel <= t[None, :, None]) if causal else (sel < T))
+        rows = sel.clamp(0, T - 1)
+        bi = torch.arange(B, device=q.device)[:, None, None]
+        with torch.no_grad():
+            keys = k.detach()[bi, rows]                                      # [B, Tc, K, H, D]
+            logits = torch.einsum("bthgd,btkhd->bthgk", _group(q.detach()[:, t0:t0 + Tc], H), keys) * scale
+            p, _ = _masked_softmax(logits, valid[:, :, None, None, :])
+            p = p.flatten(2, 3).mean(2)                                      # [B, Tc, K] over HQ heads
+        ki = k_idx[bi, rows]                                                 # [B, Tc, K, DI]
+        s = torch.einsum("btjd,btkd->btjk", q_idx[:, t0:t0 + Tc], ki).relu()
+        scores = torch.einsum("btj,btjk->btk", w_idx[:, t0:t0 + Tc], s)
+        log_q = torch.log_softmax(scores.masked_fill(~valid, float("-inf")), -1)
+        log_p = torch.log(torch.where(p > 0, p, 1.0))
+        kl = torch.where(valid & (p > 0), p * (log_p - torch.where(valid, log_q, 0.0)), 0.0).sum(-1)
+        out.append(kl.float())
+    return torch.cat(out, 1)
+
+
 # ----------------------------------------------------------------------------- window
 
-def window_attention(q, k, v, size: int, sinks: int, scale: float):
-    """Attention over keys ``[max(0, t - size + 1), t]`` plus the sinks ``[0, sinks)`` that
-    are ``<= t`` (a key in both counts once); returns ``(o, lse)``.
+def window_attention(q, k, v, size: int, sinks: int, scale: float, causal: bool = True):
+    """Attention over keys ``[max(0, t - size + 1), t]`` (not causal: ``.. min(T - 1, t + size - 1)``,
+    both sides) plus the sinks ``[0, sinks)`` (that are ``<= t`` when causal); a key in both
+    counts once; returns ``(o, lse)``.
     """
-    H = k.shape[2]
+    H, T = k.shape[2], k.shape[1]
 
     def chunk(qc, t0, k, v):
         Tc = qc.shape[1]
         t = _positions(t0, Tc, q.device)
         lo = max(0, t0 - size + 1)           # first window key of any query in the chunk
+        hi = t0 + Tc if causal else min(T, t0 + Tc + size - 1)
         n_sink = min(sinks, lo)              # sink keys that lie before the band
-        pos = torch.cat([torch.arange(n_sink, device=q.device),
-                         torch.arange(lo, t0 + Tc, device=q.device)])
-        keys = torch.cat([k[:, :n_sink], k[:, lo:t0 + Tc]], 1)
-        vals = torch.cat([v[:, :n_sink], v[:, lo:t0 + Tc]], 1)
+        pos = torch.cat([torch.arange(n_sink, device=q.device), torch.arange(lo, hi, device=q.device)])
+        keys = torch.cat([k[:, :n_sink], k[:, lo:hi]], 1)
+        vals = torch.cat([v[:, :n_sink], v[:, lo:hi]], 1)
         p_, t_ = pos[None, :], t[:, None]
-        visible = (p_ <= t_) & ((p_ >= t_ - size + 1) | (p_ < sinks))      # [Tc, K]
+        band = (p_ >= t_ - size + 1) & ((p_ <= t_) if causal else (p_ <= t_ + size - 1))
+        visible = band | ((p_ < sinks) & (p_ <= t_)) if causal else band | (p_ < sinks)     # [Tc, K]
         logits = torch.einsum("bthgd,bkhd->bthgk", _group(qc, H), keys) * scale
         p, lse = _masked_softmax(logits, visible[None, :, None, None, :])
         o = torch.einsum("bthgk,bkhe->bthge", p, vals)
@@ -410,73 +569,55 @@ def window_attention(q, k, v, size: int, sinks: int, scale: float):
 
 @dataclass(frozen=True)
 class Aux:
-    """Per-branch intermediate results, keyed by branch name.
+    """What ``op(..., return_aux=True)`` and ``reference(..., return_aux=True)`` return beside the
+    output, keyed by branch name.
 
-    ``indices``: select branches' ``[B, T, H, top_k]`` int32 blocks; ``lse``: ``[B, T, HQ]``;
-    ``outputs``: each branch's ``[B, T, HQ, Dv]`` before gating.
+    ``indices``: select branches' ``[B, T, H, top_k]`` int32 blocks (``[B, T, 1, top_k]`` token
+    positions for an indexer-scored branch), ascending, -1 padded; ``lse``: ``[B, T, HQ]`` float32
+    log-sum-exps (-inf with no keys); ``outputs``: each branch's ``[B, T, HQ, Dv]`` before gating;
+    ``index_loss``: indexer-scored select branches' ``[B, T]`` float32 KL (see ``index_loss``).
     """
     indices: dict = field(default_factory=dict)
     lse: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
+    index_loss: dict = field(default_factory=dict)
+    spec: Optional[Spec] = field(default=None, repr=False, compare=False)
 
+    def block_mask(self, branch: str):
+        """A FlexAttention ``BlockMask`` with ``BLOCK_SIZE = (query_block, block)`` that reproduces
+        select branch ``branch`` (``query_block >= 16``): ``flex_attention(q, k, v, block_mask=...,
+        enable_gqa=True)`` over the branch's keys and values ([B, H, T, D] layout) equals its
+        output (causal specs: with the causal ``mask_mod``)."""
+        from torch.nn.attention.flex_attention import BlockMask
+        b = self.spec.branch(branch) if self.spec is not None else None
+        if not isinstance(b, Select) or b.query_block < 16 or branch not in self.indices:
+            raise SpecError("E628", f"block_mask({branch!r}) needs a select branch with query_block >= 16",
+                            hint="FlexAttention's blocks are at least 16 rows; use query_block = 16 .. 128")
+        idx = self.indices[branch]                                          # [B, T, H, K]
+        B, T, H, K = idx.shape
+        HQ = self.outputs[branch].shape[2]
+        Q, L = b.query_block, b.block
+        rows = idx[:, ::Q].long().permute(0, 2, 1, 3)                       # [B, H, n_q, K]: a group's row
+        valid = rows >= 0
+        kv_num = valid.sum(-1).to(torch.int32)
+        kv_idx = torch.where(valid, rows, 0).to(torch.int32)                # ascending, valid first
+        kv_num = kv_num.repeat_interleave(HQ // H, dim=1)
+        kv_idx = kv_idx.repeat_interleave(HQ // H, dim=1)
+        n_k = num_select_blocks(T, L)
 
-TensorOrDict = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+        def keep(b_, h, q_idx, kv_idx_):
+            ok = kv_idx_ < T
+            return ok & (q_idx >= kv_idx_) if self.spec.causal else ok
 
-
-def _shape(x) -> str:
-    return "[" + ", ".join(str(s) for s in x.shape) + "]"
-
-
-def _check_tensor(name: str, x, expected: tuple, ref: torch.Tensor, code: str = "E601") -> None:
-    """``expected``: ints, or None for "any"; checks rank, shape (error ``code``), dtype, device."""
-    if not isinstance(x, torch.Tensor):
-        raise SpecError(code, f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    want = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
-    if x.dim() != len(expected) or any(e is not None and e != s for e, s in zip(expected, x.shape)):
-        raise SpecError(code, f"{name} has shape {_shape(x)}, expected {want}")
-    if x.dtype != ref.dtype:
-        raise SpecError("E602", f"{name} has dtype {x.dtype}, expected {ref.dtype} (the dtype of q)")
-    if x.device != ref.device:
-        raise SpecError("E603", f"{name} is on {x.device}, expected {ref.device} (the device of q)")
-
-
-def _needed_branches(spec: Spec):
-    """Branches to compute: the output's and the compress branches they score with.
-
-    Compress branches come first (selection reads their log-sum-exps), then spec order.
-    """
-    names = set(spec.output.branches)
-    for name in list(names):
-        b = spec.branch(name)
-        if isinstance(b, Select) and b.score != "mean_pool":
-            if b.score not in spec.branch_names or not isinstance(spec.branch(b.score), Compress):
-                raise SpecError("E600", f"select {b.name!r} scores with {b.score!r}, "
-                                        f"which is not a compress branch of the spec")
-            names.add(b.score)
-    needed = [b for b in spec.branches if b.name in names]
-    return [b for b in needed if isinstance(b, Compress)] + [b for b in needed if not isinstance(b, Compress)]
-
-
-def _per_branch(what: str, x: TensorOrDict, branches, spec: Spec) -> dict:
-    """Resolve ``k`` or ``v`` (a tensor, or a dict by branch) for the branches that need raw keys."""
-    if isinstance(x, Mapping):
-        unknown = sorted(set(x) - set(spec.branch_names))
-        if unknown:
-            raise SpecError("E604", f"{what} names unknown branch(es) {unknown}; "
-                                    f"the spec's branches are {list(spec.branch_names)}")
-        missing = [b.name for b in branches if b.name not in x]
-        if missing:
-            raise SpecError("E604", f"{what} is a dict without an entry for branch(es) {missing}, "
-                                    f"which attend raw keys; give every such branch a tensor")
-        return {b.name: x[b.name] for b in branches}
-    return {b.name: x for b in branches}
+        return BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=(Q, L), mask_mod=keep, seq_lengths=(T, n_k * L))
 
 
 def reference(spec: Spec, q: torch.Tensor, k: TensorOrDict, v: TensorOrDict,
               gates: Optional[torch.Tensor] = None, *,
               compressed: Optional[Mapping[str, tuple]] = None,
               scale: Optional[float] = None, return_aux: bool = False,
-              selection: Optional[Mapping[str, torch.Tensor]] = None,
+              indices: Optional[Mapping[str, torch.Tensor]] = None,
+              index: Optional[Mapping[str, tuple]] = None,
               cu_seqlens: Optional[torch.Tensor] = None):
     """The semantics of ``spec`` on ``q [B, T, HQ, Dqk]``; returns ``o [B, T, HQ, Dv]`` (q.dtype).
 
@@ -485,111 +626,54 @@ def reference(spec: Spec, q: torch.Tensor, k: TensorOrDict, v: TensorOrDict,
     order; the spec's activation is applied here (``o = sum_c act(gates[..., c]) * o_c``). None
     for ``sum`` and single-branch outputs.
     ``compressed``: name -> ``(k_cmp, v_cmp)``, required for ``pool = linear | mlp``; for
-    ``pool = mean`` it replaces the pooling.  ``selection``: name -> ``idx`` replaces a select
-    branch's choice of blocks.  ``return_aux=True`` returns ``(o, Aux)``.
+    ``pool = mean`` it replaces the pooling. ``indices``: select branch -> caller-given selection
+    (``[B, T, H, top_k]``, ``[B, T, 1, top_k]`` for an indexer-scored branch): entries out of
+    range or (causal) after the position's block are ignored, repeats count once, no scoring
+    runs. ``index``: indexer branch -> ``(q_idx [B, T, HI, DI], k_idx [B, T, DI], w_idx [B, T, HI])``.
+    ``return_aux=True`` returns ``(o, Aux)``.
     ``cu_seqlens [N + 1]``: packed variable-length sequences (``B = 1``; see ``nsa_dsl.varlen``):
     each sequence is computed alone and the results are concatenated, which is the definition.
     """
-    if cu_seqlens is not None:
-        return _reference_packed(spec, q, k, v, gates, compressed=compressed, scale=scale,
-                                 return_aux=return_aux, selection=selection, cu_seqlens=cu_seqlens)
     if not isinstance(spec, Spec):
         raise SpecError("E600", f"reference() needs an nsa_dsl Spec, got {type(spec).__name__}")
-    if not isinstance(q, torch.Tensor) or q.dim() != 4:
-        got = _shape(q) if isinstance(q, torch.Tensor) else type(q).__name__
-        raise SpecError("E601", f"q must be a 4-d tensor [B, T, HQ, Dqk], got {got}")
-    if not q.is_floating_point():
-        raise SpecError("E602", f"q must be a floating-point tensor, got {q.dtype}")
-    B, T, HQ, Dqk = q.shape
-    if T < 1:
-        raise SpecError("E601", f"q has shape {_shape(q)}: the sequence length T must be >= 1")
-
-    compressed = dict(compressed or {})
-    selection = dict(selection or {})
-    for what, d, kind in (("compressed", compressed, "compress"), ("selection", selection, "select")):
-        for name in d:
-            if name not in spec.branch_names or spec.branch(name).kind != kind:
-                raise SpecError("E604" if what == "compressed" else "E606",
-                                f"{what} names {name!r}, which is not a {kind} branch of the spec; "
-                                f"its {kind} branches are {[b.name for b in spec.of_kind(kind)]}")
-
-    branches = _needed_branches(spec)
-    raw = [b for b in branches if not (isinstance(b, Compress) and b.name in compressed)]
-    for b in branches:
-        if isinstance(b, Compress) and b.pool != "mean" and b.name not in compressed:
-            raise SpecError("E604", f"branch {b.name!r} pools with {b.pool!r}: pass its pooled keys "
-                                    f"and values as compressed={{{b.name!r}: (k_cmp, v_cmp)}}")
-    ks = _per_branch("k", k, raw, spec)
-    vs = _per_branch("v", v, raw, spec)
-
-    # Shapes: H and Dv come from the first tensors given; everything else must agree.
-    first_k = next(iter(ks.values()), None)
-    first_v = next(iter(vs.values()), None)
-    if first_k is None:
-        first_k, first_v = next(iter(compressed.values()))
-    for x, what in ((first_k, "k"), (first_v, "v")):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            got = _shape(x) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise SpecError("E601", f"{what} must be a 4-d tensor [B, T, H, D], got {got}")
-    H, Dv = first_k.shape[2], first_v.shape[3]
-    for name, x in ks.items():
-        _check_tensor(f"k[{name!r}]" if isinstance(k, Mapping) else "k", x, (B, T, H, Dqk), q)
-    for name, x in vs.items():
-        _check_tensor(f"v[{name!r}]" if isinstance(v, Mapping) else "v", x, (B, T, H, Dv), q)
-    if H < 1 or HQ % H:
-        raise SpecError("E601", f"q has {HQ} heads, which is not a multiple of the {H} kv heads of k")
-    for field_name, declared, actual in (("heads", spec.heads, HQ), ("kv_heads", spec.kv_heads, H),
-                                         ("qk_dim", spec.qk_dim, Dqk), ("v_dim", spec.v_dim, Dv)):
-        if declared is not None and declared != actual:
-            raise SpecError("E601", f"the spec declares {field_name} = {declared}, "
-                                    f"but the tensors have {actual}")
-    for name, kv in compressed.items():
-        b = spec.branch(name)
-        if not isinstance(kv, (tuple, list)) or len(kv) != 2:
-            raise SpecError("E604", f"compressed[{name!r}] must be a pair (k_cmp, v_cmp)")
-        Nc = num_compressed_blocks(T, b.block, b.stride)
-        _check_tensor(f"compressed[{name!r}][0] (k_cmp)", kv[0], (B, Nc, H, Dqk), q)
-        _check_tensor(f"compressed[{name!r}][1] (v_cmp)", kv[1], (B, Nc, H, Dv), q)
-
-    out_names = spec.output.branches
-    if spec.output.kind == "gate":
-        if gates is None:
-            raise SpecError("E605", f"output = gate(...) needs gates [B, T, HQ, {len(out_names)}]")
-        _check_tensor("gates", gates, (B, T, HQ, len(out_names)), q, code="E605")
-    elif gates is not None:
-        raise SpecError("E605", f"output = {spec.output.kind}(...) takes no gates; pass gates=None")
-
-    if scale is None:
-        scale = Dqk ** -0.5
-
-    outputs, lses, indices, pooled = {}, {}, {}, {}
-    for b in branches:
+    check_spec(spec)                                 # a Spec built by hand gets the parser's checks
+    if cu_seqlens is not None:
+        return _reference_packed(spec, q, k, v, gates, compressed=compressed, scale=scale,
+                                 return_aux=return_aux, indices=indices, index=index, cu_seqlens=cu_seqlens)
+    call = check_call(spec, q, k, v, gates, compressed=compressed, indices=indices, index=index)
+    scale = check_scale(scale, call.Dqk)
+    B, T, HQ = call.B, call.T, call.HQ
+    causal = spec.causal
+    outputs, lses, chosen, losses, pooled = {}, {}, {}, {}, {}
+    for b in needed_branches(spec):
+        if isinstance(b, Indexer):
+            continue                                 # its inputs score the select branch below
+        if T == 0:                                   # nothing to attend: empty results
+            outputs[b.name] = q.new_zeros(B, 0, HQ, call.Dv)
+            lses[b.name] = q.new_zeros(B, 0, HQ)
+            if isinstance(b, Select):
+                chosen[b.name] = torch.zeros(B, 0, 1 if spec.score_kind(b) == "indexer" else call.H, b.top_k,
+                                             dtype=torch.int32, device=q.device)
+            continue
         if isinstance(b, Compress):
-            if b.name in compressed:
-                k_cmp, v_cmp = compressed[b.name]
+            if b.name in call.compressed:
+                k_cmp, v_cmp = call.compressed[b.name]
             else:
-                k_cmp = mean_pool(ks[b.name], b.block, b.stride)
-                v_cmp = mean_pool(vs[b.name], b.block, b.stride)
+                k_cmp = mean_pool(call.k[b.name], b.block, b.stride)
+                v_cmp = mean_pool(call.v[b.name], b.block, b.stride)
             pooled[b.name] = (k_cmp, v_cmp)
-            o, lse = compress_attention(q, k_cmp, v_cmp, b.block, b.stride, scale)
+            o, lse = compress_attention(q, k_cmp, v_cmp, b.block, b.stride, scale, causal)
         elif isinstance(b, Select):
-            if b.name in selection:
-                idx = _check_selection(b, selection[b.name], (B, T, H), q)
-            elif b.score == "mean_pool":
-                idx = select_blocks_mean_pool(q, ks[b.name], b.block, b.top_k, b.keep_first, b.keep_last)
-            else:
-                c = spec.branch(b.score)
-                idx = select_blocks_cmp(q, pooled[c.name][0], lses[c.name], scale, c.block, c.stride,
-                                        b.block, b.top_k, b.keep_first, b.keep_last)
-            indices[b.name] = idx
-            o, lse = select_attention(q, ks[b.name], vs[b.name], idx, b.block, scale)
-        elif isinstance(b, Window):
-            o, lse = window_attention(q, ks[b.name], vs[b.name], b.size, b.sinks, scale)
+            idx = _selection(spec, b, call, q, pooled, lses, scale)
+            chosen[b.name] = idx
+            o, lse = select_attention(q, call.k[b.name], call.v[b.name], idx, b.block, scale, causal)
+            if spec.score_kind(b) == "indexer" and return_aux:
+                losses[b.name] = index_loss(q, call.k[b.name], idx, scale, *call.index[b.score], causal)
         else:
-            raise SpecError("E600", f"branch {b.name!r} of kind {getattr(b, 'kind', '?')!r} "
-                                    f"has no reference semantics")
+            o, lse = window_attention(q, call.k[b.name], call.v[b.name], b.size, b.sinks, scale, causal)
         outputs[b.name], lses[b.name] = o, lse
 
+    out_names = spec.output.branches
     if spec.output.kind == "gate":
         act = gate_activation(spec.output.activation)
         o = sum(act(gates[..., c, None]) * outputs[name] for c, name in enumerate(out_names))
@@ -597,39 +681,46 @@ def reference(spec: Spec, q: torch.Tensor, k: TensorOrDict, v: TensorOrDict,
         o = sum(outputs[name] for name in out_names)
     o = o.to(q.dtype)
     if return_aux:
-        return o, Aux(indices=indices, lse=lses, outputs=outputs)
+        return o, Aux(indices=chosen, lse=lses, outputs=outputs, index_loss=losses, spec=spec)
     return o
 
 
-def _reference_packed(spec: Spec, q, k, v, gates, *, compressed, scale, return_aux, selection,
+def _selection(spec: Spec, b: Select, call, q, pooled: dict, lses: dict, scale: float) -> torch.Tensor:
+    """The blocks (or tokens) select branch ``b`` attends: the caller's, cleaned, or its score's."""
+    T, causal = call.T, spec.causal
+    if b.name in call.indices:
+        n = T if spec.score_kind(b) == "indexer" else num_select_blocks(T, b.block)
+        return clean_indices(call.indices[b.name], n, b.block, causal)
+    if b.score == "mean_pool":
+        return select_blocks_mean_pool(q, call.k[b.name], b.block, b.top_k, b.keep_first, b.keep_last,
+                                       causal, b.query_block)
+    source = spec.branch(b.score)
+    if isinstance(source, Indexer):
+        return select_tokens_indexer(*call.index[source.name], b.top_k, b.keep_first, b.keep_last, causal)
+    return select_blocks_cmp(q, pooled[source.name][0], lses[source.name], scale, source.block, source.stride,
+                             b.block, b.top_k, b.keep_first, b.keep_last, causal, b.query_block)
+
+
+def _reference_packed(spec: Spec, q, k, v, gates, *, compressed, scale, return_aux, indices, index,
                       cu_seqlens):
     """``reference`` on packed sequences: run each sequence alone, concatenate along T.
 
-    Rows ``[cu[s], cu[s + 1])`` of ``q``, ``k``, ``v``, ``gates`` and ``selection`` belong to
-    sequence ``s``; compressed keys / values are packed per sequence (``nsa_dsl.varlen``).
+    Rows ``[cu[s], cu[s + 1])`` of ``q``, ``k``, ``v``, ``gates``, ``indices`` and ``index`` belong
+    to sequence ``s``; compressed keys / values are packed per sequence (``nsa_dsl.varlen``).
     Empty sequences contribute nothing. Aux tensors are concatenated the same way.
     """
     from .varlen import check_cu_seqlens, compressed_cu_seqlens
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
-        got = _shape(q) if isinstance(q, torch.Tensor) else type(q).__name__
-        raise SpecError("E601", f"q must be a 4-d tensor [1, T, HQ, Dqk], got {got}")
+        raise SpecError("E601", f"q must be a 4-D tensor [1, T, HQ, Dqk], got {_shape(q)}")
     cu = check_cu_seqlens(cu_seqlens, q)
-    compressed = dict(compressed or {})
-    offsets = {}                        # compress branch -> offsets of its sequences' blocks
-    for name, kv in compressed.items():
-        if name in spec.branch_names and isinstance(spec.branch(name), Compress) \
-                and isinstance(kv, (tuple, list)) and len(kv) == 2:
-            b = spec.branch(name)
-            offsets[name] = compressed_cu_seqlens(cu, b.block, b.stride)
-            for x, what in zip(kv, ("k_cmp", "v_cmp")):
-                if isinstance(x, torch.Tensor) and (x.dim() != 4 or x.shape[:2] != (1, offsets[name][-1])):
-                    raise SpecError("E601", f"compressed[{name!r}] ({what}) has shape {_shape(x)}, expected "
-                                            f"[1, {offsets[name][-1]}, *, *]: the sequences' compressed blocks "
-                                            f"(sum of (len - {b.block}) // {b.stride} + 1), packed")
+    call = check_call(spec, q, k, v, gates, compressed=compressed, indices=indices, index=index, cu=cu)
+    offsets = {n: compressed_cu_seqlens(cu, spec.branch(n).block, spec.branch(n).stride) for n in call.compressed}
 
     def rows(x, a, b):
         if isinstance(x, Mapping):
-            return {n: t[:, a:b] for n, t in x.items()}
+            return {n: rows(t, a, b) for n, t in x.items()}
+        if isinstance(x, (tuple, list)):
+            return type(x)(rows(t, a, b) for t in x)
         return x[:, a:b] if isinstance(x, torch.Tensor) else x
 
     outs, auxes = [], []
@@ -637,40 +728,24 @@ def _reference_packed(spec: Spec, q, k, v, gates, *, compressed, scale, return_a
         a, b = cu[s], cu[s + 1]
         if a == b:
             continue
-        comp = {n: (kv if n not in offsets else
-                    (kv[0][:, offsets[n][s]:offsets[n][s + 1]], kv[1][:, offsets[n][s]:offsets[n][s + 1]]))
-                for n, kv in compressed.items()}
-        sel = None if selection is None else {n: rows(i, a, b) for n, i in selection.items()}
-        r = reference(spec, q[:, a:b], rows(k, a, b), rows(v, a, b), rows(gates, a, b),
-                      compressed=comp, scale=scale, return_aux=return_aux, selection=sel)
+        comp = {n: (kv[0][:, offsets[n][s]:offsets[n][s + 1]], kv[1][:, offsets[n][s]:offsets[n][s + 1]])
+                for n, kv in call.compressed.items()}
+        r = reference(spec, q[:, a:b], rows(k, a, b), rows(v, a, b), rows(gates, a, b), compressed=comp,
+                      scale=scale, return_aux=return_aux, indices=rows(call.indices, a, b),
+                      index=rows(call.index, a, b))
         outs.append(r[0] if return_aux else r)
         if return_aux:
             auxes.append(r[1])
-    if not outs:
-        raise SpecError("E601", f"q has shape {_shape(q)}: the sequence length T must be >= 1")
+    if not outs:                                      # every sequence empty: T = 0
+        return reference(spec, q, k, v, gates, compressed=compressed, scale=scale, return_aux=return_aux,
+                         indices=indices, index=index)
     o = torch.cat(outs, 1)
     if not return_aux:
         return o
     cat = lambda field: {n: torch.cat([getattr(x, field)[n] for x in auxes], 1) for n in getattr(auxes[0], field)}
-    return o, Aux(indices=cat("indices"), lse=cat("lse"), outputs=cat("outputs"))
+    return o, Aux(indices=cat("indices"), lse=cat("lse"), outputs=cat("outputs"),
+                  index_loss=cat("index_loss"), spec=spec)
 
 
-def _check_selection(b: Select, idx, BTH: tuple, q: torch.Tensor) -> torch.Tensor:
-    """Validate an override of the blocks chosen by select branch ``b``."""
-    B, T, H = BTH
-    where = f"selection[{b.name!r}]"
-    if not isinstance(idx, torch.Tensor) or tuple(idx.shape) != (B, T, H, b.top_k):
-        got = _shape(idx) if isinstance(idx, torch.Tensor) else type(idx).__name__
-        raise SpecError("E606", f"{where} has shape {got}, expected [{B}, {T}, {H}, {b.top_k}]")
-    if idx.dtype not in (torch.int32, torch.int64):
-        raise SpecError("E606", f"{where} has dtype {idx.dtype}, expected torch.int32")
-    if idx.device != q.device:
-        raise SpecError("E603", f"{where} is on {idx.device}, expected {q.device} (the device of q)")
-    n_sel = num_select_blocks(T, b.block)
-    if idx.numel() and (idx.min() < -1 or idx.max() >= n_sel):
-        raise SpecError("E606", f"{where} holds block numbers outside [-1, {n_sel}) "
-                                f"(T = {T}, block = {b.block})")
-    s = torch.sort(idx, dim=-1).values
-    if bool(((s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)).any()):
-        raise SpecError("E606", f"{where} repeats a block for some query; blocks must be distinct")
-    return idx
+def _shape(x) -> str:
+    return "[" + ", ".join(str(s) for s in x.shape) + "]" if isinstance(x, torch.Tensor) else type(x).__name__

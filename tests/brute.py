@@ -151,10 +151,11 @@ def select_blocks_mean_pool(q, k, select_block, top_k, keep_first, keep_last):
 # ----------------------------------------------------------------------------- the whole spec
 
 def brute_reference(spec: Spec, q, k, v, gates=None, *, compressed=None, scale=None,
-                    selection=None):
-    """Returns ``(o, indices, lse, outputs)`` (dicts by branch name)."""
+                    indices=None):
+    """Returns ``(o, indices, lse, outputs)`` (dicts by branch name); ``indices``: caller-given
+    selections (valid ones: distinct, in range)."""
     compressed = compressed or {}
-    selection = selection or {}
+    given = indices or {}
     if scale is None:
         scale = q.shape[-1] ** -0.5
 
@@ -186,8 +187,8 @@ def brute_reference(spec: Spec, q, k, v, gates=None, *, compressed=None, scale=N
             o, lse = compress(q, k_cmp, v_cmp, b.block, b.stride, scale)
         elif isinstance(b, Select):
             kb, vb = kv(b.name)
-            if b.name in selection:
-                idx = selection[b.name]
+            if b.name in given:
+                idx = given[b.name]
             elif b.score == "mean_pool":
                 idx = select_blocks_mean_pool(q, kb, b.block, b.top_k, b.keep_first, b.keep_last)
             else:

@@ -95,8 +95,21 @@ CASES = [
     ("dim-multiple-qk", "E210", edit("head_dim = 64", "qk_dim = [[100]]\n    v_dim = 64"),
      ["qk_dim = 100", "try 96 or 112"]),
     ("dim-too-large", "E211", edit("head_dim = 64", "head_dim = [[512]]"), ["above 256"]),
-    ("not-causal", "E212", edit("head_dim = 64", "head_dim = 64\n    causal = [[false]]"),
-     ["causal = false is not supported yet", "causal = true"]),
+    ("top-k-above-limit", "E217", edit("top_k = 8", "top_k = [[100]]"), ["above 64", "larger blocks"]),
+    ("query-block-not-pow2", "E220", edit("score = cmp)", "score = cmp, query_block = [[48]])"),
+     ["power of two from 1 to 128", "try 32 or 64"]),
+    ("query-block-too-large", "E220", edit("score = cmp)", "score = cmp, query_block = [[256]])"),
+     ["power of two from 1 to 128", "128"]),
+    ("indexer-block", "E221", edit("    branch slc = select(block = 64, top_k = 8, score = cmp)",
+                                   "    branch idx = indexer(heads = 4, dim = 64)\n"
+                                   "    branch slc = select(block = [[64]], top_k = 8, score = idx)"),
+     ["scores single tokens", "block = 1"]),
+    ("indexer-dim", "E210", edit("    branch swa", "    branch idx = indexer(heads = 4, dim = [[40]])\n    branch swa")
+     .replace("score = cmp)", "score = cmp)\n    branch tok = select(block = 1, top_k = 8, score = idx)")
+     .replace("slc, swa)", "slc, swa, tok)"), ["not a multiple of 16", "indexer"]),
+    ("indexer-in-output", "E223", edit("    branch swa", "    branch idx = indexer(heads = 4, dim = 64)\n"
+                                       "    branch tok = select(block = 1, top_k = 8, score = idx)\n    branch swa")
+     .replace("slc, swa)", "slc, swa, tok, [[idx]])"), ["an indexer", "no output of its own"]),
     ("causal-number", "E213", edit("head_dim = 64", "head_dim = 64\n    causal = [[1]]"),
      ["true or false"]),
     ("number-is-bool", "E213", edit("heads = 8", "heads = [[true]]"), ["expected a number"]),
@@ -279,8 +292,10 @@ def test_stride_equal_to_block_is_fine():
 def test_problems_lists_all_in_file_order():
     import dataclasses
     from nsa_dsl import checks
-    bad = dataclasses.replace(_parse_one(BASE), heads=7, causal=False)
-    # causal was not written, so its error points at the block (line 1), before kv_heads (line 3)
-    assert [(e.code, e.line) for e in checks.problems(bad)] == [("E212", 1), ("E209", 3)]
-    with pytest.raises(SpecError, match="E212"):
+    spec = _parse_one(BASE)
+    swa = spec.branch("swa")
+    bad = dataclasses.replace(spec, heads=7, branches=(*spec.branches[:2], dataclasses.replace(swa, size=0)))
+    # the window's error points at its branch (line 7), after kv_heads (line 3)
+    assert [(e.code, e.line) for e in checks.problems(bad)] == [("E209", 3), ("E203", 7)]
+    with pytest.raises(SpecError, match="E209"):
         checks.check_spec(bad)

@@ -202,11 +202,11 @@ def test_spec_error_from_a_command(fake_commands, monkeypatch, capsys):
     from nsa_dsl.errors import SpecError
 
     def fail(args, emit=print):
-        raise SpecError("E614", "q has 3 dims, expected 4", hint="pass q as [B, T, HQ, D]")
+        raise SpecError("E601", "q has 3 dims, expected 4", hint="pass q as [B, T, HQ, D]")
     monkeypatch.setattr(sys.modules["nsa_dsl.commands"], "demo_cmd", fail)
     assert cli.main(["demo"]) == 1
     err = capsys.readouterr().err
-    assert err == "error[E614]: q has 3 dims, expected 4\n    hint: pass q as [B, T, HQ, D]\n"
+    assert err == "error[E601]: q has 3 dims, expected 4\n    hint: pass q as [B, T, HQ, D]\n"
 
 
 def test_internal_error_is_one_line(fake_commands, monkeypatch, capsys):

@@ -95,8 +95,8 @@ def test_extreme_logits_are_finite_and_match_reference(op, scale):
     q = q * scale                      # logits up to ~1e4 with scale 300 (D=16)
     o, aux = op(q, k, v, gates, return_aux=True)
     sel = {"slc": aux.indices["slc"].long()}
-    ref64 = nsa_dsl.reference(op.spec, q.double(), k.double(), v.double(), gates.double(), selection=sel)
-    ref32 = nsa_dsl.reference(op.spec, q, k, v, gates, selection=sel)
+    ref64 = nsa_dsl.reference(op.spec, q.double(), k.double(), v.double(), gates.double(), indices=sel)
+    ref32 = nsa_dsl.reference(op.spec, q, k, v, gates, indices=sel)
     assert torch.isfinite(o).all()
     assert _rel(o, ref64) <= max(1e-5, 2 * _rel(ref32, ref64))
 
@@ -109,7 +109,7 @@ def test_sequences_shorter_than_blocks_windows_and_top_k(op, T):
     o, aux = op(q, k, v, gates, return_aux=True)
     assert_selections(op.spec, aux.indices, q, k)
     ref = nsa_dsl.reference(op.spec, *(x.detach().double() for x in (q, k, v, gates)),
-                            selection={"slc": aux.indices["slc"].long()})
+                            indices={"slc": aux.indices["slc"].long()})
     assert _rel(o, ref) < 1e-5
     grads = torch.autograd.grad(o.sum(), [q, k, v, gates])
     assert all(torch.isfinite(g).all() for g in grads)

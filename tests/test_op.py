@@ -79,7 +79,7 @@ def test_forward_backward_match_reference(which, shape, tmp_path, monkeypatch):
     q64, k64, v64 = leaves64[:3]
     g64 = leaves64[3] if gates is not None else None
     assert_selections(spec, aux.indices, q, k)      # near ties: rounding may pick either block
-    o_ref = nsa_dsl.reference(spec, q64, k64, v64, g64, selection={n: i.long() for n, i in aux.indices.items()})
+    o_ref = nsa_dsl.reference(spec, q64, k64, v64, g64, indices={n: i.long() for n, i in aux.indices.items()})
     assert rel(o, o_ref) < 1e-5
 
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, o.dtype)
@@ -232,12 +232,12 @@ def test_wrong_shapes_dtypes_and_missing_args(paper_op):
     cases = [
         (lambda: paper_op(q, k[:, :10], v, gates), "E601", "expected [1, 20, *, 16]"),
         (lambda: paper_op(q, k, v.half(), gates), "E606", "dtype"),
-        (lambda: paper_op(q, k, v, None), "E609", "needs gates"),
+        (lambda: paper_op(q, k, v, None), "E609", "needs gate logits"),
         (lambda: paper_op(q, k, v, gates[..., :2]), "E601", "expected [1, 20, 4, 3]"),
         (lambda: paper_op(q.int(), k, v, gates), "E606", "dtype"),
         (lambda: paper_op(q[0], k, v, gates), "E601", "4-D"),
         (lambda: paper_op(q, {"nope": k}, v, gates), "E608", "unknown branches"),
-        (lambda: paper_op(torch.randn(1, 20, 5, 16), k, v.float(), gates), "E601", None),
+        (lambda: paper_op(torch.randn(1, 20, 5, 16), k, v.float(), gates), "E603", "multiple of kv heads"),
         (lambda: paper_op(q, k, v, gates, scale=0.0), "E618", "finite number > 0"),
         (lambda: paper_op(q, k, v, gates, scale=-0.25), "E618", "got -0.25"),
         (lambda: paper_op(q, k, v, gates, scale=float("nan")), "E618", None),
@@ -300,7 +300,7 @@ def test_gpu_low_precision_matches_reference(which, shape, dtype, tmp_path, monk
     def ref_run(xs, dt):
         ys = [x.detach().to(dt).requires_grad_() for x in xs]
         g = ys[3] if gates is not None else None
-        return ys, nsa_dsl.reference(spec, ys[0], ys[1], ys[2], g, selection=sel)
+        return ys, nsa_dsl.reference(spec, ys[0], ys[1], ys[2], g, indices=sel)
     L64, o64 = ref_run(leaves, torch.float64)
     Llp, olp = ref_run(leaves, dtype)
     do = torch.randn_like(o)

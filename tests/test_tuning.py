@@ -522,5 +522,5 @@ def test_tune_on_gpu(tmp_path, monkeypatch):
     _, keys = op._kernels(op.binding(heads=16, kv_heads=1, qk_dim=64, v_dim=64))
     assert tuning.lookup(keys["window_swa"], q) is not None                 # read back from disk
     ref = nsa_dsl.reference(op.spec, q.double(), k.double(), v.double(), gates.double(),
-                            selection={n: i.long() for n, i in aux.indices.items()})
+                            indices={n: i.long() for n, i in aux.indices.items()})
     assert rel_err(o, ref) < 2e-2

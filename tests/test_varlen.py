@@ -88,7 +88,7 @@ def test_packed_equals_each_sequence_alone(which, HQ, H, Dqk, Dv, lens, tmp_path
         if a < b:
             assert_selections(spec, {n: i[:, a:b] for n, i in aux.indices.items()}, q[:, a:b], k[:, a:b])
     o_ref = nsa_dsl.reference(spec, L64[0], L64[1], L64[2], g64, cu_seqlens=cu,
-                              selection={n: i.long() for n, i in aux.indices.items()})
+                              indices={n: i.long() for n, i in aux.indices.items()})
     assert rel_err(o, o_ref) < 1e-5
     for name, a, b in zip("q k v gates".split(), grads, torch.autograd.grad(o_ref, L64, do.double())):
         assert rel_err(a, b) < 1e-5, name
@@ -388,7 +388,7 @@ def test_gpu_bf16_packed(which, HQ, H, D, tmp_path, monkeypatch):
     def ref_run(dt):
         ys = [x.detach().to(dt).requires_grad_() for x in leaves]
         g = ys[3] if gates is not None else None
-        return ys, nsa_dsl.reference(spec, ys[0], ys[1], ys[2], g, selection=sel, cu_seqlens=cu)
+        return ys, nsa_dsl.reference(spec, ys[0], ys[1], ys[2], g, indices=sel, cu_seqlens=cu)
     L64, o64 = ref_run(torch.float64)
     Llp, olp = ref_run(torch.bfloat16)
     do = torch.randn_like(o)
