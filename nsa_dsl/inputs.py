@@ -137,8 +137,14 @@ def check_call(spec: Spec, q, k, v, gates=None, *, compressed=None, indices=None
             raise SpecError("E610", f"compressed['{name}'] must be a pair (k_cmp, v_cmp)")
         Nc = num_compressed_blocks(T, b.block, b.stride) if cu is None else \
             sum(num_compressed_blocks(e - s, b.block, b.stride) for s, e in zip(cu[:-1], cu[1:]))
-        _tensor(pair[0], f"compressed['{name}'][0]", (B, Nc, None, Dqk), q)
-        _tensor(pair[1], f"compressed['{name}'][1]", (B, Nc, pair[0].shape[2], None), q)
+        try:
+            _tensor(pair[0], f"compressed['{name}'][0]", (B, Nc, None, Dqk), q)
+            _tensor(pair[1], f"compressed['{name}'][1]", (B, Nc, pair[0].shape[2], None), q)
+        except SpecError as e:
+            if cu is None or e.code != "E601":
+                raise
+            raise SpecError("E601", e.message, hint=f"packed sequences: each sequence's compressed blocks in "
+                            f"turn, sum over sequences of (len - {b.block}) // {b.stride} + 1 = {Nc} rows") from None
         H, Dv = _agree(H, pair[0].shape[2], Dv, pair[1].shape[3], f"compressed['{name}']")
     if H is None:                                   # every branch given compressed, or none
         raise SpecError("E608", "no keys/values reach any branch", hint="pass k and v")

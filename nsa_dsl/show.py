@@ -228,13 +228,6 @@ def keys_per_query(spec: Spec, T: int, indices=None) -> dict:
 
 # ----------------------------------------------------------------------------- selections
 
-def _mean_pool(x, block: int, stride: int):
-    T = x.shape[1]
-    if T < block:
-        return x[:, :0]
-    return x.unfold(1, block, stride).mean(-1)
-
-
 def _shape_free(spec: Spec) -> Spec:
     return replace(spec, heads=None, kv_heads=None, qk_dim=None, v_dim=None)
 
@@ -256,6 +249,7 @@ def random_selection(spec: Spec, T: int, seed: int = 0):
     import torch
 
     import nsa_dsl
+    from .semantics import mean_pool
     HQ, H, D = random_shapes(spec)
     run_spec = _shape_free(spec)           # declared shapes would make the inputs huge; G is kept
     g = torch.Generator().manual_seed(seed)
@@ -264,7 +258,7 @@ def random_selection(spec: Spec, T: int, seed: int = 0):
     v = torch.randn(1, T, H, D, generator=g)
     C = len(spec.output.branches)
     gates = torch.full((1, T, HQ, C), 1.0 / C) if spec.output.kind == "gate" else None
-    compressed = {b.name: (_mean_pool(k, b.block, b.stride), _mean_pool(v, b.block, b.stride))
+    compressed = {b.name: (mean_pool(k, b.block, b.stride), mean_pool(v, b.block, b.stride))
                   for b in spec.of_kind("compress") if b.pool != "mean"}
     with torch.no_grad():
         _, aux = nsa_dsl.reference(run_spec, q, k, v, gates, compressed=compressed or None,

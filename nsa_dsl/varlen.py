@@ -27,8 +27,9 @@ from typing import Sequence
 import torch
 
 from .errors import SpecError
+from .rules import num_compressed_blocks
 
-__all__ = ["check_cu_seqlens", "compressed_cu_seqlens", "num_compressed", "positions",
+__all__ = ["check_cu_seqlens", "compressed_cu_seqlens", "positions",
            "block_starts", "mean_pool", "split_blocks"]
 
 _HINT = ("cu_seqlens = [0, len_0, len_0 + len_1, ..., T] (int32, on q's device, as "
@@ -70,11 +71,6 @@ def check_cu_seqlens(cu_seqlens, x: torch.Tensor, what: str = "q") -> list[int]:
     return cu
 
 
-def num_compressed(length: int, block: int, stride: int) -> int:
-    """``Nc = (length - block) // stride + 1``, 0 when ``length < block``."""
-    return 0 if length < block else (length - block) // stride + 1
-
-
 def compressed_cu_seqlens(cu_seqlens, block: int, stride: int):
     """Offsets of each sequence's compressed blocks in packed ``[1, sum Nc_s, H, D]`` tensors:
     ``[0, Nc_0, Nc_0 + Nc_1, ...]``.
@@ -88,7 +84,7 @@ def compressed_cu_seqlens(cu_seqlens, block: int, stride: int):
         return torch.nn.functional.pad(torch.cumsum(nc, 0), (1, 0)).to(cu_seqlens.dtype)
     out = [0]
     for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-        out.append(out[-1] + num_compressed(b - a, block, stride))
+        out.append(out[-1] + num_compressed_blocks(b - a, block, stride))
     return out
 
 
@@ -104,7 +100,7 @@ def positions(cu: Sequence[int], device=None) -> torch.Tensor:
 
 def block_starts(cu: Sequence[int], block: int, stride: int, device=None) -> torch.Tensor:
     """``[sum Nc_s]`` int64: the packed row where each compressed block starts, in packed order."""
-    starts = [a + i * stride for a, b in zip(cu[:-1], cu[1:]) for i in range(num_compressed(b - a, block, stride))]
+    starts = [a + i * stride for a, b in zip(cu[:-1], cu[1:]) for i in range(num_compressed_blocks(b - a, block, stride))]
     return torch.tensor(starts, dtype=torch.long, device=device)
 
 
