@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 from nsa_dsl.errors import SpecError
 from nsa_dsl.ir import Compress, Select, Spec, Window
@@ -199,32 +200,131 @@ def lower(spec: Spec, binding: Binding, varlen: bool = False) -> Plan:
     return Plan(spec, binding, tuple(kernels))
 
 
+class DecodePair(NamedTuple):
+    """In the decode plan: a select branch scored by a compress branch (``score = <compress>``)."""
+    cmp: str        # the compress branch's word ("c0", ...) and its index among them
+    ci: int
+    sel: str        # the select branch's word ("s0", ...) and its index among them
+    si: int
+    L: int          # the compress block and stride, the select block
+    STRIDE: int
+    LS: int
+    A: int          # L / STRIDE: segments of STRIDE keys per compressed block
+    C: int          # LS / STRIDE: per select block
+    CP: int         # C padded to a power of two: slots per select block in a fused scoring tile
+    fused: bool     # split-K / ONEPASS score it in the compress branch's own pass
+    slot: int       # its index among the fused pairs (their ws_u / ws_mu entries); 0 when not fused
+
+
+class DecodeCmp(NamedTuple):
+    """A compress branch of the decode plan."""
+    name: str                     # its word: "c" + its index among the compress branches
+    aux: int                      # its place in the aux outputs (compress, select, window branches)
+    out: bool                     # the output combines it,
+    gate: int                     # with this gate (when gated)
+    part: int                     # its split-K partial state (compress, then window branches)
+    L: int
+    STRIDE: int
+    fuse: Optional[DecodePair]    # the select branch it scores in its own pass (split-K / ONEPASS)
+
+
+class DecodeSel(NamedTuple):
+    """A select branch of the decode plan."""
+    name: str                     # "s" + index
+    index: int
+    aux: int
+    out: bool
+    gate: int
+    LS: int
+    TOPK: int
+    TOPKP: int                    # TOPK padded to a power of two: the top-k buffer's width
+    KEEP_FIRST: int
+    KEEP_LAST: int
+    SCORE: str                    # "cmp" | "mean_pool"
+    BN: int                       # key tile of its attention, NT tiles per block, PARTIAL: the block's
+    NT: int                       # end masked (as the select family: select_vars)
+    PARTIAL: bool
+    score: Optional[DecodePair]   # SCORE == "cmp": its scoring compress branch
+
+
+class DecodeWin(NamedTuple):
+    """A window branch of the decode plan."""
+    name: str                     # "w" + index
+    aux: int
+    out: bool
+    gate: int
+    part: int
+    W: int
+    SINKS: int
+
+
+_DECODE_WORD = re.compile(r"[csw][0-9]{1,3}\Z")   # the decode plan's branch words
+
+
+def _leaves(value):
+    """The numbers and words of a (nested) plan value; None (an absent record) has none."""
+    if isinstance(value, tuple):
+        for x in value:
+            yield from _leaves(x)
+    elif value is not None:
+        yield value
+
+
 def lower_decode(spec: Spec, binding: Binding) -> Plan:
     """The decoding / chunked-prefill plan: one kernel module (``templates/decode.py.j2``) that
-    computes every branch of ``spec`` for new tokens over a KV cache (``nsa_dsl.decode``).
+    computes every branch of ``spec`` for new tokens over a KV cache (``nsa_dsl.decode``); its
+    launchers are ``codegen.launch.decode``.
 
-    Template variables name branches by kind and index, never by spec text: ``CMP`` holds
-    ``(block, stride)`` per compress branch, ``SEL`` ``(block, top_k, keep_first, keep_last,
-    score, src)`` per select branch (``score`` is ``"cmp"`` with ``src`` indexing ``CMP``, or
-    ``"mean_pool"`` with ``src = 0``), ``WIN`` ``(size, sinks)`` per window branch, ``OUT`` the
-    output's branches as indices into the list compress, then select, then window branches.
-    Every leaf of these tuples passes the same check as a scalar variable (``_kernel``).
+    Template variables are finished numbers and words of a fixed vocabulary, never spec text:
+    branches are named by kind and index (``c0``, ``s0``, ``w0``, ...). ``tile_vars`` (G, GP, DQK,
+    DV, BDK, BDV); ``CMP`` / ``SEL`` / ``WIN`` one record per compress / select / window branch
+    (:class:`DecodeCmp`, :class:`DecodeSel`, :class:`DecodeWin`: its place in the output and the
+    aux outputs, its numbers); ``OUT`` the output's branch words in gate order, ``NG`` their
+    number, ``GATED``; ``NP`` the branches whose key ranges split-K divides (compress, window),
+    ``NBR`` all branches; ``NF`` the fused scoring pairs.
+
+    Fused scoring (split-K and ONEPASS): a compress branch computes the block scores of the first
+    select branch it scores when a compressed block reaches at most one select block past its own
+    (A - 1 <= C: L - STRIDE <= LS) and a select block spans at most 8 compressed blocks (C <= 8);
+    the pair (:class:`DecodePair`) sits on both records (``DecodeCmp.fuse``, ``DecodeSel.score``).
+    Every leaf passes the same check as a scalar variable (``_kernel``).
     """
     cmps, sels, wins = spec.of_kind("compress"), spec.of_kind("select"), spec.of_kind("window")
-    order = [b.name for b in cmps] + [b.name for b in sels] + [b.name for b in wins]
+    tiles = tile_vars(binding.group, binding.qk_dim, binding.v_dim)
+    words = {b.name: f"{k}{i}" for k, kind in (("c", cmps), ("s", sels), ("w", wins)) for i, b in enumerate(kind)}
+    aux = {b.name: i for i, b in enumerate(cmps + sels + wins)}
+    gates = {n: i for i, n in enumerate(spec.output.branches)}
+
+    def place(b) -> dict:
+        return dict(name=words[b.name], aux=aux[b.name], out=b.name in gates, gate=gates.get(b.name, 0))
+
     c_index = {b.name: i for i, b in enumerate(cmps)}
-    variables = dict(
-        G=binding.group, DQK=binding.qk_dim, DV=binding.v_dim, GATED=spec.output.kind == "gate",
-        CMP=tuple((b.block, b.stride) for b in cmps),
-        SEL=tuple((b.block, b.top_k, b.keep_first, b.keep_last, "mean_pool", 0) if b.score == "mean_pool"
-                  else (b.block, b.top_k, b.keep_first, b.keep_last, "cmp", c_index[b.score]) for b in sels),
-        WIN=tuple((b.size, b.sinks) for b in wins),
-        OUT=tuple(order.index(n) for n in spec.output.branches))
-    leaves = {}
-    for key, value in variables.items():
-        items = [x for t in value for x in (t if isinstance(t, tuple) else (t,))] if isinstance(value, tuple) else [value]
-        leaves.update({f"{key}_{i}": x for i, x in enumerate(items)})
-    _kernel("decode", "decode", "decode", **leaves)     # validates every leaf
+    fuse, SEL = {}, []                                   # compress index -> its fused pair
+    for si, b in enumerate(sels):
+        src = None if b.score == "mean_pool" else cmps[c_index[b.score]]
+        L, STRIDE = (src.block, src.stride) if src else (b.block, b.block)
+        tk = topk_vars(L, STRIDE, b.block, b.top_k, "cmp" if src else "mean_pool")
+        pair = None
+        if src:
+            ci = c_index[src.name]
+            fused = ci not in fuse and L - STRIDE <= b.block <= 8 * STRIDE
+            pair = DecodePair(cmp=words[src.name], ci=ci, sel=words[b.name], si=si, L=L, STRIDE=STRIDE, LS=b.block,
+                              A=tk["A"], C=tk["C"], CP=next_pow2(tk["C"]), fused=fused, slot=len(fuse) if fused else 0)
+            if fused:
+                fuse[ci] = pair
+        tiles_s = select_vars(b.block, b.top_k)
+        SEL.append(DecodeSel(**place(b), index=si, LS=b.block, TOPK=b.top_k, TOPKP=tk["TOPKP"],
+                             KEEP_FIRST=b.keep_first, KEEP_LAST=b.keep_last, SCORE="cmp" if src else "mean_pool",
+                             BN=tiles_s["BN"], NT=tiles_s["NT"], PARTIAL=tiles_s["PARTIAL"], score=pair))
+    CMP = tuple(DecodeCmp(**place(b), part=ci, L=b.block, STRIDE=b.stride, fuse=fuse.get(ci))
+                for ci, b in enumerate(cmps))
+    WIN = tuple(DecodeWin(**place(b), part=len(cmps) + wi, W=b.size, SINKS=b.sinks) for wi, b in enumerate(wins))
+    variables = dict(**tiles, GATED=spec.output.kind == "gate", CMP=CMP, SEL=tuple(SEL), WIN=WIN,
+                     OUT=tuple(words[n] for n in spec.output.branches), NG=len(spec.output.branches),
+                     NP=len(cmps) + len(wins), NBR=len(aux), NF=len(fuse))
+    leaves = list(_leaves(tuple(variables.values())))
+    names = [x for x in leaves if isinstance(x, str) and _DECODE_WORD.match(x)]
+    _kernel("decode", "decode", "decode", **{f"v{i}": x for i, x in enumerate(leaves) if x not in names})
     kernel = KernelPlan("decode", "decode", "decode", tuple(sorted(variables.items())))
     return Plan(spec, binding, (kernel,))
 

@@ -552,15 +552,18 @@ class DecodeOp:
         return lower_decode(self.spec, bind(self.spec, heads, kv_heads, qk_dim, v_dim))
 
     def module(self, heads: int, kv_heads: int, qk_dim: int, v_dim: int):
+        """The launcher for these shapes (``codegen.launch.decode.Decode``) over its rendered kernels."""
         key = (heads, kv_heads, qk_dim, v_dim)
         if key not in self._modules:
-            self._modules[key] = self.kernel_cache.load(self.plan(*key))["decode"]
+            from codegen import launch
+            plan = self.plan(*key)
+            self._modules[key] = launch.build(plan, self.kernel_cache.load(plan))["decode"]
         return self._modules[key]
 
     def source(self, heads: int, kv_heads: int, qk_dim: int, v_dim: int) -> str:
         """The generated Triton source for these shapes."""
         from pathlib import Path
-        return Path(self.module(heads, kv_heads, qk_dim, v_dim).__file__).read_text()
+        return Path(self.module(heads, kv_heads, qk_dim, v_dim).kernels.__file__).read_text()
 
     def __call__(self, q: Tensor, cache: NSACache, step: DecodeStep, gates: Optional[Tensor] = None, *,
                  scale: Optional[float] = None, return_aux: bool = False, config: Optional[dict] = None):

@@ -506,7 +506,7 @@ def select_tokens_indexer(q_idx, k_idx, w_idx, top_k: int, keep_first: int, keep
 
 
 def index_loss(q, k, idx, scale: float, q_idx, k_idx, w_idx, causal: bool = True):
-    """``[B, T]`` float32: ``KL(p_t || softmax(I[t, S_t]))`` over each position's selected tokens
+    """``[B, T]`` (in q's dtype; ``aux.index_loss`` holds it in float32): ``KL(p_t || softmax(I[t, S_t]))`` over each position's selected tokens
     ``S_t`` (``idx [B, T, 1, K]``), where ``p_t`` is the selection branch's attention probability
     averaged over the query heads (detached: no gradient to q, k). Its gradient reaches
     ``q_idx``, ``k_idx`` and ``w_idx`` only."""
@@ -532,7 +532,7 @@ def index_loss(q, k, idx, scale: float, q_idx, k_idx, w_idx, causal: bool = True
         log_q = torch.log_softmax(scores.masked_fill(~valid, float("-inf")), -1)
         log_p = torch.log(torch.where(p > 0, p, 1.0))
         kl = torch.where(valid & (p > 0), p * (log_p - torch.where(valid, log_q, 0.0)), 0.0).sum(-1)
-        out.append(kl.float())
+        out.append(kl)
     return torch.cat(out, 1)
 
 
@@ -597,17 +597,26 @@ class Aux:
         B, T, H, K = idx.shape
         HQ = self.outputs[branch].shape[2]
         Q, L = b.query_block, b.block
-        rows = idx[:, ::Q].long().permute(0, 2, 1, 3)                       # [B, H, n_q, K]: a group's row
+        n_k = num_select_blocks(T, L)
+        rows = idx[:, ::Q].long().permute(0, 2, 1, 3)[..., :n_k]            # [B, H, n_q, <= n_k]: a group's row
         valid = rows >= 0
-        kv_num = valid.sum(-1).to(torch.int32)
-        kv_idx = torch.where(valid, rows, 0).to(torch.int32)                # ascending, valid first
+        kv_num = valid.sum(-1).to(torch.int32)                              # ascending, valid first
+        kv_idx = torch.zeros(*rows.shape[:3], n_k, dtype=torch.int32, device=idx.device)
+        kv_idx[..., :rows.shape[-1]] = torch.where(valid, rows, 0).to(torch.int32)
         kv_num = kv_num.repeat_interleave(HQ // H, dim=1)
         kv_idx = kv_idx.repeat_interleave(HQ // H, dim=1)
-        n_k = num_select_blocks(T, L)
+
+        # the mask_mod repeats the selection itself (a [B, HQ, n_q, n_k] table), so flex_attention
+        # computes the branch with or without the block sparsity (eager runs apply mask_mod only)
+        table = torch.zeros(*kv_idx.shape[:3], n_k + 1, dtype=torch.bool, device=idx.device)
+        listed = torch.arange(n_k, device=idx.device) < kv_num[..., None]        # the valid entries
+        table.scatter_(-1, torch.where(listed, kv_idx.long(), n_k), True)        # padding -> column n_k
+        table = table[..., :n_k]
+        causal = self.spec.causal
 
         def keep(b_, h, q_idx, kv_idx_):
-            ok = kv_idx_ < T
-            return ok & (q_idx >= kv_idx_) if self.spec.causal else ok
+            ok = table[b_, h, q_idx // Q, kv_idx_ // L] & (kv_idx_ < T)
+            return ok & (q_idx >= kv_idx_) if causal else ok
 
         return BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=(Q, L), mask_mod=keep, seq_lengths=(T, n_k * L))
 
@@ -668,7 +677,7 @@ def reference(spec: Spec, q: torch.Tensor, k: TensorOrDict, v: TensorOrDict,
             chosen[b.name] = idx
             o, lse = select_attention(q, call.k[b.name], call.v[b.name], idx, b.block, scale, causal)
             if spec.score_kind(b) == "indexer" and return_aux:
-                losses[b.name] = index_loss(q, call.k[b.name], idx, scale, *call.index[b.score], causal)
+                losses[b.name] = index_loss(q, call.k[b.name], idx, scale, *call.index[b.score], causal).float()
         else:
             o, lse = window_attention(q, call.k[b.name], call.v[b.name], b.size, b.sinks, scale, causal)
         outputs[b.name], lses[b.name] = o, lse

@@ -1,4 +1,4 @@
-"""A brute-force implementation of DESIGN.md section 3, used only by tests.
+"""A brute-force implementation of docs/SEMANTICS.md, used only by tests.
 
 Written independently of ``nsa_dsl.reference`` and as plainly as possible: Python loops over
 batch, position and head, an explicit list of key positions per query, a softmax over that
@@ -52,30 +52,34 @@ def mean_pool(k, block, stride):
     return torch.stack([k[:, i * stride:i * stride + block].mean(1) for i in range(n)], 1)
 
 
-def compress(q, k_cmp, v_cmp, block, stride, scale):
+def compress(q, k_cmp, v_cmp, block, stride, scale, causal=True):
     def keys_of(b, t, h):
-        return [i for i in range(k_cmp.shape[1]) if i * stride + block - 1 <= t]
+        return [i for i in range(k_cmp.shape[1]) if i * stride + block - 1 <= t or not causal]
     return run_per_query(q, k_cmp, v_cmp, keys_of, scale)
 
 
-def window(q, k, v, size, sinks, scale):
+def window(q, k, v, size, sinks, scale, causal=True):
+    T = q.shape[1]
+
     def keys_of(b, t, h):
-        band = set(range(max(0, t - size + 1), t + 1))
-        sink = set(range(0, min(sinks, t + 1)))
+        last = t if causal else min(T - 1, t + size - 1)
+        band = set(range(max(0, t - size + 1), last + 1))
+        sink = set(range(0, min(sinks, t + 1 if causal else T)))
         return sorted(band | sink)
     return run_per_query(q, k, v, keys_of, scale)
 
 
-def select(q, k, v, idx, select_block, scale):
+def select(q, k, v, idx, select_block, scale, causal=True):
     T = q.shape[1]
     H = k.shape[2]
     G = q.shape[2] // H
 
     def keys_of(b, t, h):
         keys = set()
-        for j in idx[b, t, h // G].tolist():
+        for j in idx[b, t, 0 if idx.shape[2] == 1 else h // G].tolist():
             if j >= 0:
-                keys |= {p for p in range(j * select_block, (j + 1) * select_block) if p <= t and p < T}
+                keys |= {p for p in range(j * select_block, (j + 1) * select_block)
+                         if (p <= t or not causal) and p < T}
         return sorted(keys)
     return run_per_query(q, k, v, keys_of, scale)
 
@@ -87,9 +91,9 @@ def overlap(i, j, block, stride, select_block):
     return len(cmp_segments & sel_segments)
 
 
-def choose(score, t, n_sel, select_block, top_k, keep_first, keep_last):
-    """Blocks for query t: a sorted list padded with -1 to top_k."""
-    eligible = [j for j in range(n_sel) if j * select_block <= t]
+def choose(score, t, n_sel, select_block, top_k, keep_first, keep_last, causal=True):
+    """Blocks (tokens with select_block = 1) for position t: a sorted list padded with -1."""
+    eligible = [j for j in range(n_sel) if j * select_block <= t or not causal]
     if len(eligible) <= top_k:
         chosen = list(eligible)
     else:
@@ -101,8 +105,13 @@ def choose(score, t, n_sel, select_block, top_k, keep_first, keep_last):
     return chosen + [-1] * (top_k - len(chosen))
 
 
+def groups(T, query_block):
+    """[(positions of the group, its last position)] for groups of query_block positions."""
+    return [(list(range(u, min(u + query_block, T))), min(u + query_block, T) - 1) for u in range(0, T, query_block)]
+
+
 def select_blocks_cmp(q, k_cmp, lse_cmp, scale, block, stride, select_block, top_k,
-                      keep_first, keep_last):
+                      keep_first, keep_last, causal=True, query_block=1):
     B, T, HQ, _ = q.shape
     H, Nc = k_cmp.shape[2], k_cmp.shape[1]
     G = HQ // H
@@ -110,25 +119,26 @@ def select_blocks_cmp(q, k_cmp, lse_cmp, scale, block, stride, select_block, top
     out = torch.full((B, T, H, top_k), -1, dtype=torch.int32)
     with torch.no_grad():
         for b in range(B):
-            for t in range(T):
-                visible = [i for i in range(Nc) if i * stride + block - 1 <= t]
+            for members, last in groups(T, query_block):
                 for g in range(H):
-                    # p[h][i]: compression probabilities of the heads of group g
+                    # p[t, h, i]: compression probabilities of the group's positions and heads
                     p = {}
-                    for h in range(g * G, (g + 1) * G):
-                        lse = float(lse_cmp[b, t, h])
-                        for i in visible:
-                            p[h, i] = math.exp(float(q[b, t, h] @ k_cmp[b, i, g]) * scale - lse)
+                    for t in members:
+                        visible = [i for i in range(Nc) if i * stride + block - 1 <= t or not causal]
+                        for h in range(g * G, (g + 1) * G):
+                            lse = float(lse_cmp[b, t, h])
+                            for i in visible:
+                                p[t, h, i] = math.exp(float(q[b, t, h] @ k_cmp[b, i, g]) * scale - lse)
 
                     def score(j):
-                        return sum(overlap(i, j, block, stride, select_block) * p[h, i]
-                                   for h in range(g * G, (g + 1) * G) for i in visible)
-                    out[b, t, g] = torch.tensor(choose(score, t, n_sel, select_block, top_k,
-                                                       keep_first, keep_last))
+                        return sum(overlap(i, j, block, stride, select_block) * pv for (t, h, i), pv in p.items())
+                    row = torch.tensor(choose(score, last, n_sel, select_block, top_k, keep_first, keep_last, causal))
+                    for t in members:
+                        out[b, t, g] = row
     return out
 
 
-def select_blocks_mean_pool(q, k, select_block, top_k, keep_first, keep_last):
+def select_blocks_mean_pool(q, k, select_block, top_k, keep_first, keep_last, causal=True, query_block=1):
     B, T, HQ, _ = q.shape
     H = k.shape[2]
     G = HQ // H
@@ -136,26 +146,66 @@ def select_blocks_mean_pool(q, k, select_block, top_k, keep_first, keep_last):
     out = torch.full((B, T, H, top_k), -1, dtype=torch.int32)
     with torch.no_grad():
         for b in range(B):
-            for t in range(T):
+            for members, last in groups(T, query_block):
                 for g in range(H):
                     def score(j):
-                        if (j + 1) * select_block - 1 > t:
+                        if causal and (j + 1) * select_block - 1 > last:
                             return NEG_INF
                         mean = k[b, j * select_block:(j + 1) * select_block, g].mean(0)
-                        return sum(float(q[b, t, h] @ mean) for h in range(g * G, (g + 1) * G))
-                    out[b, t, g] = torch.tensor(choose(score, t, n_sel, select_block, top_k,
-                                                       keep_first, keep_last))
+                        return sum(float(q[b, t, h] @ mean) for t in members for h in range(g * G, (g + 1) * G))
+                    row = torch.tensor(choose(score, last, n_sel, select_block, top_k, keep_first, keep_last, causal))
+                    for t in members:
+                        out[b, t, g] = row
     return out
+
+
+def index_score(q_idx, k_idx, w_idx, b, t, s):
+    """I[t, s] = sum_j w[t, j] * relu(q_idx[t, j] . k_idx[s])."""
+    return sum(float(w_idx[b, t, j]) * max(0.0, float(q_idx[b, t, j] @ k_idx[b, s])) for j in range(q_idx.shape[2]))
+
+
+def select_tokens_indexer(q_idx, k_idx, w_idx, top_k, keep_first, keep_last, causal=True):
+    B, T = q_idx.shape[:2]
+    out = torch.full((B, T, 1, top_k), -1, dtype=torch.int32)
+    with torch.no_grad():
+        for b in range(B):
+            for t in range(T):
+                out[b, t, 0] = torch.tensor(choose(lambda s: index_score(q_idx, k_idx, w_idx, b, t, s), t, T, 1,
+                                                   top_k, keep_first, keep_last, causal))
+    return out
+
+
+def index_loss(q, k, idx, scale, q_idx, k_idx, w_idx, causal=True):
+    """[B, T]: KL(p_t || softmax over S_t of I[t, s]), p_t the heads' mean attention over S_t."""
+    B, T, HQ, _ = q.shape
+    G = HQ // k.shape[2]
+    rows = []
+    for b in range(B):
+        for t in range(T):
+            S = [s for s in idx[b, t, 0].tolist() if s >= 0 and (s <= t or not causal)]
+            if not S:
+                rows.append(q_idx.new_zeros(()).float())
+                continue
+            with torch.no_grad():
+                p = sum(torch.softmax(torch.stack([q[b, t, h] @ k[b, s, h // G] for s in S]) * scale, 0)
+                        for h in range(HQ)) / HQ
+            scores = torch.stack([sum(w_idx[b, t, j] * torch.relu(q_idx[b, t, j] @ k_idx[b, s])
+                                      for j in range(q_idx.shape[2])) for s in S])
+            log_q = torch.log_softmax(scores, 0)
+            rows.append((p * (torch.log(p) - log_q)).sum().float())
+    return torch.stack(rows).reshape(B, T)
 
 
 # ----------------------------------------------------------------------------- the whole spec
 
 def brute_reference(spec: Spec, q, k, v, gates=None, *, compressed=None, scale=None,
-                    indices=None):
+                    indices=None, index=None, losses=None):
     """Returns ``(o, indices, lse, outputs)`` (dicts by branch name); ``indices``: caller-given
-    selections (valid ones: distinct, in range)."""
+    selections (attended as they are: keys out of range or, causal, after t are skipped);
+    ``index``: indexer inputs by branch; ``losses``: a dict to fill with index losses."""
     compressed = compressed or {}
     given = indices or {}
+    causal = spec.causal
     if scale is None:
         scale = q.shape[-1] ** -0.5
 
@@ -175,7 +225,7 @@ def brute_reference(spec: Spec, q, k, v, gates=None, *, compressed=None, scale=N
     order = [b for b in spec.branches if isinstance(b, Compress)] + \
             [b for b in spec.branches if not isinstance(b, Compress)]
     for b in order:
-        if b.name not in needed:
+        if b.name not in needed or b.kind == "indexer":
             continue
         if isinstance(b, Compress):
             if b.name in compressed:
@@ -184,22 +234,28 @@ def brute_reference(spec: Spec, q, k, v, gates=None, *, compressed=None, scale=N
                 kb, vb = kv(b.name)
                 k_cmp, v_cmp = mean_pool(kb, b.block, b.stride), mean_pool(vb, b.block, b.stride)
             pooled[b.name] = (k_cmp, v_cmp)
-            o, lse = compress(q, k_cmp, v_cmp, b.block, b.stride, scale)
+            o, lse = compress(q, k_cmp, v_cmp, b.block, b.stride, scale, causal)
         elif isinstance(b, Select):
             kb, vb = kv(b.name)
+            source = None if b.score == "mean_pool" else spec.branch(b.score)
             if b.name in given:
                 idx = given[b.name]
-            elif b.score == "mean_pool":
-                idx = select_blocks_mean_pool(q, kb, b.block, b.top_k, b.keep_first, b.keep_last)
+            elif source is None:
+                idx = select_blocks_mean_pool(q, kb, b.block, b.top_k, b.keep_first, b.keep_last, causal,
+                                              b.query_block)
+            elif source.kind == "indexer":
+                idx = select_tokens_indexer(*index[source.name], b.top_k, b.keep_first, b.keep_last, causal)
             else:
-                c = spec.branch(b.score)
-                idx = select_blocks_cmp(q, pooled[c.name][0], lses[c.name], scale, c.block,
-                                        c.stride, b.block, b.top_k, b.keep_first, b.keep_last)
+                idx = select_blocks_cmp(q, pooled[source.name][0], lses[source.name], scale, source.block,
+                                        source.stride, b.block, b.top_k, b.keep_first, b.keep_last, causal,
+                                        b.query_block)
             indices[b.name] = idx
-            o, lse = select(q, kb, vb, idx, b.block, scale)
+            o, lse = select(q, kb, vb, idx, b.block, scale, causal)
+            if source is not None and source.kind == "indexer" and losses is not None:
+                losses[b.name] = index_loss(q, kb, idx, scale, *index[source.name], causal)
         elif isinstance(b, Window):
             kb, vb = kv(b.name)
-            o, lse = window(q, kb, vb, b.size, b.sinks, scale)
+            o, lse = window(q, kb, vb, b.size, b.sinks, scale, causal)
         outputs[b.name], lses[b.name] = o, lse
 
     names = spec.output.branches

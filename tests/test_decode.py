@@ -8,6 +8,7 @@ unwritten slot or an unwritten output fails. Kernels run through Triton's interp
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -355,6 +356,7 @@ def test_edge_cases(backend, config):
 _SM90_CHECK = r"""
 import sys
 import nsa_dsl
+from codegen import launch
 from codegen.loader import load_module
 from codegen.plan import bind, lower_decode
 from codegen.render import render
@@ -366,14 +368,15 @@ for path in sys.argv[1:]:
   for HQ, H, D, R in ((64, 4, 128, 1), (4, 4, 64, 16)):   # G = 16, one token; G = 1, 16 tokens
     G = HQ // H
     kp = lower_decode(spec, bind(spec, HQ, H, D, D)).kernels[0]
-    mod = load_module(render(kp.template, **kp.vars()), f"decode_sm90_check_{spec.name}_{G}")
-    consts = dict(G=G, GP=G, R=R, BM=R * G, BN=32, BJ=16, DQK=D, DV=D, BK=D, BV=D, NP=mod.NP, LOWP=True)
-    kernels = [(mod.decode_kernel, dict(SPLIT=False, ONEPASS=False, AUX=True, BJ=32, BJM=32, NJ=32))]
+    mod = launch.launchers("decode", kp.vars(), load_module(render(kp.template, **kp.vars()),
+                                                            f"decode_sm90_check_{spec.name}_{G}"))
+    consts = dict(G=G, GP=G, R=R, BM=R * G, BN=32, BJ=16, DQK=D, DV=D, BDK=D, BDV=D, NP=mod.NP, LOWP=True)
+    kernels = [(mod.kernels.decode_kernel, dict(SPLIT=False, ONEPASS=False, AUX=True, BJ=32, BJM=32, NJ=32))]
     if mod.NP > 0:
-        kernels += [(mod.decode_kernel, dict(SPLIT=True, ONEPASS=False, AUX=True, BJM=64, NJ=2048 // R)),
-                    (mod.decode_kernel, dict(SPLIT=False, ONEPASS=True, AUX=True, BJM=64, NJ=2048 // R)),
-                    (mod.decode_split_kernel, dict(TAIL=True, AUX=True, BJM=64, NJ=2048 // R)),
-                    (mod.decode_split_kernel, dict(TAIL=False, AUX=False, BJM=64, NJ=16))]
+        kernels += [(mod.kernels.decode_kernel, dict(SPLIT=True, ONEPASS=False, AUX=True, BJM=64, NJ=2048 // R)),
+                    (mod.kernels.decode_kernel, dict(SPLIT=False, ONEPASS=True, AUX=True, BJM=64, NJ=2048 // R)),
+                    (mod.kernels.decode_split_kernel, dict(TAIL=True, AUX=True, BJM=64, NJ=2048 // R)),
+                    (mod.kernels.decode_split_kernel, dict(TAIL=False, AUX=False, BJM=64, NJ=16))]
     for fn, extra in kernels:
         kernel = compile_decode(fn, dict(consts, **extra), num_warps=8, num_stages=3)
         assert kernel.asm["cubin"], fn.__name__
@@ -398,7 +401,7 @@ def test_kernels_source_is_readable():
     src = DecodeOp(spec).source(3, 1, 16, 16)
     assert "# Notation" in src and "decode_kernel" in src and "decode_split_kernel" in src
     assert "compress(block = 8, stride = 4)" in src and "window(size = 12, sinks = 2)" in src
-    assert "[BM, BK] @ [BK, BN]" in src
+    assert "[BM, BDK] @ [BDK, BN]" in src
 
 
 def test_plan_has_no_spec_text():
@@ -407,12 +410,19 @@ def test_plan_has_no_spec_text():
     plan = lower_decode(spec, bind(spec, 6, 2, 32, 16))
     (kernel,) = plan.kernels
     v = kernel.vars()
-    assert v["CMP"] == ((16, 8), (32, 32)) and v["SEL"] == ((96, 2, 1, 0, "cmp", 1),) and v["WIN"] == ()
-    assert v["OUT"] == (0, 1, 2) and v["GATED"] is True
+    (s,) = v["SEL"]
+    assert [(c.L, c.STRIDE) for c in v["CMP"]] == [(16, 8), (32, 32)] and v["WIN"] == ()
+    assert (s.LS, s.TOPK, s.KEEP_FIRST, s.KEEP_LAST, s.SCORE, s.score.ci) == (96, 2, 1, 0, "cmp", 1)
+    assert s.score.fused and v["CMP"][1].fuse == s.score and v["CMP"][0].fuse is None   # A = 1, C = 3
+    assert v["OUT"] == ("c0", "c1", "s0") and v["GATED"] is True
     assert kernel.branch == "decode"                   # branch names (spec text) stay out of the template
-    leaves = [x for value in v.values() for t in (value if isinstance(value, tuple) else (value,))
-              for x in (t if isinstance(t, tuple) else (t,))]
-    assert all(isinstance(x, (int, bool)) or x in ("cmp", "mean_pool") for x in leaves)
+
+    def leaves(x):
+        return [y for t in x for y in leaves(t)] if isinstance(x, tuple) else [] if x is None else [x]
+    words = leaves(tuple(v.values()))
+    assert all(isinstance(x, (int, bool)) or x in ("cmp", "mean_pool") or re.fullmatch(r"[csw][0-9]+", x)
+               for x in words)                          # numbers, fixed words, branch kind + index
+    assert "slc" not in words and "c2" not in words
 
 
 # ---------------------------------------------------------------------------------- the module
