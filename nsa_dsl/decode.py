@@ -107,6 +107,10 @@ class NSACache:
                         ("qk_dim", qk_dim), ("v_dim", v_dim)):
             if not isinstance(x, int) or isinstance(x, bool) or x < 1:
                 raise _err("E801", f"NSACache: {name} must be a positive integer, got {x!r}")
+        if not spec.causal:
+            raise _err("E812", f"spec '{spec.name}' is not causal (causal = false): a KV cache decodes "
+                               "causal attention, where a new token never changes earlier outputs",
+                       hint="run the whole sequence at once: call the op or the layer without a cache")
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise _err("E801", f"NSACache: dtype must be a floating-point torch dtype, got {dtype!r}",
                        hint="float16, bfloat16 or float32 (float64 for the reference backend)")
@@ -510,21 +514,30 @@ def decode_torch(spec: Spec, q: Tensor, cache: NSACache, step: DecodeStep, gates
 
 
 def _check_q(spec: Spec, q: Tensor, cache: NSACache, step: DecodeStep, gates) -> None:
+    """The step, q and gates of a decode call, with the op's codes for the same mistakes."""
     check_step(cache, step)
     if not isinstance(q, Tensor) or q.dim() != 4:
-        raise _err("E807", "q must be a tensor [B, C, HQ, Dqk]")
+        raise _err("E601", f"q must be a 4-D tensor [B, C, HQ, Dqk], got {getattr(q, 'shape', type(q).__name__)}")
     B, C, HQ, Dqk = q.shape
-    if B != cache.batch_size or C != step.chunk or Dqk != cache.qk_dim or HQ % cache.kv_heads:
-        raise _err("E807", f"q has shape {list(q.shape)}; expected [{cache.batch_size}, {step.chunk}, "
-                           f"HQ (a multiple of {cache.kv_heads}), {cache.qk_dim}] for this cache and step")
+    if B != cache.batch_size or C != step.chunk or Dqk != cache.qk_dim:
+        raise _err("E601", f"q has shape {list(q.shape)}; expected [{cache.batch_size}, {step.chunk}, HQ, "
+                           f"{cache.qk_dim}] for this cache and step")
+    if HQ % cache.kv_heads:
+        raise _err("E603", f"query heads ({HQ}) must be a multiple of the cache's kv heads ({cache.kv_heads})")
     if q.device != cache.device:
-        raise _err("E807", f"q is on {q.device}; the cache is on {cache.device}")
+        raise _err("E607", f"q is on {q.device} but the cache is on {cache.device}")
+    if not q.is_floating_point() or q.dtype != cache.dtype:
+        raise _err("E606", f"q has dtype {q.dtype}; the cache holds {cache.dtype}: one dtype for all")
     if spec.output.kind == "gate":
         n = len(spec.output.branches)
-        if gates is None or tuple(gates.shape) != (B, C, HQ, n):
-            raise _err("E808", f"output = gate(...) needs gates [{B}, {C}, {HQ}, {n}]")
+        if gates is None:
+            raise _err("E609", f"output = gate(...) needs gate logits [{B}, {C}, {HQ}, {n}]")
+        if not isinstance(gates, Tensor) or tuple(gates.shape) != (B, C, HQ, n):
+            raise _err("E601", f"gates have shape {list(getattr(gates, 'shape', []))}; expected [{B}, {C}, {HQ}, {n}]")
+        if gates.dtype != q.dtype:
+            raise _err("E606", f"gates have dtype {gates.dtype} but q has {q.dtype}; all inputs share one dtype")
     elif gates is not None:
-        raise _err("E808", f"output = {spec.output.kind}(...) takes no gates")
+        raise _err("E609", f"output = {spec.output.kind}(...) takes no gates, but gates were given")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,10 +584,10 @@ class DecodeOp:
         _check_q(spec, q, cache, step, gates)
         check_kernel_device(q, q.dtype, reference_hint="decode_torch (backend='reference')")
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise _err("E810", f"q has dtype {q.dtype}; the decode kernels take float16, bfloat16 or float32",
+            raise _err("E606", f"q has dtype {q.dtype}; the decode kernels take float16, bfloat16 or float32",
                        hint="use decode_torch (backend='reference') for float64")
         if q.dtype != cache.dtype or (gates is not None and gates.dtype != q.dtype):
-            raise _err("E810", f"q has dtype {q.dtype}; the cache holds {cache.dtype}"
+            raise _err("E606", f"q has dtype {q.dtype}; the cache holds {cache.dtype}"
                                + (f" and gates are {gates.dtype}" if gates is not None else "")
                                + ": one dtype for all")
         B, C, HQ, Dqk = q.shape

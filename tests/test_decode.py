@@ -606,7 +606,7 @@ def test_gpu_bf16_decode(which, config):
     for n in sel:   # positions of the shorter sequence past its length: any valid choice
         sel[n][1, lengths[1]:] = torch.where(torch.arange(sel[n].shape[-1], device=q.device) == 0, 0, -1).int()
     o_ref, aux = nsa_dsl.reference(spec, q.double(), k.double(), v.double(),
-                                   gates.double() if gates is not None else None, selection=sel, return_aux=True)
+                                   gates.double() if gates is not None else None, indices=sel, return_aux=True)
     _, aux_own = nsa_dsl.reference(spec, q.double(), k.double(), v.double(),
                                    gates.double() if gates is not None else None, return_aux=True)
     for b, n in enumerate(lengths):

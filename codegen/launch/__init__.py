@@ -30,7 +30,7 @@ _MODULES = ("combine", "compress", "decode", "select", "topk", "window")
 
 def _families() -> dict[str, type[Family]]:
     """Every family's launcher class by family name (each module registers its class)."""
-    if not _FAMILIES:
+    if len(_FAMILIES) < len(_MODULES):         # a family module imported on its own registers only itself
         for name in _MODULES:
             try:
                 importlib.import_module(f"{__name__}.{name}")
