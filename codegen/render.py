@@ -49,11 +49,6 @@ def template_source(name: str) -> str:
     return (templates_dir() / name).read_text()
 
 
-def partials() -> list[str]:
-    """Shared pieces the templates include (``_*.j2``, e.g. ``_varlen.py.j2``), sorted."""
-    return sorted(p.name for p in templates_dir().glob("_*.j2"))
-
-
 def render(name: str, **variables) -> str:
     """Render ``templates/<name>`` (e.g. ``"window.py.j2"``) with validated variables."""
     return environment().get_template(name).render(**variables)

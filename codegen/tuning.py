@@ -1,9 +1,9 @@
 """Autotuning: the fastest launch config per kernel, measured on the GPU and kept on disk.
 
-Each kernel template declares its config space: the rendered module has ``KINDS`` (its kernel
+Each kernel family declares its config space: its launchers (``codegen.launch``) have ``KINDS`` (its kernel
 kinds), ``TUNE_KINDS`` (launcher -> the kinds it runs), ``config_space(kind, T, smem=...,
 dtype_bytes=...)`` (valid candidates, pruned by a shared-memory estimate before compiling) and
-``resolve_config(q, kind, config)``; every launcher takes ``config=`` (templates/_configs.py.j2).
+``resolve_config(q, kind, config)``; every launcher takes ``config=`` (codegen/launch/base.py).
 
 The tuner (``tune_launcher``) times one launcher call with each candidate of each kind it runs,
 with ``triton.testing.do_bench`` (median), on the call's own inputs; a candidate that fails to

@@ -16,7 +16,6 @@ output shapes are the same as without it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Optional
 
 import torch
@@ -34,10 +33,9 @@ def register(key: str, obj) -> str:
     return key
 
 
-def module(key: str):
-    """The launchers registered under ``key`` (a ``codegen.launch.Family``, or a rendered module
-    that still holds its own launchers)."""
-    return _registered(key, (Family, ModuleType), "generated kernel module")
+def module(key: str) -> Family:
+    """The launchers registered under ``key`` (a ``codegen.launch.Family``)."""
+    return _registered(key, Family, "kernel family")
 
 
 def _registered(key: str, kind: type, what: str):

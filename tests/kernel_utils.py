@@ -42,10 +42,7 @@ def _load(template: str, items: tuple):
     stem = template.split(".")[0]
     source = render(template, **variables)
     name = stem + "_" + "_".join(f"{k}{v}" for k, v in items)
-    module = load_module(source, name)
-    if stem in launch._families():
-        return launch.launchers(stem, variables, module)
-    return module
+    return launch.launchers(stem, variables, load_module(source, name))
 
 
 def load_family(template: str, **variables):

@@ -1,4 +1,4 @@
-"""Autotuning (codegen/tuning.py, templates/_configs.py.j2) without a GPU: the store, config
+"""Autotuning (codegen/tuning.py, codegen/launch/base.py) without a GPU: the store, config
 spaces, config= overrides in the interpreter, the tuner's choice with a fake clock, the CLI."""
 import inspect
 import json

@@ -32,11 +32,7 @@ def _families() -> dict[str, type[Family]]:
     """Every family's launcher class by family name (each module registers its class)."""
     if len(_FAMILIES) < len(_MODULES):         # a family module imported on its own registers only itself
         for name in _MODULES:
-            try:
-                importlib.import_module(f"{__name__}.{name}")
-            except ModuleNotFoundError as e:      # a family whose launchers are still rendered
-                if e.name != f"{__name__}.{name}":
-                    raise
+            importlib.import_module(f"{__name__}.{name}")
     return _FAMILIES
 
 
@@ -46,12 +42,9 @@ def launchers(family_name: str, variables: dict, kernels: ModuleType) -> Family:
     return _families()[family_name](kernels, variables)
 
 
-def build(plan, modules: dict[str, ModuleType]) -> dict:
-    """The launchers of every kernel of ``plan`` by kernel name, over its loaded ``modules``
-    (a family without launcher class yet keeps its module, whose launchers are rendered)."""
-    known = _families()
-    return {k.name: known[k.family](modules[k.name], k.vars()) if k.family in known else modules[k.name]
-            for k in plan.kernels}
+def build(plan, modules: dict[str, ModuleType]) -> dict[str, Family]:
+    """The launchers of every kernel of ``plan`` by kernel name, over its loaded ``modules``."""
+    return {k.name: launchers(k.family, k.vars(), modules[k.name]) for k in plan.kernels}
 
 
 __all__ = ["Family", "family", "launchers", "build"]
