@@ -102,12 +102,12 @@ def generator_digest() -> str:
     """sha256 of every file that writes kernel text: the templates (all of them: they import and
     include each other), and the Python that renders them or computes what they print (render,
     plan, the shapes printer). A change to any of them is a new cache key; no version to bump."""
-    from nsa_dsl import shapes
+    from nsa_dsl.language import shapes, symbolic
     from . import ints, plan
     h = hashlib.sha256()
     for name in sorted(p.name for p in _render.templates_dir().glob("*.j2")):
         h.update(name.encode() + b"\0" + _render.template_source(name).encode() + b"\0")
-    for module in (_render, plan, ints, shapes):
+    for module in (_render, plan, ints, shapes, symbolic):
         h.update(module.__name__.encode() + b"\0" + Path(module.__file__).read_bytes() + b"\0")
     return h.hexdigest()
 

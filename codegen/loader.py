@@ -1,7 +1,7 @@
 """Load rendered kernel source as a Python module.
 
 Triton's ``@jit`` reads a kernel's source with ``inspect``, so generated code must
-live in a real file; the cache (codegen.cache) decides where.
+live in a real file; the cache (nsa_dsl.codegen.cache) decides where.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Lower a checked Spec, bound to tensor shapes, to a kernel plan.
 
 A plan is data: which kernel families run, for which branch, with which
-compile-time constants. Rendering (codegen.render) and caching
-(codegen.cache) consume it; nothing here touches torch or triton.
+compile-time constants. Rendering (nsa_dsl.codegen.render) and caching
+(nsa_dsl.codegen.cache) consume it; nothing here touches torch or triton.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 from nsa_dsl.errors import SpecError
-from nsa_dsl.ir import Compress, Select, Spec, Window
+from nsa_dsl.language.ir import Compress, Select, Spec, Window
 
 from .ints import cdiv, next_pow2
 
@@ -272,8 +272,8 @@ def _leaves(value):
 
 def lower_decode(spec: Spec, binding: Binding) -> Plan:
     """The decoding / chunked-prefill plan: one kernel module (``templates/decode.py.j2``) that
-    computes every branch of ``spec`` for new tokens over a KV cache (``nsa_dsl.decode``); its
-    launchers are ``codegen.launch.decode``.
+    computes every branch of ``spec`` for new tokens over a KV cache (``nsa_dsl.runtime.decoding``); its
+    launchers are ``nsa_dsl.codegen.launch.decode``.
 
     Template variables are finished numbers and words of a fixed vocabulary, never spec text:
     branches are named by kind and index (``c0``, ``s0``, ``w0``, ...). ``tile_vars`` (G, GP, DQK,

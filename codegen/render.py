@@ -8,15 +8,10 @@ import jinja2
 
 
 def templates_dir() -> Path:
-    """The kernel templates, whether installed (``codegen.templates``) or in the source tree."""
-    try:
-        from importlib.resources import files
-        p = Path(str(files("codegen.templates")))
-        if any(p.glob("*.py.j2")):
-            return p
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parent.parent / "templates"
+    """The kernel templates: the package data of ``nsa_dsl.templates`` (the source tree's
+    templates/ folder in an editable install)."""
+    from importlib.resources import files
+    return Path(str(files("nsa_dsl.templates")))
 
 
 def visible_cmp(t: str, L: int, STRIDE: int) -> str:
@@ -25,10 +20,10 @@ def visible_cmp(t: str, L: int, STRIDE: int) -> str:
     The expression comes from the symbolic shapes module, simplified for this (L, STRIDE)
     (``l == d`` gives ``(t + 1) // L``), so kernels and ``nsa-dsl explain`` share one derivation.
     """
-    from nsa_dsl import shapes
+    from nsa_dsl.language import shapes, symbolic
     if not (isinstance(t, str) and t.isidentifier()):
         raise ValueError(f"visible_cmp needs a variable name, got {t!r}")
-    return shapes.render(shapes.compress_visible(shapes.t, int(L), int(STRIDE)), "triton", {"t": t})
+    return symbolic.render(shapes.compress_visible(symbolic.t, int(L), int(STRIDE)), "triton", {"t": t})
 
 
 @functools.lru_cache(maxsize=1)

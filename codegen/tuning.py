@@ -1,6 +1,6 @@
 """Autotuning: the fastest launch config per kernel, measured on the GPU and kept on disk.
 
-Each kernel family declares its config space: its launchers (``codegen.launch``) have ``KINDS`` (its kernel
+Each kernel family declares its config space: its launchers (``nsa_dsl.codegen.launch``) have ``KINDS`` (its kernel
 kinds), ``TUNE_KINDS`` (launcher -> the kinds it runs), ``config_space(kind, T, smem=...,
 dtype_bytes=...)`` (valid candidates, pruned by a shared-memory estimate before compiling) and
 ``resolve_config(q, kind, config)``; every launcher takes ``config=`` (codegen/launch/base.py).

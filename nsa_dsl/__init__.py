@@ -9,8 +9,8 @@ rest is imported on first use.
 """
 from __future__ import annotations
 
-from .errors import SpecError
-from .ir import Spec, SpecFile
+from nsa_dsl.errors import SpecError
+from nsa_dsl.language.ir import Spec, SpecFile
 
 __version__ = "0.1.0"
 
@@ -20,18 +20,18 @@ __all__ = ["SpecError", "Spec", "SpecFile", "parse", "parse_file", "load", "load
 
 def parse_file(text: str, file: str = "<string>") -> SpecFile:
     """Parse and check every ``attention`` block of ``text``."""
-    from .parser import parse_source
+    from nsa_dsl.language.parser import parse_source
     return parse_source(text, file)
 
 
 def load_file(path) -> SpecFile:
-    from .parser import read_spec_text
+    from nsa_dsl.language.parser import read_spec_text
     text = read_spec_text(path)
     return parse_file(text, str(path))
 
 
 def _pick(specs: SpecFile, name: str | None) -> Spec:
-    from .parser import pick_spec
+    from nsa_dsl.language.parser import pick_spec
     return pick_spec(specs, name)
 
 
@@ -47,18 +47,18 @@ def load(path, name: str | None = None) -> Spec:
 
 def __getattr__(name):  # lazy: keep `import nsa_dsl` free of torch for the CLI's check/explain
     if name == "reference":
-        from .semantics import reference
+        from nsa_dsl.semantics.reference import reference
         return reference
     if name == "compile":
-        from .op import compile
+        from nsa_dsl.runtime.op import compile
         return compile
     if name == "SparseAttention":
-        from .module import SparseAttention
+        from nsa_dsl.runtime.module import SparseAttention
         return SparseAttention
     if name == "NSACache":              # decoding: a layer's KV cache (layer.new_cache(...))
-        from .decode import NSACache
+        from nsa_dsl.runtime.kv_cache import NSACache
         return NSACache
     if name == "compressed_cu_seqlens":   # packed sequences: offsets of their compressed blocks
-        from .varlen import compressed_cu_seqlens
+        from nsa_dsl.semantics.varlen import compressed_cu_seqlens
         return compressed_cu_seqlens
     raise AttributeError(f"module 'nsa_dsl' has no attribute {name!r}")

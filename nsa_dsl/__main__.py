@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from nsa_dsl.tools.cli import main
 
 sys.exit(main())

@@ -11,7 +11,7 @@ that points into a spec renders like a compiler diagnostic::
 """
 from __future__ import annotations
 
-from .ir import Span
+from nsa_dsl.language.ir import Span
 
 #: Every error code, with its one-line meaning: the one table every raise uses (a code not in it
 #: is a bug; tests check each raise and docs/LANGUAGE.md against it). Codes are stable across
@@ -102,6 +102,7 @@ CODES: dict[str, str] = {
     'E626': 'caller-given selections (`indices=`) malformed, or naming a branch that is not a select branch',
     'E627': 'indexer inputs (`index=`) missing, malformed, or naming a branch that is not an indexer',
     'E628': '`aux.block_mask` of a branch that is not a select with `query_block >= 16`',
+    'E629': 'queries that start (`q_start`) inside a `query_block` group, or past the keys',
     'E630': '`nsa-dsl show` without matplotlib',
     'E631': '`nsa-dsl show`: a bad argument (length, output file) or a branch it cannot draw',
     'E632': '`nsa-dsl show --from-model`: a checkpoint that cannot be read',

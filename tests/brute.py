@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from nsa_dsl.ir import Compress, Select, Spec, Window
+from nsa_dsl.language.ir import Compress, Select, Spec, Window
 
 NEG_INF = float("-inf")
 

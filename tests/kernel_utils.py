@@ -7,13 +7,11 @@ from pathlib import Path
 
 import torch
 
-if str(Path(__file__).resolve().parent.parent) not in sys.path:   # plain `pytest` from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from codegen import launch
-from codegen.loader import load_module
-from codegen.plan import select_vars, tile_vars, topk_vars
-from codegen.render import render
+from nsa_dsl.codegen import launch
+from nsa_dsl.codegen.loader import load_module
+from nsa_dsl.codegen.plan import select_vars, tile_vars, topk_vars
+from nsa_dsl.codegen.render import render
 
 
 def with_tiles(variables: dict, template: str = "") -> dict:
@@ -83,7 +81,6 @@ def run_sm90_check(script: str, args, tmp_path) -> None:
 
     import pytest
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")
     run = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
                          env=env, timeout=900)
@@ -120,7 +117,7 @@ def assert_selections(spec, indices, q, k, *, compressed=None, scale=None, rtol=
     """Each select branch's ``indices`` (an op's aux, one sequence) against the float64 reference
     choice from ``q`` and ``k`` (a tensor or a dict by branch), near ties allowed
     (:func:`assert_near_ties`)."""
-    from nsa_dsl import semantics as S
+    from nsa_dsl.semantics import reference as S
     q64 = q.detach().double()
     kd = k if isinstance(k, dict) else {b.name: k for b in spec.branches}
     scale = q.shape[-1] ** -0.5 if scale is None else scale

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import nsa_dsl
-from nsa_dsl import bench, cli
-from nsa_dsl import semantics as S
+from nsa_dsl.tools import bench
+from nsa_dsl.tools import cli
+from nsa_dsl.semantics import reference as S
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = ROOT / "examples" / "nsa_paper.nsa"
@@ -328,7 +329,7 @@ def test_bench_plot_without_matplotlib_fails_before_timing(monkeypatch, capsys):
 
 def test_bench_command_wiring(monkeypatch, tmp_path):
     """`nsa-dsl bench` on a GPU, with bench_spec and the device name as stand-ins."""
-    from nsa_dsl import commands
+    from nsa_dsl.tools import commands
     seen = {}
 
     def fake_bench_spec(op, lengths, **kw):

@@ -7,9 +7,9 @@ import stat
 import pytest
 
 import nsa_dsl
-from codegen import cache as cache_mod
-from codegen.cache import KernelCache, cache_key
-from codegen.plan import bind, lower
+from nsa_dsl.codegen import cache as cache_mod
+from nsa_dsl.codegen.cache import KernelCache, cache_key
+from nsa_dsl.codegen.plan import bind, lower
 
 SPEC = """
 attention s {

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from nsa_dsl import cli
+from nsa_dsl.tools import cli
 from nsa_dsl.errors import SpecError
-from nsa_dsl.parser import parse_source
+from nsa_dsl.language.parser import parse_source
 
 BASE = """\
 attention a {
@@ -291,7 +291,7 @@ def test_stride_equal_to_block_is_fine():
 
 def test_problems_lists_all_in_file_order():
     import dataclasses
-    from nsa_dsl import checks
+    from nsa_dsl.language import checks
     spec = _parse_one(BASE)
     swa = spec.branch("swa")
     bad = dataclasses.replace(spec, heads=7, branches=(*spec.branches[:2], dataclasses.replace(swa, size=0)))

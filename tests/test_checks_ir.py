@@ -88,7 +88,7 @@ def test_explain_of_a_wide_scoring_block_is_quick():
     branch slc = select(block = 8192, top_k = 4, score = cmp)
     output = sum(cmp, slc)
 }""")
-    from nsa_dsl.explain import explain
+    from nsa_dsl.tools.explain import explain
     t0 = time.perf_counter()
     explain(spec)
     assert time.perf_counter() - t0 < 10

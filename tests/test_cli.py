@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nsa_dsl import cli
+from nsa_dsl.tools import cli
 
 ROOT = Path(__file__).parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.nsa"))
@@ -84,9 +84,9 @@ def test_help_lists_every_command(capsys):
 
 @pytest.fixture
 def fake_explain(monkeypatch):
-    import nsa_dsl.explain as real_explain
+    import nsa_dsl.tools.explain as real_explain
     calls = []
-    mod = types.ModuleType("nsa_dsl.explain")
+    mod = types.ModuleType("nsa_dsl.tools.explain")
 
     def explain(spec, lengths, extra_sections=()):
         calls.append((spec, lengths))
@@ -94,7 +94,7 @@ def fake_explain(monkeypatch):
         return f"explained {spec.name} at {lengths}"
     mod.explain = explain
     mod.Section = real_explain.Section
-    monkeypatch.setitem(sys.modules, "nsa_dsl.explain", mod)
+    monkeypatch.setitem(sys.modules, "nsa_dsl.tools.explain", mod)
     return calls
 
 
@@ -129,14 +129,14 @@ def test_explain_reports_a_bad_spec(bad, fake_explain, capsys):
 
 
 def test_explain_without_the_module(good, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "nsa_dsl.explain", None)  # import raises ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "nsa_dsl.tools.explain", None)  # import raises ModuleNotFoundError
     assert cli.main(["explain", str(good)]) == 1
     err = capsys.readouterr().err
     assert "not available" in err and "Traceback" not in err
 
 
 def test_explain_for_real(capsys):
-    pytest.importorskip("nsa_dsl.explain")
+    pytest.importorskip("nsa_dsl.tools.explain")
     assert cli.main(["explain", str(ROOT / "examples" / "nsa_paper_mean.nsa")]) == 0
     out, err = capsys.readouterr()
     assert out.strip() and "Traceback" not in err
@@ -147,14 +147,14 @@ def test_explain_for_real(capsys):
 @pytest.fixture
 def fake_commands(monkeypatch):
     calls = {}
-    mod = types.ModuleType("nsa_dsl.commands")
+    mod = types.ModuleType("nsa_dsl.tools.commands")
     for name in ("compile_cmd", "demo_cmd", "bench_cmd", "show_cmd", "tune_cmd"):
         def cmd(args, emit=print, _name=name):
             calls[_name] = args
             emit(f"ran {_name}")
             return getattr(args, "fake_rc", 0)
         setattr(mod, name, cmd)
-    monkeypatch.setitem(sys.modules, "nsa_dsl.commands", mod)
+    monkeypatch.setitem(sys.modules, "nsa_dsl.tools.commands", mod)
     return calls
 
 
@@ -191,7 +191,7 @@ def test_heavy_commands_usage_errors(argv, fake_commands, capsys):
 
 
 def test_command_exit_code_passes_through(fake_commands, monkeypatch):
-    mod = sys.modules["nsa_dsl.commands"]
+    mod = sys.modules["nsa_dsl.tools.commands"]
     monkeypatch.setattr(mod, "tune_cmd", lambda args, emit=print: 3)
     assert cli.main(["tune", "s.nsa"]) == 3
     monkeypatch.setattr(mod, "tune_cmd", lambda args, emit=print: None)
@@ -203,7 +203,7 @@ def test_spec_error_from_a_command(fake_commands, monkeypatch, capsys):
 
     def fail(args, emit=print):
         raise SpecError("E601", "q has 3 dims, expected 4", hint="pass q as [B, T, HQ, D]")
-    monkeypatch.setattr(sys.modules["nsa_dsl.commands"], "demo_cmd", fail)
+    monkeypatch.setattr(sys.modules["nsa_dsl.tools.commands"], "demo_cmd", fail)
     assert cli.main(["demo"]) == 1
     err = capsys.readouterr().err
     assert err == "error[E601]: q has 3 dims, expected 4\n    hint: pass q as [B, T, HQ, D]\n"
@@ -212,7 +212,7 @@ def test_spec_error_from_a_command(fake_commands, monkeypatch, capsys):
 def test_internal_error_is_one_line(fake_commands, monkeypatch, capsys):
     def boom(args, emit=print):
         raise RuntimeError("boom\nsecond line")
-    monkeypatch.setattr(sys.modules["nsa_dsl.commands"], "compile_cmd", boom)
+    monkeypatch.setattr(sys.modules["nsa_dsl.tools.commands"], "compile_cmd", boom)
     monkeypatch.delenv("NSA_DSL_DEBUG", raising=False)
     assert cli.main(["compile", "s.nsa"]) == cli.EXIT_INTERNAL
     err = capsys.readouterr().err
@@ -227,13 +227,13 @@ def test_internal_error_is_one_line(fake_commands, monkeypatch, capsys):
 def test_keyboard_interrupt(fake_commands, monkeypatch, capsys):
     def interrupted(args, emit=print):
         raise KeyboardInterrupt
-    monkeypatch.setattr(sys.modules["nsa_dsl.commands"], "bench_cmd", interrupted)
+    monkeypatch.setattr(sys.modules["nsa_dsl.tools.commands"], "bench_cmd", interrupted)
     assert cli.main(["bench", "s.nsa"]) == 130
     assert "interrupted" in capsys.readouterr().err
 
 
 def test_missing_commands_module(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "nsa_dsl.commands", None)
+    monkeypatch.setitem(sys.modules, "nsa_dsl.tools.commands", None)
     assert cli.main(["tune", "s.nsa"]) == 1
     err = capsys.readouterr().err
     assert "nsa-dsl tune: not available" in err and "Traceback" not in err
@@ -243,7 +243,7 @@ def test_missing_torch_is_explained(monkeypatch, capsys):
     real_import = cli.importlib.import_module
 
     def import_module(name, *a):
-        if name == "nsa_dsl.commands":
+        if name == "nsa_dsl.tools.commands":
             raise ModuleNotFoundError("No module named 'torch'", name="torch")
         return real_import(name, *a)
     monkeypatch.setattr(cli.importlib, "import_module", import_module)
@@ -278,15 +278,16 @@ def test_bench_decode_cases_and_json(tmp_path, monkeypatch):
     import torch
 
     import nsa_dsl
-    import nsa_dsl.decode
-    from nsa_dsl import commands
+    import nsa_dsl.runtime.decoding
+    from nsa_dsl.tools import commands
     calls = []
 
     def fake_bench(spec, lengths, batches, **kw):
         calls.append((spec.heads, tuple(lengths), tuple(batches), kw["HQ"], kw["H"], kw["Dqk"], kw["q_len"]))
         return [dict(B=batches[0], T=lengths[0], H=kw["H"], nsa_kernel_ms=0.5, nsa_graph_ms=0.25, speedup=2.0,
                      speedup_graph=4.0)]
-    monkeypatch.setattr(nsa_dsl.decode, "decode_bench", fake_bench)
+    from nsa_dsl.tools import decode_bench
+    monkeypatch.setattr(decode_bench, "decode_bench", fake_bench)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a stand-in GPU")
     spec = nsa_dsl.load(Path(__file__).resolve().parents[1] / "examples" / "nsa_paper_mean.nsa")
     args = types.SimpleNamespace(file="x.nsa", lengths="4096,8192", batch=None, q_len=3, heads=32,

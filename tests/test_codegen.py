@@ -8,10 +8,10 @@ import textwrap
 import pytest
 
 import nsa_dsl
-from codegen import cache as cache_mod
-from codegen import render as render_mod
-from codegen.cache import KernelCache, cache_key
-from codegen.plan import lower, bind
+from nsa_dsl.codegen import cache as cache_mod
+from nsa_dsl.codegen import render as render_mod
+from nsa_dsl.codegen.cache import KernelCache, cache_key
+from nsa_dsl.codegen.plan import lower, bind
 
 PAPER = """
 attention paper {
@@ -121,8 +121,8 @@ _CHILD = textwrap.dedent("""
     os.environ["TRITON_INTERPRET"] = "1"
     sys.path.insert(0, {root!r})
     import nsa_dsl
-    from codegen.cache import KernelCache
-    from codegen.plan import lower, bind
+    from nsa_dsl.codegen.cache import KernelCache
+    from nsa_dsl.codegen.plan import lower, bind
     spec = nsa_dsl.parse({text!r})
     plan = lower(spec, bind(spec, spec.heads, spec.kv_heads, spec.qk_dim, spec.v_dim))
     KernelCache({dir!r}).load(plan)
@@ -165,10 +165,11 @@ def test_bench_decode_wiring_formats_a_table(monkeypatch, tmp_path):
     """`nsa-dsl bench --decode` on a GPU: here decode_bench and the device name are stand-ins."""
     import argparse
     import torch
-    from nsa_dsl import commands, decode
+    from nsa_dsl.tools import commands
+    from nsa_dsl.tools import decode_bench
     fake_rows = lambda spec, Ts, Bs, **kw: [{"B": Bs[0], "T": Ts[0], "nsa_kernel_ms": 0.1,
                                             "sdpa_cudnn_ms": 0.8, "speedup": 8.0}]
-    monkeypatch.setattr(decode, "decode_bench", fake_rows)
+    monkeypatch.setattr(decode_bench, "decode_bench", fake_rows)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stand-in GPU")
     lines = []
     args = argparse.Namespace(file="examples/nsa_paper_mean.nsa", lengths="4096", json=str(tmp_path / "d.json"))
@@ -181,6 +182,6 @@ def test_bench_decode_wiring_formats_a_table(monkeypatch, tmp_path):
 def test_host_helpers_match_triton():
     """The launchers' cdiv / next_pow2 (codegen/ints.py) equal triton.cdiv / next_power_of_2."""
     import triton
-    from codegen.ints import cdiv, next_pow2
+    from nsa_dsl.codegen.ints import cdiv, next_pow2
     assert all(next_pow2(x) == triton.next_power_of_2(x) for x in range(1, 5000))
     assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 600) for b in (1, 3, 16, 64, 100))

@@ -1,4 +1,4 @@
-"""Decoding and chunked prefill over a KV cache (nsa_dsl.decode, templates/decode.py.j2).
+"""Decoding and chunked prefill over a KV cache (nsa_dsl.runtime.decoding, templates/decode.py.j2).
 
 Every output is compared with the full forward of the float64 reference at the same positions
 (DESIGN.md section 3 is causal, so a token's output never depends on later tokens), selected
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import nsa_dsl
-from nsa_dsl.decode import DecodeOp, NSACache, decode_torch
+from nsa_dsl.runtime.decoding import DecodeOp, decode_torch
+from nsa_dsl.runtime.kv_cache import NSACache
 from nsa_dsl.errors import SpecError
 
 CPU = not torch.cuda.is_available()
@@ -356,11 +357,11 @@ def test_edge_cases(backend, config):
 _SM90_CHECK = r"""
 import sys
 import nsa_dsl
-from codegen import launch
-from codegen.loader import load_module
-from codegen.plan import bind, lower_decode
-from codegen.render import render
-from codegen.sm90 import compile_decode
+from nsa_dsl.codegen import launch
+from nsa_dsl.codegen.loader import load_module
+from nsa_dsl.codegen.plan import bind, lower_decode
+from nsa_dsl.codegen.render import render
+from nsa_dsl.codegen.sm90 import compile_decode
 
 
 for path in sys.argv[1:]:
@@ -405,7 +406,7 @@ def test_kernels_source_is_readable():
 
 
 def test_plan_has_no_spec_text():
-    from codegen.plan import bind, lower_decode
+    from nsa_dsl.codegen.plan import bind, lower_decode
     spec = nsa_dsl.parse(SMALL["two_cmp"])
     plan = lower_decode(spec, bind(spec, 6, 2, 32, 16))
     (kernel,) = plan.kernels
@@ -522,16 +523,15 @@ def test_module_kernels_decode_paper_example():
 
 
 def test_ragged_module_chunks_and_aux():
-    from nsa_dsl.decode import forward_cached
     layer = _layer(MODULE_SPECS["mlp"], "reference")
     x = torch.randn(2, 40, 32, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(DEVICE)
     with torch.no_grad():
         y_full, aux_full = layer(x, return_aux=True)
         cache = layer.new_cache(2, 40)
-        y1, aux1 = forward_cached(layer, x[:, :30], cache, n_new=[30, 17], return_aux=True)
+        y1, aux1 = layer(x[:, :30], cache=cache, n_new=[30, 17], return_aux=True)
         assert cache.lengths_host == (30, 17)
         x2 = torch.stack([x[0, 30:40], x[1, 17:27]])
-        y2 = forward_cached(layer, x2, cache, n_new=[10, 10])
+        y2 = layer(x2, cache=cache, n_new=[10, 10])
     assert torch.allclose(y1[0], y_full[0, :30]) and torch.allclose(y1[1, :17], y_full[1, :17])
     assert torch.equal(aux1.indices["slc"][1, :17], aux_full.indices["slc"][1, :17])
     assert torch.allclose(y2[0], y_full[0, 30:]) and torch.allclose(y2[1], y_full[1, 17:27])
@@ -620,7 +620,7 @@ def test_gpu_bf16_decode(which, config):
 @pytest.mark.skipif(not CPU, reason="a CPU dry run through the interpreter")
 def test_decode_bench_dry_run():
     """decode_bench's bookkeeping on the CPU (a stand-in timer, no SDPA, no CUDA graph)."""
-    from nsa_dsl.decode import decode_bench
+    from nsa_dsl.tools.decode_bench import decode_bench
     calls = []
 
     def timer(fn):
@@ -635,7 +635,7 @@ def test_decode_bench_dry_run():
 
 @pytest.mark.gpu
 def test_gpu_decode_bench_smoke():
-    from nsa_dsl.decode import decode_bench
+    from nsa_dsl.tools.decode_bench import decode_bench
     rows = decode_bench(example("nsa_paper_mean"), cache_lengths=(2048,), batches=(1, 8), HQ=16, H=1, Dqk=64, Dv=64)
     assert len(rows) == 2
     for row in rows:

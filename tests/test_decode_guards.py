@@ -7,7 +7,8 @@ import torch
 
 import nsa_dsl
 from nsa_dsl import SpecError
-from nsa_dsl.decode import DecodeOp, DecodeStep, NSACache, decode_torch
+from nsa_dsl.runtime.decoding import DecodeOp, decode_torch
+from nsa_dsl.runtime.kv_cache import DecodeStep, NSACache
 
 SPEC = nsa_dsl.parse("""
 attention d {

@@ -1,13 +1,14 @@
-"""nsa_dsl.explain: the report's numbers, layout and extension points."""
+"""nsa_dsl.tools.explain: the report's numbers, layout and extension points."""
 from __future__ import annotations
 
 import time
 
 import pytest
 
-from nsa_dsl import shapes as S
-from nsa_dsl.explain import Section, explain, explain_sections, format_report
-from nsa_dsl.ir import Compress, Output, Select, Span, Spec, Window
+from nsa_dsl.language import cost
+from nsa_dsl.language import shapes as S
+from nsa_dsl.tools.explain import Section, explain, explain_sections, format_report
+from nsa_dsl.language.ir import Compress, Output, Select, Span, Spec, Window
 
 SPAN = Span.unknown()
 
@@ -86,7 +87,7 @@ def test_paper_numbers_at_64k(paper_report):
 def test_paper_numbers_match_shapes(paper_report):
     spec = paper_spec()
     for n in (4096, 131072):
-        c = S.cost(S.spec_shapes(spec), n, S.Dims.of(spec))
+        c = cost.cost(S.spec_shapes(spec), n, cost.Dims.of(spec))
         title = f"T = {n} (forward)"
         for r in c.rows:
             cells = row(paper_report, title, r.name)

@@ -8,10 +8,10 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nsa_dsl import cli
+from nsa_dsl.tools import cli
 from nsa_dsl.errors import SpecError
-from nsa_dsl.ir import SpecFile
-from nsa_dsl.parser import parse_source
+from nsa_dsl.language.ir import SpecFile
+from nsa_dsl.language.parser import parse_source
 
 ROOT = Path(__file__).parents[1]
 SEEDS = [p.read_text() for p in sorted((ROOT / "examples").glob("*.nsa"))] + [

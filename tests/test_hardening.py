@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import nsa_dsl
-from codegen import render as render_mod
-from codegen.plan import bind, lower
+from nsa_dsl.codegen import render as render_mod
+from nsa_dsl.codegen.plan import bind, lower
 from nsa_dsl import SpecError
-from nsa_dsl.cli import main as cli_main
+from nsa_dsl.tools.cli import main as cli_main
 
 from kernel_utils import assert_selections
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kernel_utils import load_family, rand, rel_err, render_family
-from nsa_dsl.semantics import compress_attention, num_compressed_blocks
+from nsa_dsl.semantics.reference import compress_attention, num_compressed_blocks
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -120,7 +120,7 @@ def test_compress_rendering_specializes():
     assert "< DQK" not in same and "< DV" not in same      # power-of-two dims: no dim masks
     assert "% GP < G" not in same                          # G a power of two: no padded heads
     over = render_family("compress.py.j2", G=3, DQK=48, DV=80, L=32, STRIDE=16)
-    assert "n_all = tl.maximum(0, (t_first + 1) // 16 - 1)" in over        # from nsa_dsl.shapes
+    assert "n_all = tl.maximum(0, (t_first + 1) // 16 - 1)" in over        # from nsa_dsl.language.shapes
     assert "(o_k < DQK)" in over and "(o_v < DV)" in over and "o_r % GP < G" in over
     one = render_family("compress.py.j2", G=1, DQK=32, DV=32, L=32, STRIDE=16)
     assert "o_r // GP" not in one                          # G = 1: rows are positions

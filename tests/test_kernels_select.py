@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernel_utils import load_family, rand, rel_err, render_family
-from nsa_dsl.semantics import select_attention, select_blocks_mean_pool
+from nsa_dsl.semantics.reference import select_attention, select_blocks_mean_pool
 
 HAS_CUDA = torch.cuda.is_available()
 

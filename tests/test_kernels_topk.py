@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernel_utils import assert_near_ties, load_family, rand, render_family
-from nsa_dsl.semantics import (block_scores_cmp, block_scores_mean_pool, compress_attention,
+from nsa_dsl.semantics.reference import (block_scores_cmp, block_scores_mean_pool, compress_attention,
                                num_compressed_blocks, select_blocks_cmp, select_blocks_mean_pool)
 
 HAS_CUDA = torch.cuda.is_available()

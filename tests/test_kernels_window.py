@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernel_utils import load_family, rand, rel_err, render_family
-from nsa_dsl.semantics import window_attention
+from nsa_dsl.semantics.reference import window_attention
 
 NAMES = ("o", "lse", "dq", "dk", "dv")
 

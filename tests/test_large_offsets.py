@@ -180,7 +180,7 @@ def check_decode(max_len=TWO31 // (4 * 128) + 8192, prefill=4000, chunk=64, HQ=6
                  device="cuda", dtype=torch.bfloat16, tol=1e-2):
     """Decode kernels over a cache whose second sequence starts past 2^31 elements: a prefill
     chunk and one decoding step, against the same appends to a cache just long enough."""
-    from nsa_dsl.decode import DecodeOp, NSACache
+    from nsa_dsl.runtime.decoding import DecodeOp, NSACache
     t0 = time.perf_counter()
     spec = nsa_dsl.load(SPEC)
     C = len(spec.output.branches)

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 import nsa_dsl
 from nsa_dsl.errors import SpecError
-from nsa_dsl.ir import Compress, Output, Select, Span, Spec, Window
-from nsa_dsl.module import LearnedPool, SparseAttention, split_blocks
-from nsa_dsl.semantics import reference
+from nsa_dsl.language.ir import Compress, Output, Select, Span, Spec, Window
+from nsa_dsl.runtime.module import LearnedPool, SparseAttention, split_blocks
+from nsa_dsl.semantics.reference import reference
 
 SPAN = Span.unknown()
 HIDDEN = 32
@@ -482,9 +482,9 @@ attention other {
 
 def _needs_parser():
     try:
-        import nsa_dsl.parser  # noqa: F401
+        import nsa_dsl.language.parser  # noqa: F401
     except ImportError as e:   # not written yet, or lark missing (the GPU machine's image)
-        pytest.skip(f"nsa_dsl.load needs nsa_dsl.parser, which does not import: {e}")
+        pytest.skip(f"nsa_dsl.load needs nsa_dsl.language.parser, which does not import: {e}")
 
 
 def test_from_file(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import nsa_dsl
-from nsa_dsl import cli
+from nsa_dsl.tools import cli
 from nsa_dsl.errors import SpecError
 
 torch = pytest.importorskip("torch")
@@ -47,7 +47,7 @@ def test_source_plan_emit_use_the_shapes_of_the_last_call(tmp_path):
 
 
 def test_cli_compile_emit_assumes_the_explain_defaults(tmp_path, monkeypatch, capsys):
-    from nsa_dsl.shapes import DEFAULT_HEAD_DIM, DEFAULT_HEADS, DEFAULT_KV_HEADS
+    from nsa_dsl.language.cost import DEFAULT_HEAD_DIM, DEFAULT_HEADS, DEFAULT_KV_HEADS
     monkeypatch.setenv("NSA_DSL_CACHE_DIR", str(tmp_path / "cache"))
     out_dir = tmp_path / "emit"
     assert cli.main(["compile", str(EXAMPLES / "nsa_paper_mean.nsa"), "--emit", str(out_dir)]) == 0
@@ -88,7 +88,7 @@ def test_train_tiny_lm_window_longer_than_the_task(capsys):
 def test_compile_a_wrong_type(bad):
     with pytest.raises(SpecError) as e:
         nsa_dsl.compile(bad)
-    assert e.value.code == "E600" and "a Spec or the path of a .nsa file" in e.value.message
+    assert e.value.code == "E600" and "a Spec, a .nsa file's path or spec text" in e.value.message
     assert "nsa_dsl.load" in e.value.hint
 
 
@@ -110,7 +110,7 @@ def test_meta_tensors():
 
 def test_show_refuses_minutes_of_work(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    show = pytest.importorskip("nsa_dsl.show")
+    show = pytest.importorskip("nsa_dsl.tools.show")
     spec_path = EXAMPLES / "nsa_paper.nsa"
     assert show.estimate(nsa_dsl.load(spec_path), 1 << 20).seconds > show.REFUSE_SECONDS
     out = tmp_path / "x.png"
@@ -121,7 +121,7 @@ def test_show_refuses_minutes_of_work(tmp_path, capsys):
 
 
 def test_show_estimate_grows_and_bounds_a_quick_length():
-    show = pytest.importorskip("nsa_dsl.show")
+    show = pytest.importorskip("nsa_dsl.tools.show")
     spec = nsa_dsl.load(EXAMPLES / "nsa_paper_mean.nsa")
     costs = [show.estimate(spec, T).seconds for T in (256, 4096, 65536, 1 << 20)]
     assert costs == sorted(costs) and costs[0] < show.PROGRESS_SECONDS
@@ -133,7 +133,7 @@ def test_show_estimate_grows_and_bounds_a_quick_length():
 
 def test_show_warns_and_draws_a_progress_bar(tmp_path, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
-    show = pytest.importorskip("nsa_dsl.show")
+    show = pytest.importorskip("nsa_dsl.tools.show")
     monkeypatch.setattr(show, "WARN_SECONDS", 0.0)
     monkeypatch.setattr(show, "PROGRESS_SECONDS", 0.0)
     out = tmp_path / "p.png"
@@ -148,7 +148,7 @@ def test_show_warns_and_draws_a_progress_bar(tmp_path, monkeypatch, capsys):
 
 def test_show_force_runs_past_the_limit(tmp_path, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
-    show = pytest.importorskip("nsa_dsl.show")
+    show = pytest.importorskip("nsa_dsl.tools.show")
     monkeypatch.setattr(show, "REFUSE_SECONDS", 0.0)
     monkeypatch.setattr(show, "WARN_SECONDS", 1e9)
     monkeypatch.setattr(show, "PROGRESS_SECONDS", 1e9)

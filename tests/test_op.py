@@ -130,11 +130,11 @@ def test_branch_backward_takes_delta_and_adds_into_dq(tmp_path, monkeypatch):
     B, T, HQ, H, D = 1, 150, 8, 2, 16
     q, k, v, gates = make_inputs(spec, B, T, HQ, H, D, D, seed=7)
     plan, keys = op._kernels(op.binding(heads=HQ, kv_heads=H, qk_dim=D, v_dim=D))
-    mod = {n: nsa_dsl.kernel_ops.module(key) for n, key in keys.items()}
+    mod = {n: nsa_dsl.runtime.kernel_ops.module(key) for n, key in keys.items()}
     g = torch.Generator().manual_seed(8)
     do = torch.randn(B, T, HQ, D, generator=g).to(DEVICE)
     acc = torch.randn(B, T, HQ, D, generator=g).to(DEVICE)
-    kc, vc = nsa_dsl.op.mean_pool(k, 32, 16), nsa_dsl.op.mean_pool(v, 32, 16)
+    kc, vc = nsa_dsl.runtime.op.mean_pool(k, 32, 16), nsa_dsl.runtime.op.mean_pool(v, 32, 16)
     o_c, lse_c = mod["compress_cmp"].fwd(q, kc, vc, D ** -0.5)
     idx = mod["topk_slc"].topk(q, kc, lse_c, D ** -0.5)
     o_s, lse_s = mod["select_slc"].fwd(q, k, v, idx, D ** -0.5)
@@ -174,8 +174,8 @@ def test_inference_output_fused_in_window_kernel(which, shape, tmp_path, monkeyp
     q, k, v, gates = make_inputs(spec, B, T, HQ, H, Dqk, Dv, seed=3)
     has_window = any(b in [w.name for w in spec.of_kind("window")] for b in spec.output.branches)
     calls = []
-    real = nsa_dsl.kernel_ops.window_combine_fwd
-    monkeypatch.setattr(nsa_dsl.kernel_ops, "window_combine_fwd", lambda *a: calls.append(1) or real(*a))
+    real = nsa_dsl.runtime.kernel_ops.window_combine_fwd
+    monkeypatch.setattr(nsa_dsl.runtime.kernel_ops, "window_combine_fwd", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         fused = op(q, k, v, gates)
         assert len(calls) == (1 if has_window else 0)
@@ -321,8 +321,8 @@ def test_gpu_low_precision_matches_reference(which, shape, dtype, tmp_path, monk
 def test_mean_pool_by_segments(T, block, stride):
     """The op's mean pooling (segment sums when stride | block, else unfold) equals the reference
     pooling in float64, with its gradient, and rounds bf16 alike."""
-    from nsa_dsl.op import mean_pool
-    from nsa_dsl.semantics import mean_pool as ref
+    from nsa_dsl.runtime.op import mean_pool
+    from nsa_dsl.semantics.reference import mean_pool as ref
     k = torch.randn(2, T, 3, 8, dtype=torch.float64, requires_grad=True)
     a, b = mean_pool(k, block, stride), ref(k, block, stride)
     assert a.shape == b.shape and rel(a, b) < 1e-14

@@ -9,8 +9,8 @@ import pytest
 
 import nsa_dsl
 from nsa_dsl.errors import SpecError
-from nsa_dsl.ir import Compress, Select, Spec, SpecFile, Window
-from nsa_dsl.parser import MAX_BYTES, parse_source, pick_spec, read_spec_text
+from nsa_dsl.language.ir import Compress, Select, Spec, SpecFile, Window
+from nsa_dsl.language.parser import MAX_BYTES, parse_source, pick_spec, read_spec_text
 
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.nsa"))
 
@@ -298,7 +298,7 @@ def test_one_megabyte_of_statements_is_refused_fast(tmp_path):
 
 
 def test_largest_accepted_spec_parses_in_under_a_second():
-    from nsa_dsl.parser import MAX_TOKENS
+    from nsa_dsl.language.parser import MAX_TOKENS
     n = (MAX_TOKENS - 20) // 13  # 11 tokens a branch, 2 more in the output
     text = ("attention a { " + "".join(f"branch w{i} = window(size = 2 * 4) " for i in range(n))
             + "output = sum(" + ", ".join(f"w{i}" for i in range(n)) + ") }")
@@ -325,8 +325,8 @@ def test_deep_nesting_is_a_spec_error(text):
 def test_front_end_imports_neither_torch_nor_triton(tmp_path):
     p = tmp_path / "a.nsa"
     p.write_text("attention a { branch w = window(size = 8) output = w }")
-    code = ("import sys, nsa_dsl, nsa_dsl.cli\n"
-            f"assert nsa_dsl.cli.main(['check', {str(p)!r}]) == 0\n"
+    code = ("import sys, nsa_dsl, nsa_dsl.tools.cli\n"
+            f"assert nsa_dsl.tools.cli.main(['check', {str(p)!r}]) == 0\n"
             "nsa_dsl.parse(open(%r).read())\n"
             "bad = [m for m in ('torch', 'triton') if m in sys.modules]\n"
             "assert not bad, bad\n") % str(p)

@@ -8,16 +8,14 @@ import sys
 import time
 from pathlib import Path
 
-if str(Path(__file__).resolve().parent.parent) not in sys.path:   # plain `pytest` from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pytest
 import torch
 
-from nsa_dsl import semantics as R
+from nsa_dsl.semantics import reference as R
 from nsa_dsl.errors import SpecError
-from nsa_dsl.ir import Compress, Output, Select, Span, Spec, Window
-from nsa_dsl.semantics import Aux, reference
+from nsa_dsl.language.ir import Compress, Output, Select, Span, Spec, Window
+from nsa_dsl.semantics.reference import Aux, reference
 
 import brute  # tests/brute.py
 
@@ -535,7 +533,7 @@ def test_errors():
     gates = torch.rand(1, 20, 4, 3, dtype=F64)
     reference(spec, q, k, v, gates)   # fine
 
-    # the codes are the op's (nsa_dsl.inputs.check_call): the same bad call, the same code
+    # the codes are the op's (nsa_dsl.semantics.inputs.check_call): the same bad call, the same code
     msg = _err("E601", lambda: reference(spec, q[0], k, v, gates))
     msg = _err("E601", lambda: reference(spec, q, k[:, :10], v, gates))
     assert "[1, 10, 2, 16]" in msg and "[1, 20, *, 16]" in msg
@@ -661,6 +659,6 @@ def test_nsa_dsl_reference_is_callable():
     q = torch.randn(1, 10, 2, 16, dtype=F64)
     k = torch.randn(1, 10, 2, 16, dtype=F64)
     first = nsa_dsl.reference(spec, q, k, k)
-    import nsa_dsl.semantics  # noqa: F401
+    import nsa_dsl.semantics.reference  # noqa: F401
     torch.testing.assert_close(nsa_dsl.reference(spec, q, k, k), first, rtol=0, atol=0)
     torch.testing.assert_close(R.reference(spec, q, k, k), first, rtol=0, atol=0)

@@ -93,7 +93,7 @@ def test_index_loss_trains_the_indexer_only():
     # and the output's gradient never reaches the indexer (the choice is discrete)
     assert torch.autograd.grad(o.sum(), [q_idx], allow_unused=True)[0] is None
     # finite differences of the loss (float64, from the reference's function) in w_idx
-    from nsa_dsl.semantics import index_loss
+    from nsa_dsl.semantics.reference import index_loss
     idx = aux.indices["tok"]
     f = lambda w: index_loss(q.detach(), k.detach(), idx, 16 ** -0.5, q_idx.detach(), k_idx.detach(), w).sum()
     wd = w_idx.detach().clone().requires_grad_()
@@ -172,3 +172,24 @@ def test_missing_indexer_inputs_are_a_clear_error():
     with pytest.raises(SpecError) as e:
         nsa_dsl.reference(spec, q, k, v, gates, index={"idxx": index["idx"]})
     assert e.value.code == "E627" and "idx" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["nsa-noncausal", "qblock-cmp", "dsa"])
+def test_queries_from_q_start_equal_those_rows_of_the_whole_sequence(name):
+    """reference(..., q_start=s) on the rows s.. (keys: the whole sequence) equals those rows of
+    the full call: decoding a chunk and context-parallel shards are defined by it."""
+    spec = spec_of(*SPECS[name])
+    q, k, v, gates, index = inputs(spec, 2, 40, 1, 3, 16, 8, seed=9)
+    o, aux = nsa_dsl.reference(spec, q, k, v, gates, index=index or None, return_aux=True)
+    for s, e in [(8, 24), (32, 40), (0, 8)]:
+        part = {n: (t[0][:, s:e], t[1], t[2][:, s:e]) for n, t in index.items()} or None
+        o1, aux1 = nsa_dsl.reference(spec, q[:, s:e], k, v, gates[:, s:e] if gates is not None else None,
+                                     index=part, return_aux=True, q_start=s)
+        torch.testing.assert_close(o1, o[:, s:e], **TOL)
+        for n in aux.indices:
+            assert torch.equal(aux1.indices[n], aux.indices[n][:, s:e])
+    with pytest.raises(SpecError) as e:
+        nsa_dsl.reference(spec, q[:, 2:10], k[:, :5], v[:, :5], gates[:, 2:10] if gates is not None else None,
+                          index={n: (t[0][:, 2:10], t[1][:, :5], t[2][:, 2:10]) for n, t in index.items()} or None,
+                          q_start=2)
+    assert e.value.code in ("E629", "E601")

@@ -1,4 +1,4 @@
-"""nsa_dsl.shapes: every expression against brute-force counting, the printer by round trips."""
+"""nsa_dsl.language.shapes: every expression against brute-force counting, the printer by round trips."""
 from __future__ import annotations
 
 import ast
@@ -9,8 +9,9 @@ import sympy as sp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nsa_dsl import shapes as S
-from nsa_dsl.ir import Compress, Output, Select, Span, Spec, Window
+from nsa_dsl.language import cost, symbolic
+from nsa_dsl.language import shapes as S
+from nsa_dsl.language.ir import Compress, Output, Select, Span, Spec, Window
 
 SPAN = Span.unknown()
 HYP = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -70,7 +71,7 @@ def bf_select(q, ls, n, kf, kl, score, rng, own=None):
 
 
 def f(expr, *syms):
-    return S.lambdify_int(expr, *syms)
+    return symbolic.lambdify_int(expr, *syms)
 
 
 # ---------------------------------------------------------------- compress
@@ -80,16 +81,16 @@ def f(expr, *syms):
 def test_compress_against_brute_force(d, a, T):
     l = a * d
     bs = S.branch_shapes(cmp_(l, d))
-    assert S.evaluate(bs.n_blocks, T=T) == bf_n_blocks(T, l, d)
-    vis = f(bs.keys, S.t)
+    assert symbolic.evaluate(bs.n_blocks, T=T) == bf_n_blocks(T, l, d)
+    vis = f(bs.keys, symbolic.t)
     counts = [bf_visible(q, l, d) for q in range(T)]
     assert [vis(q) for q in range(T)] == counts
-    assert S.evaluate(bs.keys_sum, T=T) == sum(counts)
+    assert symbolic.evaluate(bs.keys_sum, T=T) == sum(counts)
     for k in range(0, 6):
-        assert S.evaluate(bs.first_key, i=k) == k * d
-        assert S.evaluate(bs.last_key, i=k) == k * d + l - 1
+        assert symbolic.evaluate(bs.first_key, i=k) == k * d
+        assert symbolic.evaluate(bs.last_key, i=k) == k * d + l - 1
     if T:
-        assert S.evaluate(bs.keys_last, T=T) == counts[-1]
+        assert symbolic.evaluate(bs.keys_last, T=T) == counts[-1]
 
 
 @pytest.mark.parametrize("l,d", [(32, 16), (16, 16), (32, 8), (7, 7), (5, 1), (64, 32)])
@@ -97,15 +98,15 @@ def test_compress_sympy_subs_matches(l, d):
     """evaluate() (sympy) and the rendered Python agree with brute force."""
     bs = S.branch_shapes(cmp_(l, d))
     for q in list(range(0, 3 * l)) + [1000, 4095]:
-        assert S.evaluate(bs.keys, t=q) == bf_visible(q, l, d)
+        assert symbolic.evaluate(bs.keys, t=q) == bf_visible(q, l, d)
 
 
 def test_compress_simplified_when_block_equals_stride():
     bs = S.branch_shapes(cmp_(16, 16))
     assert not bs.keys.has(sp.Max)                       # no clip at 0
-    assert S.render(bs.keys) == "(t + 1) // 16"
-    assert S.render(bs.n_blocks) == "T // 16"
-    assert S.render(S.branch_shapes(cmp_(32, 16)).keys) == "max(0, (t + 1) // 16 - 1)"
+    assert symbolic.render(bs.keys) == "(t + 1) // 16"
+    assert symbolic.render(bs.n_blocks) == "T // 16"
+    assert symbolic.render(S.branch_shapes(cmp_(32, 16)).keys) == "max(0, (t + 1) // 16 - 1)"
 
 
 # ---------------------------------------------------------------- select
@@ -121,10 +122,10 @@ def test_select_against_brute_force(ls, n, kf, kl, score, T, seed):
     spec = spec_(cmp_(4, 2), slc_(ls, n, score, kf, kl)) if score == "cmp" else \
         spec_(slc_(ls, n, score, kf, kl))
     bs = S.spec_shapes(spec).branch("slc")
-    hi, lo = f(bs.keys, S.t), f(bs.keys_min, S.t)
-    elig, sel, own = f(bs.eligible, S.t), f(bs.selected, S.t), f(bs.own_block, S.t)
-    computed, complete = f(bs.keys_computed, S.t), f(bs.complete, S.t)
-    forced, ffe, fls = f(bs.forced, S.t), f(bs.forced_first_end, S.t), f(bs.forced_last_start, S.t)
+    hi, lo = f(bs.keys, symbolic.t), f(bs.keys_min, symbolic.t)
+    elig, sel, own = f(bs.eligible, symbolic.t), f(bs.selected, symbolic.t), f(bs.own_block, symbolic.t)
+    computed, complete = f(bs.keys_computed, symbolic.t), f(bs.complete, symbolic.t)
+    forced, ffe, fls = f(bs.forced, symbolic.t), f(bs.forced_first_end, symbolic.t), f(bs.forced_last_start, symbolic.t)
     sums_hi = sums_lo = 0
     for q in range(T):
         E = q // ls + 1
@@ -144,11 +145,11 @@ def test_select_against_brute_force(ls, n, kf, kl, score, T, seed):
         assert hi(q) <= q + 1 and hi(q) <= n * ls
         sums_hi += hi(q)
         sums_lo += lo(q)
-    assert S.evaluate(bs.keys_sum, T=T) == sums_hi
-    assert S.evaluate(bs.keys_min_sum, T=T) == sums_lo
-    assert S.evaluate(bs.n_blocks, T=T) == -(-T // ls)
-    score_keys = f(bs.score_keys, S.t)
-    assert S.evaluate(bs.score_keys_sum, T=T) == sum(score_keys(q) for q in range(T))
+    assert symbolic.evaluate(bs.keys_sum, T=T) == sums_hi
+    assert symbolic.evaluate(bs.keys_min_sum, T=T) == sums_lo
+    assert symbolic.evaluate(bs.n_blocks, T=T) == -(-T // ls)
+    score_keys = f(bs.score_keys, symbolic.t)
+    assert symbolic.evaluate(bs.score_keys_sum, T=T) == sum(score_keys(q) for q in range(T))
 
 
 def test_select_exactness_by_spec():
@@ -161,11 +162,11 @@ def test_select_exactness_by_spec():
 
 def test_select_paper_counts():
     bs = S.branch_shapes(slc_(), spec_(cmp_(), slc_()))
-    assert S.render(bs.keys) == "64 * min(15, t // 64) + t % 64 + 1"
+    assert symbolic.render(bs.keys) == "64 * min(15, t // 64) + t % 64 + 1"
     # own block partial: 960 full keys + (t mod 64) + 1
-    assert S.evaluate(bs.keys, t=65535) == 1024
-    assert S.evaluate(bs.keys, t=65536 - 64) == 961
-    assert S.evaluate(bs.keys, t=100) == 101
+    assert symbolic.evaluate(bs.keys, t=65535) == 1024
+    assert symbolic.evaluate(bs.keys, t=65536 - 64) == 961
+    assert symbolic.evaluate(bs.keys, t=100) == 101
 
 
 def test_select_forced_simplifies():
@@ -182,13 +183,13 @@ def test_overlap_weights_paper():
     bs = S.branch_shapes(slc_(), spec_(cmp_(32, 16), slc_()))
     assert bs.weight_profile() == (1, 2, 2, 2, 1)
     for jj in range(1, 6):
-        lo, hi = S.evaluate(bs.weight_lo, j=jj), S.evaluate(bs.weight_hi, j=jj)
+        lo, hi = symbolic.evaluate(bs.weight_lo, j=jj), symbolic.evaluate(bs.weight_hi, j=jj)
         assert (lo, hi) == (4 * jj - 1, 4 * jj + 3)
-        assert [S.evaluate(bs.weight, i=k, j=jj) for k in range(lo, hi + 1)] == [1, 2, 2, 2, 1]
-        assert S.evaluate(bs.weight, i=lo - 1, j=jj) == 0
-        assert S.evaluate(bs.weight, i=hi + 1, j=jj) == 0
-    assert S.evaluate(bs.weight_lo, j=0) == 0      # clipped at 0
-    assert [S.evaluate(bs.weight, i=k, j=0) for k in range(4)] == [2, 2, 2, 1]
+        assert [symbolic.evaluate(bs.weight, i=k, j=jj) for k in range(lo, hi + 1)] == [1, 2, 2, 2, 1]
+        assert symbolic.evaluate(bs.weight, i=lo - 1, j=jj) == 0
+        assert symbolic.evaluate(bs.weight, i=hi + 1, j=jj) == 0
+    assert symbolic.evaluate(bs.weight_lo, j=0) == 0      # clipped at 0
+    assert [symbolic.evaluate(bs.weight, i=k, j=0) for k in range(4)] == [2, 2, 2, 1]
 
 
 @settings(max_examples=30, deadline=None)
@@ -196,8 +197,8 @@ def test_overlap_weights_paper():
 def test_overlap_weights_brute_force(d, a, b):
     l, ls = a * d, b * d
     bs = S.branch_shapes(slc_(ls, 4, kf=0, kl=0), spec_(cmp_(l, d), slc_(ls, 4, kf=0, kl=0)))
-    w = f(bs.weight, S.i, S.j)
-    lo_f, hi_f = f(bs.weight_lo, S.j), f(bs.weight_hi, S.j)
+    w = f(bs.weight, symbolic.i, symbolic.j)
+    lo_f, hi_f = f(bs.weight_lo, symbolic.j), f(bs.weight_hi, symbolic.j)
     for jj in range(4):
         nz = []
         for ii in range(0, (jj + 2) * b + a + 2):
@@ -217,11 +218,11 @@ def test_overlap_weights_brute_force(d, a, b):
 @given(w=st.integers(1, 40), sinks=st.integers(0, 12), T=st.integers(0, 120))
 def test_window_against_brute_force(w, sinks, T):
     bs = S.branch_shapes(swa_(w, sinks))
-    keys = f(bs.keys, S.t)
+    keys = f(bs.keys, symbolic.t)
     counts = [bf_window(q, w, sinks) for q in range(T)]
     assert [keys(q) for q in range(T)] == counts
-    assert S.evaluate(bs.keys_sum, T=T) == sum(counts)
-    first, sink = f(bs.first_key, S.t), f(bs.sink_keys, S.t)
+    assert symbolic.evaluate(bs.keys_sum, T=T) == sum(counts)
+    first, sink = f(bs.first_key, symbolic.t), f(bs.sink_keys, symbolic.t)
     for q in range(T):
         assert first(q) == max(0, q - w + 1)
         assert sink(q) == len(set(range(min(sinks, q + 1))) - set(range(max(0, q - w + 1), q + 1)))
@@ -229,8 +230,8 @@ def test_window_against_brute_force(w, sinks, T):
 
 def test_window_without_sinks_is_min():
     bs = S.branch_shapes(swa_(512, 0))
-    assert bs.keys == sp.Min(512, S.t + 1)
-    assert S.render(bs.keys, "triton") == "tl.minimum(512, t + 1)"
+    assert bs.keys == sp.Min(512, symbolic.t + 1)
+    assert symbolic.render(bs.keys, "triton") == "tl.minimum(512, t + 1)"
 
 
 # ---------------------------------------------------------------- sums at large T
@@ -241,15 +242,15 @@ def test_closed_form_sums_at_large_T(T):
                  slc_(32, 8, "mean_pool", 0, 0, name="mp"), slc_(64, 4, "cmp", 2, 0, name="s0"))
     sh = S.spec_shapes(spec)
     for bs in sh.branches:
-        assert S.evaluate(bs.keys_sum, T=T) == S.sum_over_queries(bs.keys, T), bs.name
-        assert S.evaluate(bs.keys_min_sum, T=T) == S.sum_over_queries(bs.keys_min, T), bs.name
-        assert S.evaluate(bs.score_keys_sum, T=T) == S.sum_over_queries(bs.score_keys, T)
-    assert S.evaluate(sh.dense.keys_sum, T=T) == T * (T + 1) // 2
+        assert symbolic.evaluate(bs.keys_sum, T=T) == cost.sum_over_queries(bs.keys, T), bs.name
+        assert symbolic.evaluate(bs.keys_min_sum, T=T) == cost.sum_over_queries(bs.keys_min, T), bs.name
+        assert symbolic.evaluate(bs.score_keys_sum, T=T) == cost.sum_over_queries(bs.score_keys, T)
+    assert symbolic.evaluate(sh.dense.keys_sum, T=T) == T * (T + 1) // 2
 
 
 def test_cost_paper_at_64k():
     spec = spec_(cmp_(), slc_(), swa_(), heads=64, kv_heads=4, qk_dim=128, v_dim=128)
-    c = S.cost(S.spec_shapes(spec), 65536, S.Dims.of(spec))
+    c = cost.cost(S.spec_shapes(spec), 65536, cost.Dims.of(spec))
     cmp, score, slc, swa = (c.row(n) for n in ("cmp", "slc score", "slc", "swa"))
     assert round(cmp.keys_avg) == 2047 and cmp.keys_last == 4095   # PERF.md: ~2046
     assert slc.keys_last == 1024 and 980 < slc.keys_avg < 1000      # own block is partial
@@ -267,19 +268,19 @@ def test_cost_paper_at_64k():
 
 
 def test_dims_defaults_and_declared():
-    d = S.Dims.of(spec_(cmp_()))
+    d = cost.Dims.of(spec_(cmp_()))
     assert (d.heads, d.kv_heads, d.qk_dim, d.v_dim) == (64, 4, 128, 128)
     assert set(d.defaulted) == {"heads", "kv_heads", "qk_dim", "v_dim"}
-    d = S.Dims.of(spec_(cmp_(), heads=6, qk_dim=192), v_dim=64)
+    d = cost.Dims.of(spec_(cmp_(), heads=6, qk_dim=192), v_dim=64)
     assert (d.heads, d.kv_heads, d.qk_dim, d.v_dim) == (6, 1, 192, 64)
     assert d.defaulted == ("kv_heads",)
 
 
 def test_flops_per_query():
     bs = S.branch_shapes(slc_(), spec_(cmp_(), slc_()))
-    e = S.flops_per_query(bs, 128, 128)
+    e = cost.flops_per_query(bs, 128, 128)
     q = 5000
-    assert S.evaluate(e, t=q) == S.evaluate(bs.keys, t=q) * 512 + S.evaluate(bs.score_keys, t=q) * 256
+    assert symbolic.evaluate(e, t=q) == symbolic.evaluate(bs.keys, t=q) * 512 + symbolic.evaluate(bs.score_keys, t=q) * 256
 
 
 # ---------------------------------------------------------------- queries
@@ -288,39 +289,39 @@ x, y = sp.symbols("x y", integer=True)
 
 
 def test_queries_never_raise():
-    assert S.statically_divides(16, 64 * S.j + 32)
-    assert not S.statically_divides(16, S.t)
-    assert S.statically_divides(2, S.T * (S.T + 1))
-    assert S.statically_integer(S.T * (S.T + 1) / 2)
-    assert not S.statically_integer(S.T / 2)
-    assert S.statically_integer(sp.Min(S.T, 7) * (sp.Min(S.T, 7) - 1) / 2)
-    assert S.statically_nonnegative(sp.floor(S.t / 4)) and not S.statically_nonnegative(S.t - 1)
-    assert S.statically_positive(S.t + 1)
-    assert S.statically_known_true(sp.Le(0, sp.floor(S.t / 4)))
-    assert S.statically_known_true(sp.Le(sp.Mod(S.t, 64), 63))
-    assert not S.statically_known_true(sp.Le(S.t, 5))
-    assert S.bounds(sp.Mod(x, 8)) == (0, 7)
-    assert S.bounds(sp.Min(S.t, 5) + 1) == (1, 6)
-    assert S.evaluate(sp.floor((S.t - 15) / 16), t=3) == -1
-    assert S.evaluate(S.T + S.t, T=3) is None              # symbols left
-    assert S.evaluate(S.T / 2, T=3) is None                # not an integer
-    assert S.evaluate(S.T, {"T": 7}) == 7 and S.evaluate(S.T, {S.T: 8}) == 8
+    assert symbolic.statically_divides(16, 64 * symbolic.j + 32)
+    assert not symbolic.statically_divides(16, symbolic.t)
+    assert symbolic.statically_divides(2, symbolic.T * (symbolic.T + 1))
+    assert symbolic.statically_integer(symbolic.T * (symbolic.T + 1) / 2)
+    assert not symbolic.statically_integer(symbolic.T / 2)
+    assert symbolic.statically_integer(sp.Min(symbolic.T, 7) * (sp.Min(symbolic.T, 7) - 1) / 2)
+    assert symbolic.statically_nonnegative(sp.floor(symbolic.t / 4)) and not symbolic.statically_nonnegative(symbolic.t - 1)
+    assert symbolic.statically_positive(symbolic.t + 1)
+    assert symbolic.statically_known_true(sp.Le(0, sp.floor(symbolic.t / 4)))
+    assert symbolic.statically_known_true(sp.Le(sp.Mod(symbolic.t, 64), 63))
+    assert not symbolic.statically_known_true(sp.Le(symbolic.t, 5))
+    assert symbolic.bounds(sp.Mod(x, 8)) == (0, 7)
+    assert symbolic.bounds(sp.Min(symbolic.t, 5) + 1) == (1, 6)
+    assert symbolic.evaluate(sp.floor((symbolic.t - 15) / 16), t=3) == -1
+    assert symbolic.evaluate(symbolic.T + symbolic.t, T=3) is None              # symbols left
+    assert symbolic.evaluate(symbolic.T / 2, T=3) is None                # not an integer
+    assert symbolic.evaluate(symbolic.T, {"T": 7}) == 7 and symbolic.evaluate(symbolic.T, {symbolic.T: 8}) == 8
     for bad in ("not an expression (", object(), None):
-        assert S.statically_divides(bad, 4) is False
-        assert S.statically_integer(bad) is False
-        assert S.statically_nonnegative(bad) is False
-        assert S.evaluate(bad, T=1) is None
-        assert S.statically_known_true(bad) is False
+        assert symbolic.statically_divides(bad, 4) is False
+        assert symbolic.statically_integer(bad) is False
+        assert symbolic.statically_nonnegative(bad) is False
+        assert symbolic.evaluate(bad, T=1) is None
+        assert symbolic.statically_known_true(bad) is False
 
 
 def test_simplify_and_helpers():
-    assert S.floordiv(S.t - 15, 16) == sp.floor((S.t + 1) / 16) - 1
-    assert S.floordiv(64 * S.j + S.t + 70, 64) == S.j + 1 + sp.floor((S.t + 6) / 64)
-    assert S.floordiv(sp.Mod(S.t, 64), 64) == 0
-    assert S.ceildiv(S.T, 64) == sp.floor((S.T + 63) / 64)
-    assert S.clip0(S.t) == S.t and S.clip0(-S.t - 1) == 0
-    assert S.simplify(sp.Max(0, sp.floor(S.t / 3), evaluate=False)) == sp.floor(S.t / 3)
-    assert S.simplify(sp.Mod(sp.Mod(S.t, 8), 16)) == sp.Mod(S.t, 8)
+    assert symbolic.floordiv(symbolic.t - 15, 16) == sp.floor((symbolic.t + 1) / 16) - 1
+    assert symbolic.floordiv(64 * symbolic.j + symbolic.t + 70, 64) == symbolic.j + 1 + sp.floor((symbolic.t + 6) / 64)
+    assert symbolic.floordiv(sp.Mod(symbolic.t, 64), 64) == 0
+    assert symbolic.ceildiv(symbolic.T, 64) == sp.floor((symbolic.T + 63) / 64)
+    assert symbolic.clip0(symbolic.t) == symbolic.t and symbolic.clip0(-symbolic.t - 1) == 0
+    assert symbolic.simplify(sp.Max(0, sp.floor(symbolic.t / 3), evaluate=False)) == sp.floor(symbolic.t / 3)
+    assert symbolic.simplify(sp.Mod(sp.Mod(symbolic.t, 8), 16)) == sp.Mod(symbolic.t, 8)
 
 
 # ---------------------------------------------------------------- printer
@@ -384,18 +385,18 @@ def _exprs():
 @pytest.mark.parametrize("k", range(11))
 def test_render_round_trip_signed(k):
     expr, syms = list(_exprs())[k]
-    py = eval(f"lambda {', '.join(s.name for s in syms)}: {S.render(expr, 'python')}",  # noqa: S307
+    py = eval(f"lambda {', '.join(s.name for s in syms)}: {symbolic.render(expr, 'python')}",  # noqa: S307
               {"max": max, "min": min})
-    tr = triton_as_c(S.render(expr, "triton"), syms)
+    tr = triton_as_c(symbolic.render(expr, "triton"), syms)
     pts = [tuple(v) for v in zip(*[range(-33, 34, 1)] * len(syms))]
     rng = random.Random(k)
     pts += [tuple(rng.randint(-200, 200) for _ in syms) for _ in range(60)]
     for n, p in enumerate(pts):
         ref = expr.subs(dict(zip(syms, p))) if n % 4 == 0 else None   # sympy is the slow oracle
         if ref is None:
-            ref = S.evaluate(expr, dict(zip(syms, p)))
+            ref = symbolic.evaluate(expr, dict(zip(syms, p)))
         assert py(*p) == ref, (expr, p)
-        assert tr(*p) == ref, (expr, p, S.render(expr, "triton"))
+        assert tr(*p) == ref, (expr, p, symbolic.render(expr, "triton"))
 
 
 def test_render_round_trip_every_shape():
@@ -413,11 +414,11 @@ def test_render_round_trip_every_shape():
             if expr is None:
                 continue
             syms = tuple(sorted(sp.sympify(expr).free_symbols, key=lambda s: s.name))
-            py = S.lambdify_int(expr, *syms)
-            tr = triton_as_c(S.render(expr, "triton"), syms)
+            py = symbolic.lambdify_int(expr, *syms)
+            tr = triton_as_c(symbolic.render(expr, "triton"), syms)
             for q in [0, 1, 2, 15, 16, 31, 32, 47, 63, 64, 100, 511, 512, 1023, 1024, 5000]:
                 vals = (q,) * len(syms) if len(syms) < 2 else (q % 50, q // 16)
-                ref = S.evaluate(expr, dict(zip(syms, vals)))
+                ref = symbolic.evaluate(expr, dict(zip(syms, vals)))
                 assert py(*vals) == ref == tr(*vals), (bs.name, name, vals)
             checked += 1
     assert checked > 30
@@ -425,16 +426,16 @@ def test_render_round_trip_every_shape():
 
 def test_render_names_and_shape():
     bs = S.branch_shapes(slc_(), spec_(cmp_(), slc_()))
-    text = S.render(bs.weight, "triton", names={"i": "o_i[:, None]", "j": "i_j"})
+    text = symbolic.render(bs.weight, "triton", names={"i": "o_i[:, None]", "j": "i_j"})
     assert "o_i[:, None]" in text and "i_j" in text and "max(" not in text.replace("tl.maximum", "")
-    assert S.render(bs.weight, "python") == "max(0, min(i + 1, 4 * j + 3) - max(i, 4 * j) + 1)"
-    assert S.render(bs.weight, "text") == "max(0, min(i + 1, 4*j + 3) - max(i, 4*j) + 1)"
-    assert S.render(bs.n_blocks, "triton") == "(T + 63) // 64"
-    assert S.render(S.T * (S.T + 1) / 2) == "T * (T + 1) // 2"
+    assert symbolic.render(bs.weight, "python") == "max(0, min(i + 1, 4 * j + 3) - max(i, 4 * j) + 1)"
+    assert symbolic.render(bs.weight, "text") == "max(0, min(i + 1, 4*j + 3) - max(i, 4*j) + 1)"
+    assert symbolic.render(bs.n_blocks, "triton") == "(T + 63) // 64"
+    assert symbolic.render(symbolic.T * (symbolic.T + 1) / 2) == "T * (T + 1) // 2"
     with pytest.raises(ValueError):
-        S.render(S.T / 2)
+        symbolic.render(symbolic.T / 2)
     with pytest.raises(ValueError):
-        S.render(S.T, target="cuda")
+        symbolic.render(symbolic.T, target="cuda")
 
 
 def test_triton_interpreter_agrees(tmp_path):
@@ -445,7 +446,7 @@ def test_triton_interpreter_agrees(tmp_path):
     import os
     exprs = [sp.floor((x - 15) / 16), sp.Mod(x - 3, 16), sp.ceiling((x - 1) / 4),
              sp.Max(0, sp.floor((x + 1) / 16) - 1) + sp.Min(x, 7)]
-    body = "\n".join(f"    tl.store(out_ptr + {k} * N + o, {S.render(e, 'triton', {'x': 'xv'})})"
+    body = "\n".join(f"    tl.store(out_ptr + {k} * N + o, {symbolic.render(e, 'triton', {'x': 'xv'})})"
                      for k, e in enumerate(exprs))
     src = ("import triton\nimport triton.language as tl\n\n@triton.jit\n"
            "def kern(x_ptr, out_ptr, N: tl.constexpr):\n"
@@ -468,20 +469,20 @@ def test_triton_interpreter_agrees(tmp_path):
         if old is None:
             os.environ.pop("TRITON_INTERPRET", None)
     for k, e in enumerate(exprs):
-        assert got[k] == [int(e.subs(x, v)) for v in range(-64, 64)], (e, S.render(e, "triton"))
+        assert got[k] == [int(e.subs(x, v)) for v in range(-64, 64)], (e, symbolic.render(e, "triton"))
 
 
 def test_front_end_imports_no_torch():
     import subprocess
     import sys
-    code = ("import sys, nsa_dsl.shapes, nsa_dsl.explain; "
+    code = ("import sys, nsa_dsl.language.shapes, nsa_dsl.tools.explain; "
             "assert 'torch' not in sys.modules and 'triton' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def _tree(draw, depth):
     if depth == 0 or draw(st.integers(0, 3)) == 0:
-        return draw(st.sampled_from([x, y, S.t, sp.Integer(draw(st.integers(-9, 9)))]))
+        return draw(st.sampled_from([x, y, symbolic.t, sp.Integer(draw(st.integers(-9, 9)))]))
     op = draw(st.sampled_from(["add", "sub", "mul", "floor", "ceil", "mod", "max", "min"]))
     a = _tree(draw, depth - 1)
     if op in ("floor", "ceil", "mod"):
@@ -497,16 +498,16 @@ def _tree(draw, depth):
 def test_render_random_expressions(data):
     """Random integer expression trees: python and triton text against sympy."""
     expr = _tree(data.draw, 4)
-    syms = (x, y, S.t)
-    py = S.lambdify_int(expr, *syms)
-    tr = triton_as_c(S.render(expr, "triton"), syms)
-    simple = S.simplify(expr)
-    tr_simple = triton_as_c(S.render(simple, "triton"), syms)
-    lo, hi = S.bounds(expr)
+    syms = (x, y, symbolic.t)
+    py = symbolic.lambdify_int(expr, *syms)
+    tr = triton_as_c(symbolic.render(expr, "triton"), syms)
+    simple = symbolic.simplify(expr)
+    tr_simple = triton_as_c(symbolic.render(simple, "triton"), syms)
+    lo, hi = symbolic.bounds(expr)
     for _ in range(6):
         p = (data.draw(st.integers(-60, 60)), data.draw(st.integers(-60, 60)),
              data.draw(st.integers(0, 60)))
-        ref = S.evaluate(expr, dict(zip(syms, p)))
-        assert py(*p) == ref == tr(*p), (expr, p, S.render(expr, "triton"))
-        assert S.evaluate(simple, dict(zip(syms, p))) == ref == tr_simple(*p), (expr, simple, p)
+        ref = symbolic.evaluate(expr, dict(zip(syms, p)))
+        assert py(*p) == ref == tr(*p), (expr, p, symbolic.render(expr, "triton"))
+        assert symbolic.evaluate(simple, dict(zip(syms, p))) == ref == tr_simple(*p), (expr, simple, p)
         assert lo <= ref <= hi

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 import nsa_dsl
-from nsa_dsl import cli
+from nsa_dsl.tools import cli
 from nsa_dsl.errors import SpecError
-from nsa_dsl.ir import Compress, Select, Window
+from nsa_dsl.language.ir import Compress, Select, Window
 
 torch = pytest.importorskip("torch")
-show = pytest.importorskip("nsa_dsl.show")
+show = pytest.importorskip("nsa_dsl.tools.show")
 
 ROOT = Path(__file__).parents[1]
 EXAMPLES = ROOT / "examples"

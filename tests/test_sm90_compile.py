@@ -8,11 +8,11 @@ import torch
 from kernel_utils import run_sm90_check
 
 _CHECK = r"""
-from codegen import launch
-from codegen.loader import load_module
-from codegen.plan import select_vars, tile_vars, topk_vars
-from codegen.render import render
-from codegen.sm90 import compile_kernel, ptxas_usage, signature, spill_bytes
+from nsa_dsl.codegen import launch
+from nsa_dsl.codegen.loader import load_module
+from nsa_dsl.codegen.plan import select_vars, tile_vars, topk_vars
+from nsa_dsl.codegen.render import render
+from nsa_dsl.codegen.sm90 import compile_kernel, ptxas_usage, signature, spill_bytes
 
 T = 65536
 G, D, L, S, LS, K, W = 16, 128, 32, 16, 64, 16, 512

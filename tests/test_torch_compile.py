@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import nsa_dsl
-from nsa_dsl import kernel_ops as ops
+from nsa_dsl.runtime import kernel_ops as ops
 
 SPEC = """
 attention tiny {

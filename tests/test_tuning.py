@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from codegen import tuning
-from codegen.launch.base import SMEM_DEFAULT
+from nsa_dsl.codegen import tuning
+from nsa_dsl.codegen.launch.base import SMEM_DEFAULT
 from kernel_utils import load_family, rand, rel_err
-from nsa_dsl import cli
+from nsa_dsl.tools import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -250,7 +250,7 @@ def test_config_changes_window(monkeypatch):
 
 
 def test_config_changes_topk(monkeypatch):
-    from nsa_dsl.semantics import compress_attention, num_compressed_blocks
+    from nsa_dsl.semantics.reference import compress_attention, num_compressed_blocks
     cmp_mod = load_family("topk.py.j2", G=3, DQK=32, L=32, STRIDE=8, LS=16, TOPK=3, KEEP_FIRST=1,
                           KEEP_LAST=1, SCORE="cmp")
     mp_mod = load_family("topk.py.j2", G=3, DQK=32, LS=16, TOPK=3, KEEP_FIRST=1, KEEP_LAST=1, SCORE="mean_pool")
@@ -456,12 +456,12 @@ def test_cli_tune_without_gpu(capsys, monkeypatch):
 
 def test_cli_tune_arguments(monkeypatch):
     seen = {}
-    fake = types.ModuleType("nsa_dsl.commands")
+    fake = types.ModuleType("nsa_dsl.tools.commands")
 
     def tune_cmd(args, emit=print):
         seen["args"] = args
     fake.tune_cmd = tune_cmd
-    monkeypatch.setitem(sys.modules, "nsa_dsl.commands", fake)
+    monkeypatch.setitem(sys.modules, "nsa_dsl.tools.commands", fake)
     assert cli.main(["tune", "s.nsa", "--lengths", "8k,16384", "--heads", "32", "--kv-heads", "2",
                      "--dim", "64", "--dtype", "fp16", "--no-backward"]) == 0
     a = seen["args"]
@@ -472,7 +472,7 @@ def test_cli_tune_arguments(monkeypatch):
 
 
 def test_tune_table():
-    from nsa_dsl.commands import _tune_table
+    from nsa_dsl.tools.commands import _tune_table
     r = tuning.Result("0123456789abcdef/select_slc", "bwd", "dq", "bfloat16", 65536, {"R": 4, "num_warps": 8},
                       {}, {}, 20.0, 16.0, 13, [({"R": 8}, "OutOfResources: shared memory")])
     same = tuning.Result("0123456789abcdef/window_swa", "fwd", "fwd", "bfloat16", 65536, {}, {}, {}, 3.5, 3.5, 17)
@@ -498,7 +498,7 @@ def test_tune_on_gpu(tmp_path, monkeypatch):
     """nsa-dsl tune on a small shape: every kernel kind tuned and stored; a fresh process (forget)
     reads the store and the op's output stays that of the heuristic configs."""
     import nsa_dsl
-    from nsa_dsl import commands
+    from nsa_dsl.tools import commands
     monkeypatch.setenv("NSA_DSL_CACHE_DIR", str(tmp_path))
     tuning.forget()
     spec_path = ROOT / "examples" / "nsa_paper_mean.nsa"

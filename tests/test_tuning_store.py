@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from codegen import tuning
+from nsa_dsl.codegen import tuning
 from kernel_utils import load_family
 
 WINDOW = dict(G=16, DQK=128, DV=128, W=512, SINKS=0)

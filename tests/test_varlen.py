@@ -15,7 +15,7 @@ import torch
 import nsa_dsl
 from kernel_utils import assert_selections, load_family, rel_err
 from nsa_dsl import SpecError
-from nsa_dsl.varlen import compressed_cu_seqlens, positions
+from nsa_dsl.semantics.varlen import compressed_cu_seqlens, positions
 from test_kernels_select import random_idx
 from test_op import SPECS, spec_text
 
@@ -189,7 +189,7 @@ def test_one_sequence_equals_the_plain_op_and_int64_offsets(tmp_path, monkeypatc
     # two plans per binding, each rendered once; varlen kernels hold the packed code, plain ones none
     shapes = dict(heads=4, kv_heads=2, qk_dim=16, v_dim=16)
     packed, plain = op.source(varlen=True, **shapes), op.source(**shapes)
-    # (the tile table: built by codegen.launch.packed, read by the kernels)
+    # (the tile table: built by nsa_dsl.codegen.launch.packed, read by the kernels)
     assert "N_SEQ" in packed and "tl.load(tiles + " in packed
     assert "N_SEQ" not in plain and "tl.load(tiles + " not in plain and "bos" not in plain
     assert op.plan(varlen=True, **shapes).varlen and not op.plan(**shapes).varlen

@@ -13,8 +13,8 @@ from typing import Mapping, Optional
 
 import torch
 
-from nsa_dsl.semantics import num_compressed_blocks
-from nsa_dsl.varlen import compressed_cu_seqlens
+from nsa_dsl.semantics.reference import num_compressed_blocks
+from nsa_dsl.semantics.varlen import compressed_cu_seqlens
 
 from ..ints import cdiv
 from . import family

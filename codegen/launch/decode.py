@@ -1,9 +1,9 @@
 """Decoding and chunked prefill over a KV cache (``templates/decode.py.j2``): config and launcher.
 
-Variables (the plan's, ``codegen.plan.lower_decode``): G, GP, DQK, DV, BDK, BDV; CMP / SEL / WIN,
+Variables (the plan's, ``nsa_dsl.codegen.plan.lower_decode``): G, GP, DQK, DV, BDK, BDV; CMP / SEL / WIN,
 one record per compress / select / window branch (``DecodeCmp`` / ``DecodeSel`` / ``DecodeWin``,
 a select branch scored by a compress branch carrying their ``DecodePair``); OUT, NG, GATED; NP,
-NBR, NF. ``nsa_dsl.decode.DecodeOp`` calls :meth:`Decode.decode`.
+NBR, NF. ``nsa_dsl.runtime.decoding.DecodeOp`` calls :meth:`Decode.decode`.
 
 The config is a heuristic of the call's shapes (batch, chunk, kv heads, the longest cache), not
 autotuned: the family has no tuned kinds.
@@ -14,7 +14,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from nsa_dsl.semantics import num_compressed_blocks, num_select_blocks
+from nsa_dsl.semantics.reference import num_compressed_blocks, num_select_blocks
 
 from ..ints import cdiv, next_pow2
 from . import family

@@ -2,7 +2,7 @@
 
 Variables (the plan's): G, GP (G padded to a power of two), DQK, DV, BDK, BDV (head dims padded to
 powers of two), LS (keys per block), TOPK, TOPKP (TOPK padded), BN (the heuristic's key tile), NT,
-BN_CHOICES (key tiles a config may pick), VARLEN (``codegen.plan.select_vars``).
+BN_CHOICES (key tiles a config may pick), VARLEN (``nsa_dsl.codegen.plan.select_vars``).
 
 fwd / dq read their K/V tiles by TMA descriptor loads on the GPU (config ``TMA``): host-built
 ``TensorDescriptor`` objects over k and v as [B, T, H, D] with [1, BN, 1, BD] boxes. Pointer loads

@@ -2,7 +2,7 @@
 
 Variables (the plan's): G, GP, DQK, BDK, LS, TOPK, TOPKP (TOPK padded to a power of two),
 KEEP_FIRST, KEEP_LAST, SCORE ("cmp" | "mean_pool"), L, STRIDE, VARLEN; scored by a compression
-branch also A = L / STRIDE and C = LS / STRIDE (``codegen.plan.topk_vars``).
+branch also A = L / STRIDE and C = LS / STRIDE (``nsa_dsl.codegen.plan.topk_vars``).
 
 A module rendered with ``SCORE == "cmp"`` has the launcher ``topk(q, k_cmp, lse_cmp, scale)``,
 one with ``"mean_pool"`` ``topk_mean_pool(q, k)``: :class:`Topk` builds the class of its score.
@@ -14,8 +14,8 @@ from typing import Mapping, Optional
 
 import torch
 
-from nsa_dsl.semantics import num_compressed_blocks
-from nsa_dsl.varlen import compressed_cu_seqlens
+from nsa_dsl.semantics.reference import num_compressed_blocks
+from nsa_dsl.semantics.varlen import compressed_cu_seqlens
 
 from ..ints import cdiv, next_pow2
 from . import family

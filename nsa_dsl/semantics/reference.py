@@ -21,7 +21,7 @@ Everything is computed in the input dtype (tests use float64).  Attention runs o
 at a time and backward recomputes each chunk (see ``_QueryChunks``), so memory stays linear in
 T; gradients come from autograd inside each chunk.
 
-Calls are checked by ``nsa_dsl.inputs.check_call``, which the op shares: the same bad call gets
+Calls are checked by ``nsa_dsl.semantics.inputs.check_call``, which the op shares: the same bad call gets
 the same error code from both (docs/LANGUAGE.md lists them).
 """
 from __future__ import annotations
@@ -32,11 +32,11 @@ from typing import Mapping, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .checks import check_spec
-from .errors import SpecError
-from .inputs import check_call, check_scale, needed_branches
-from .ir import Compress, Indexer, Select, Spec, Window
-from .rules import num_compressed_blocks, num_select_blocks
+from nsa_dsl.language.checks import check_spec
+from nsa_dsl.errors import SpecError
+from nsa_dsl.semantics.inputs import check_call, check_scale, needed_branches
+from nsa_dsl.language.ir import Compress, Indexer, Select, Spec, Window
+from nsa_dsl.language.rules import num_compressed_blocks, num_select_blocks
 
 TensorOrDict = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 
@@ -151,6 +151,18 @@ def _over_query_chunks(fn, q: torch.Tensor, chunk: int, *tensors):
     return _QueryChunks.apply(fn, chunk, q, *tensors)
 
 
+def _n_keys(q, q_start: int, n_keys: Optional[int]) -> int:
+    """Keys of the sequence: ``n_keys``, else (queries ending it) ``q_start + Tq``."""
+    return q_start + q.shape[1] if n_keys is None else n_keys
+
+
+def _check_group_start(q_start: int, query_block: int) -> None:
+    """Queries that start inside a query_block group would miss the group's other positions."""
+    if q_start % query_block:
+        raise SpecError("E629", f"queries start at position {q_start}, inside a group of query_block = "
+                                f"{query_block} positions", hint=f"start at a multiple of {query_block}")
+
+
 def _positions(t0: int, n: int, device) -> torch.Tensor:
     return torch.arange(t0, t0 + n, device=device)
 
@@ -178,7 +190,8 @@ def mean_pool(k: torch.Tensor, block: int, stride: int) -> torch.Tensor:
     return (out / block).to(k.dtype)
 
 
-def compress_attention(q, k_cmp, v_cmp, block: int, stride: int, scale: float, causal: bool = True):
+def compress_attention(q, k_cmp, v_cmp, block: int, stride: int, scale: float, causal: bool = True,
+                       q_start: int = 0):
     """Softmax attention of every query over the compressed blocks it sees; returns ``(o, lse)``.
 
     Causal: query ``t`` sees compressed block ``i`` iff ``i*stride + block - 1 <= t``; not
@@ -189,7 +202,7 @@ def compress_attention(q, k_cmp, v_cmp, block: int, stride: int, scale: float, c
     block_end = torch.arange(Nc, device=q.device) * stride + block - 1     # last key of block i
 
     def chunk(qc, t0, k_cmp, v_cmp):
-        t = _positions(t0, qc.shape[1], q.device)
+        t = _positions(q_start + t0, qc.shape[1], q.device)
         visible = (block_end[None, :] <= t[:, None]) | (not causal)         # [Tc, Nc]
         logits = torch.einsum("bthgd,bnhd->bthgn", _group(qc, H), k_cmp) * scale
         p, lse = _masked_softmax(logits, visible[None, :, None, None, :])
@@ -359,7 +372,7 @@ def _select_chunk(query_block: int) -> int:
 
 def select_blocks_cmp(q, k_cmp, lse_cmp, scale: float, block: int, stride: int,
                       select_block: int, top_k: int, keep_first: int, keep_last: int,
-                      causal: bool = True, query_block: int = 1):
+                      causal: bool = True, query_block: int = 1, q_start: int = 0, n_keys: Optional[int] = None):
     """Blocks chosen with ``score = <compress branch>``: ``idx [B, T, H, top_k]`` int32.
 
     ``s[t, g, j] = sum_{h in g} sum_i w(i, j) * p_cmp[t, h, i]`` with
@@ -369,16 +382,17 @@ def select_blocks_cmp(q, k_cmp, lse_cmp, scale: float, block: int, stride: int,
     of its last position). No gradient flows through the choice.
     """
     _check_top_k(top_k, keep_first, keep_last)
-    T = q.shape[1]
+    Tq, T = q.shape[1], _n_keys(q, q_start, n_keys)
+    _check_group_start(q_start, query_block)
     n_sel = num_select_blocks(T, select_block)
     with torch.no_grad():
         q, k_cmp, lse_cmp = q.detach(), k_cmp.detach(), lse_cmp.detach()
         w = overlap_weights(block, stride, select_block, k_cmp.shape[1], n_sel, dtype=q.dtype, device=q.device)
         out = []
         chunk = _select_chunk(query_block)
-        for t0 in range(0, T, chunk):
+        for t0 in range(0, Tq, chunk):
             qc = q[:, t0:t0 + chunk]
-            t = _positions(t0, qc.shape[1], q.device)
+            t = _positions(q_start + t0, qc.shape[1], q.device)
             scores = _group_rows(_scores_cmp(qc, t, k_cmp, lse_cmp[:, t0:t0 + chunk], scale, block, stride, w,
                                              causal), query_block)
             out.append(_pick_shared(scores, t, T, select_block, top_k, keep_first, keep_last, causal, query_block))
@@ -386,7 +400,7 @@ def select_blocks_cmp(q, k_cmp, lse_cmp, scale: float, block: int, stride: int,
 
 
 def select_blocks_mean_pool(q, k, select_block: int, top_k: int, keep_first: int, keep_last: int,
-                            causal: bool = True, query_block: int = 1):
+                            causal: bool = True, query_block: int = 1, q_start: int = 0):
     """Blocks chosen with ``score = mean_pool``: ``idx [B, T, H, top_k]`` int32.
 
     ``s[t, g, j] = sum_{h in g} q[t, h] . mean(k[block j])`` (unscaled); causal: only blocks
@@ -394,15 +408,16 @@ def select_blocks_mean_pool(q, k, select_block: int, top_k: int, keep_first: int
     eligible. With ``query_block``, summed over the group (complete at its last position).
     """
     _check_top_k(top_k, keep_first, keep_last)
-    T = q.shape[1]
+    Tq, T = q.shape[1], k.shape[1]
+    _check_group_start(q_start, query_block)
     with torch.no_grad():
         q, k = q.detach(), k.detach()
         k_mean = _block_means(k, select_block)                               # [B, n_sel, H, D]
         out = []
         chunk = _select_chunk(query_block)
-        for t0 in range(0, T, chunk):
+        for t0 in range(0, Tq, chunk):
             qc = q[:, t0:t0 + chunk]
-            t = _positions(t0, qc.shape[1], q.device)
+            t = _positions(q_start + t0, qc.shape[1], q.device)
             scores = _scores_mean_pool(qc, t, k_mean, select_block, causal, query_block, T)
             out.append(_pick_shared(scores, t, T, select_block, top_k, keep_first, keep_last, causal, query_block))
         return torch.cat(out, 1)
@@ -424,7 +439,7 @@ def clean_indices(idx: torch.Tensor, n_blocks: int, select_block: int, causal: b
     return torch.where(s == n_blocks, -1, s).to(torch.int32)
 
 
-def select_attention(q, k, v, idx, select_block: int, scale: float, causal: bool = True):
+def select_attention(q, k, v, idx, select_block: int, scale: float, causal: bool = True, q_start: int = 0):
     """Attention over the keys of the selected blocks (with position ``<= t`` when causal);
     ``(o, lse)``.
 
@@ -432,8 +447,8 @@ def select_attention(q, k, v, idx, select_block: int, scale: float, causal: bool
     ``[j*l', (j+1)*l')``.  Shared by the G query heads of a kv head; ``idx [B, T, 1, K]`` (a
     token selection: ``select_block = 1``) is shared by every kv head.
     """
-    B, T, HQ, Dqk = q.shape
-    H, Dv = k.shape[2], v.shape[3]
+    B, _, HQ, Dqk = q.shape
+    T, H, Dv = k.shape[1], k.shape[2], v.shape[3]
     idx = idx.expand(-1, -1, H, -1)
     K = idx.shape[-1]
     n_sel = num_select_blocks(T, select_block)
@@ -450,7 +465,7 @@ def select_attention(q, k, v, idx, select_block: int, scale: float, causal: bool
 
     def chunk(qc, t0, k_blocks, v_blocks):
         Tc = qc.shape[1]
-        t = _positions(t0, Tc, q.device)
+        t = _positions(q_start + t0, Tc, q.device)
         blocks = idx[:, t0:t0 + Tc].long()                                   # [B, Tc, H, K]
         rows = row_base[:, None, :, None] + blocks.clamp(0, n_sel - 1)       # [B, Tc, H, K]
         k_sel = k_blocks[rows].flatten(3, 4)                                 # [B, Tc, H, K*l', Dqk]
@@ -487,37 +502,38 @@ def block_scores_indexer(q_idx, k_idx, w_idx, causal: bool = True):
 
 
 def select_tokens_indexer(q_idx, k_idx, w_idx, top_k: int, keep_first: int, keep_last: int,
-                          causal: bool = True):
+                          causal: bool = True, q_start: int = 0):
     """Tokens chosen with ``score = <indexer>``: ``idx [B, T, 1, top_k]`` int32 positions, one
     selection per position shared by every head. Eligible keys are ``s <= t`` (all when not
     causal); forced are the first ``keep_first`` and the ``keep_last`` ending at ``t``; the rest
     by highest ``I[t, s]``, ties to the lower position."""
     _check_top_k(top_k, keep_first, keep_last)
-    T = q_idx.shape[1]
+    Tq, T = q_idx.shape[1], k_idx.shape[1]
     with torch.no_grad():
         q_idx, k_idx, w_idx = q_idx.detach(), k_idx.detach(), w_idx.detach()
         out = []
         chunk = max(1, _chunk_size(T * q_idx.shape[2]) // 4)
-        for t0 in range(0, T, chunk):
-            t = _positions(t0, min(chunk, T - t0), q_idx.device)
+        for t0 in range(0, Tq, chunk):
+            t = _positions(q_start + t0, min(chunk, Tq - t0), q_idx.device)
             scores = _indexer_scores(q_idx[:, t0:t0 + chunk], t, k_idx, w_idx[:, t0:t0 + chunk], causal)
             out.append(_pick_blocks(scores, t, 1, top_k, keep_first, keep_last, causal))
-        return torch.cat(out, 1)
+        return torch.cat(out, 1) if out else torch.zeros(q_idx.shape[0], 0, 1, top_k, dtype=torch.int32,
+                                                         device=q_idx.device)
 
 
-def index_loss(q, k, idx, scale: float, q_idx, k_idx, w_idx, causal: bool = True):
+def index_loss(q, k, idx, scale: float, q_idx, k_idx, w_idx, causal: bool = True, q_start: int = 0):
     """``[B, T]`` (in q's dtype; ``aux.index_loss`` holds it in float32): ``KL(p_t || softmax(I[t, S_t]))`` over each position's selected tokens
     ``S_t`` (``idx [B, T, 1, K]``), where ``p_t`` is the selection branch's attention probability
     averaged over the query heads (detached: no gradient to q, k). Its gradient reaches
     ``q_idx``, ``k_idx`` and ``w_idx`` only."""
-    B, T, HQ, _ = q.shape
-    H = k.shape[2]
-    out = []
+    B, Tq, HQ, _ = q.shape
+    T, H = k.shape[1], k.shape[2]
+    out = [q.new_zeros(B, 0)]
     chunk = max(1, _chunk_size(idx.shape[-1] * (q.shape[-1] + q_idx.shape[2] * q_idx.shape[3])) // 4)
-    for t0 in range(0, T, chunk):
+    for t0 in range(0, Tq, chunk):
         sel = idx[:, t0:t0 + chunk, 0].long()                                # [B, Tc, K]
         Tc = sel.shape[1]
-        t = _positions(t0, Tc, q.device)
+        t = _positions(q_start + t0, Tc, q.device)
         valid = (sel >= 0) & ((sel <= t[None, :, None]) if causal else (sel < T))
         rows = sel.clamp(0, T - 1)
         bi = torch.arange(B, device=q.device)[:, None, None]
@@ -538,7 +554,7 @@ def index_loss(q, k, idx, scale: float, q_idx, k_idx, w_idx, causal: bool = True
 
 # ----------------------------------------------------------------------------- window
 
-def window_attention(q, k, v, size: int, sinks: int, scale: float, causal: bool = True):
+def window_attention(q, k, v, size: int, sinks: int, scale: float, causal: bool = True, q_start: int = 0):
     """Attention over keys ``[max(0, t - size + 1), t]`` (not causal: ``.. min(T - 1, t + size - 1)``,
     both sides) plus the sinks ``[0, sinks)`` (that are ``<= t`` when causal); a key in both
     counts once; returns ``(o, lse)``.
@@ -547,9 +563,10 @@ def window_attention(q, k, v, size: int, sinks: int, scale: float, causal: bool 
 
     def chunk(qc, t0, k, v):
         Tc = qc.shape[1]
-        t = _positions(t0, Tc, q.device)
-        lo = max(0, t0 - size + 1)           # first window key of any query in the chunk
-        hi = t0 + Tc if causal else min(T, t0 + Tc + size - 1)
+        p0 = q_start + t0                    # the chunk's first position
+        t = _positions(p0, Tc, q.device)
+        lo = max(0, p0 - size + 1)           # first window key of any query in the chunk
+        hi = p0 + Tc if causal else min(T, p0 + Tc + size - 1)
         n_sink = min(sinks, lo)              # sink keys that lie before the band
         pos = torch.cat([torch.arange(n_sink, device=q.device), torch.arange(lo, hi, device=q.device)])
         keys = torch.cat([k[:, :n_sink], k[:, lo:hi]], 1)
@@ -627,7 +644,7 @@ def reference(spec: Spec, q: torch.Tensor, k: TensorOrDict, v: TensorOrDict,
               scale: Optional[float] = None, return_aux: bool = False,
               indices: Optional[Mapping[str, torch.Tensor]] = None,
               index: Optional[Mapping[str, tuple]] = None,
-              cu_seqlens: Optional[torch.Tensor] = None):
+              cu_seqlens: Optional[torch.Tensor] = None, q_start: Optional[int] = None):
     """The semantics of ``spec`` on ``q [B, T, HQ, Dqk]``; returns ``o [B, T, HQ, Dv]`` (q.dtype).
 
     ``k``/``v``: tensors shared by every branch, or dicts branch name -> tensor.
@@ -640,8 +657,11 @@ def reference(spec: Spec, q: torch.Tensor, k: TensorOrDict, v: TensorOrDict,
     range or (causal) after the position's block are ignored, repeats count once, no scoring
     runs. ``index``: indexer branch -> ``(q_idx [B, T, HI, DI], k_idx [B, T, DI], w_idx [B, T, HI])``.
     ``return_aux=True`` returns ``(o, Aux)``.
-    ``cu_seqlens [N + 1]``: packed variable-length sequences (``B = 1``; see ``nsa_dsl.varlen``):
+    ``cu_seqlens [N + 1]``: packed variable-length sequences (``B = 1``; see ``nsa_dsl.semantics.varlen``):
     each sequence is computed alone and the results are concatenated, which is the definition.
+    ``q_start``: q's rows are the positions ``q_start ..`` of a sequence whose keys ``k``, ``v``
+    hold (decoding a chunk, a context-parallel shard); ``gates``, ``indices`` and the indexer's
+    ``q_idx``, ``w_idx`` have q's rows, ``k_idx`` the keys'.
     """
     if not isinstance(spec, Spec):
         raise SpecError("E600", f"reference() needs an nsa_dsl Spec, got {type(spec).__name__}")
@@ -649,10 +669,10 @@ def reference(spec: Spec, q: torch.Tensor, k: TensorOrDict, v: TensorOrDict,
     if cu_seqlens is not None:
         return _reference_packed(spec, q, k, v, gates, compressed=compressed, scale=scale,
                                  return_aux=return_aux, indices=indices, index=index, cu_seqlens=cu_seqlens)
-    call = check_call(spec, q, k, v, gates, compressed=compressed, indices=indices, index=index)
+    call = check_call(spec, q, k, v, gates, compressed=compressed, indices=indices, index=index, q_start=q_start)
     scale = check_scale(scale, call.Dqk)
     B, T, HQ = call.B, call.T, call.HQ
-    causal = spec.causal
+    causal, at = spec.causal, dict(q_start=call.q_start)
     outputs, lses, chosen, losses, pooled = {}, {}, {}, {}, {}
     for b in needed_branches(spec):
         if isinstance(b, Indexer):
@@ -671,15 +691,15 @@ def reference(spec: Spec, q: torch.Tensor, k: TensorOrDict, v: TensorOrDict,
                 k_cmp = mean_pool(call.k[b.name], b.block, b.stride)
                 v_cmp = mean_pool(call.v[b.name], b.block, b.stride)
             pooled[b.name] = (k_cmp, v_cmp)
-            o, lse = compress_attention(q, k_cmp, v_cmp, b.block, b.stride, scale, causal)
+            o, lse = compress_attention(q, k_cmp, v_cmp, b.block, b.stride, scale, causal, **at)
         elif isinstance(b, Select):
             idx = _selection(spec, b, call, q, pooled, lses, scale)
             chosen[b.name] = idx
-            o, lse = select_attention(q, call.k[b.name], call.v[b.name], idx, b.block, scale, causal)
+            o, lse = select_attention(q, call.k[b.name], call.v[b.name], idx, b.block, scale, causal, **at)
             if spec.score_kind(b) == "indexer" and return_aux:
-                losses[b.name] = index_loss(q, call.k[b.name], idx, scale, *call.index[b.score], causal).float()
+                losses[b.name] = index_loss(q, call.k[b.name], idx, scale, *call.index[b.score], causal, **at).float()
         else:
-            o, lse = window_attention(q, call.k[b.name], call.v[b.name], b.size, b.sinks, scale, causal)
+            o, lse = window_attention(q, call.k[b.name], call.v[b.name], b.size, b.sinks, scale, causal, **at)
         outputs[b.name], lses[b.name] = o, lse
 
     out_names = spec.output.branches
@@ -696,18 +716,18 @@ def reference(spec: Spec, q: torch.Tensor, k: TensorOrDict, v: TensorOrDict,
 
 def _selection(spec: Spec, b: Select, call, q, pooled: dict, lses: dict, scale: float) -> torch.Tensor:
     """The blocks (or tokens) select branch ``b`` attends: the caller's, cleaned, or its score's."""
-    T, causal = call.T, spec.causal
+    Tk, causal, at = call.Tk, spec.causal, dict(q_start=call.q_start)
     if b.name in call.indices:
-        n = T if spec.score_kind(b) == "indexer" else num_select_blocks(T, b.block)
-        return clean_indices(call.indices[b.name], n, b.block, causal)
+        n = Tk if spec.score_kind(b) == "indexer" else num_select_blocks(Tk, b.block)
+        return clean_indices(call.indices[b.name], n, b.block, causal, t0=call.q_start)
     if b.score == "mean_pool":
         return select_blocks_mean_pool(q, call.k[b.name], b.block, b.top_k, b.keep_first, b.keep_last,
-                                       causal, b.query_block)
+                                       causal, b.query_block, **at)
     source = spec.branch(b.score)
     if isinstance(source, Indexer):
-        return select_tokens_indexer(*call.index[source.name], b.top_k, b.keep_first, b.keep_last, causal)
+        return select_tokens_indexer(*call.index[source.name], b.top_k, b.keep_first, b.keep_last, causal, **at)
     return select_blocks_cmp(q, pooled[source.name][0], lses[source.name], scale, source.block, source.stride,
-                             b.block, b.top_k, b.keep_first, b.keep_last, causal, b.query_block)
+                             b.block, b.top_k, b.keep_first, b.keep_last, causal, b.query_block, n_keys=Tk, **at)
 
 
 def _reference_packed(spec: Spec, q, k, v, gates, *, compressed, scale, return_aux, indices, index,
@@ -715,10 +735,10 @@ def _reference_packed(spec: Spec, q, k, v, gates, *, compressed, scale, return_a
     """``reference`` on packed sequences: run each sequence alone, concatenate along T.
 
     Rows ``[cu[s], cu[s + 1])`` of ``q``, ``k``, ``v``, ``gates``, ``indices`` and ``index`` belong
-    to sequence ``s``; compressed keys / values are packed per sequence (``nsa_dsl.varlen``).
+    to sequence ``s``; compressed keys / values are packed per sequence (``nsa_dsl.semantics.varlen``).
     Empty sequences contribute nothing. Aux tensors are concatenated the same way.
     """
-    from .varlen import check_cu_seqlens, compressed_cu_seqlens
+    from nsa_dsl.semantics.varlen import check_cu_seqlens, compressed_cu_seqlens
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise SpecError("E601", f"q must be a 4-D tensor [1, T, HQ, Dqk], got {_shape(q)}")
     cu = check_cu_seqlens(cu_seqlens, q)

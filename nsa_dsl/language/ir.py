@@ -136,6 +136,11 @@ class Spec:
         return tuple(b.name for b in self.branches)
 
     @property
+    def attention_names(self) -> tuple[str, ...]:
+        """Branches that attend keys (every kind but the indexer, which only scores)."""
+        return tuple(b.name for b in self.branches if b.kind != "indexer")
+
+    @property
     def output_branches(self) -> tuple[Branch, ...]:
         """Branches whose outputs are combined, in output order."""
         return tuple(self.branch(n) for n in self.output.branches)

@@ -6,9 +6,9 @@ import math
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from .errors import SpecError
-from .ir import Spec
-from .rules import num_compressed_blocks
+from nsa_dsl.errors import SpecError
+from nsa_dsl.language.ir import Spec
+from nsa_dsl.language.rules import num_compressed_blocks
 
 
 def check_scale(scale, qk_dim: int) -> float:
@@ -37,7 +37,9 @@ KERNEL_DTYPES = ("float16", "bfloat16", "float32")
 
 @dataclass(frozen=True)
 class Call:
-    """A checked call: its shapes and each argument normalised to dicts by branch name."""
+    """A checked call: its shapes and each argument normalised to dicts by branch name. Queries
+    are positions ``q_start .. q_start + T - 1`` of a sequence of ``Tk`` keys (``q_start = 0``,
+    ``Tk = T`` unless the caller gives only a piece of the queries: decoding, context parallel)."""
     B: int
     T: int
     HQ: int
@@ -50,6 +52,8 @@ class Call:
     indices: dict      # select branch -> caller-given selection
     index: dict        # indexer branch -> (q_idx, k_idx, w_idx)
     gates: object      # the gate logits, or None
+    Tk: int = 0        # keys of the sequence
+    q_start: int = 0   # the position of q's first row
 
 
 def _shape(x) -> str:
@@ -99,10 +103,12 @@ def needed_branches(spec: Spec) -> list:
 
 
 def check_call(spec: Spec, q, k, v, gates=None, *, compressed=None, indices=None, index=None,
-               cu=None, kernels: bool = False) -> Call:
+               cu=None, kernels: bool = False, q_start: Optional[int] = None) -> Call:
     """Check a call of the op (``kernels``: also what the generated kernels need) or of the
     reference; the same bad call gets the same code from both (and from the decode path, which
-    shares these helpers). ``cu``: the packed sequences' offsets (a list), or None."""
+    shares these helpers). ``cu``: the packed sequences' offsets (a list), or None. ``q_start``:
+    q's rows are positions ``q_start ..`` of a sequence whose keys k, v hold (all of them); None:
+    q holds every position (k and v as many)."""
     import torch
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise SpecError("E601", f"q must be a 4-D tensor [B, T, HQ, Dqk], got {_shape(q)}")
@@ -112,6 +118,11 @@ def check_call(spec: Spec, q, k, v, gates=None, *, compressed=None, indices=None
         raise SpecError("E606", f"q has dtype {q.dtype}; the kernels take float16, bfloat16 or float32",
                         hint="use nsa_dsl.reference for float64")
     B, T, HQ, Dqk = q.shape
+    piece = q_start is not None
+    q_start = 0 if q_start is None else q_start
+    if not (isinstance(q_start, int) and not isinstance(q_start, bool) and q_start >= 0) or (piece and cu is not None):
+        raise SpecError("E629", f"q_start must be an int >= 0 (and unset with cu_seqlens), got {q_start!r}")
+    Tk = q_start + T                                # keys: the raw keys' length when q is a piece
     names = spec.branch_names
     compressed = _known(compressed, "compressed", [b.name for b in spec.of_kind("compress")], "compress", "E610")
     indices = _known(indices, "indices", [b.name for b in spec.of_kind("select")], "select", "E626")
@@ -127,15 +138,20 @@ def check_call(spec: Spec, q, k, v, gates=None, *, compressed=None, indices=None
                                  "(nsa_dsl.SparseAttention does this for you)")
     ks, vs = _per_branch(k, "k", names, raw), _per_branch(v, "v", names, raw)
     H = Dv = None
+    if piece and raw and isinstance(ks[raw[0].name], torch.Tensor) and ks[raw[0].name].dim() == 4:
+        Tk = ks[raw[0].name].shape[1]
+        if Tk < q_start + T:
+            raise SpecError("E629", f"queries at positions {q_start} .. {q_start + T - 1}, but the keys hold "
+                                    f"{Tk} positions", hint="k and v hold every key of the sequence")
     for b in raw:
-        _tensor(ks[b.name], f"k['{b.name}']" if isinstance(k, Mapping) else "k", (B, T, None, Dqk), q)
-        _tensor(vs[b.name], f"v['{b.name}']" if isinstance(v, Mapping) else "v", (B, T, ks[b.name].shape[2], None), q)
+        _tensor(ks[b.name], f"k['{b.name}']" if isinstance(k, Mapping) else "k", (B, Tk, None, Dqk), q)
+        _tensor(vs[b.name], f"v['{b.name}']" if isinstance(v, Mapping) else "v", (B, Tk, ks[b.name].shape[2], None), q)
         H, Dv = _agree(H, ks[b.name].shape[2], Dv, vs[b.name].shape[3], b.name)
     for name, pair in compressed.items():
         b = spec.branch(name)
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
             raise SpecError("E610", f"compressed['{name}'] must be a pair (k_cmp, v_cmp)")
-        Nc = num_compressed_blocks(T, b.block, b.stride) if cu is None else \
+        Nc = num_compressed_blocks(Tk, b.block, b.stride) if cu is None else \
             sum(num_compressed_blocks(e - s, b.block, b.stride) for s, e in zip(cu[:-1], cu[1:]))
         try:
             _tensor(pair[0], f"compressed['{name}'][0]", (B, Nc, None, Dqk), q)
@@ -189,9 +205,9 @@ def check_call(spec: Spec, q, k, v, gates=None, *, compressed=None, indices=None
         if not (isinstance(triple, (tuple, list)) and len(triple) == 3):
             raise SpecError("E627", f"index['{b.name}'] must be a triple (q_idx, k_idx, w_idx)")
         for x, what, shape in zip(triple, ("q_idx", "k_idx", "w_idx"),
-                                  ((B, T, b.heads, b.dim), (B, T, b.dim), (B, T, b.heads))):
+                                  ((B, T, b.heads, b.dim), (B, Tk, b.dim), (B, T, b.heads))):
             _tensor(x, f"index['{b.name}'] {what}", shape, q)
-    return Call(B, T, HQ, H, Dqk, Dv, ks, vs, compressed, indices, index, gates)
+    return Call(B, T, HQ, H, Dqk, Dv, ks, vs, compressed, indices, index, gates, Tk, q_start)
 
 
 def _per_branch(x, what: str, names, raw) -> dict:

@@ -26,8 +26,8 @@ from typing import Sequence
 
 import torch
 
-from .errors import SpecError
-from .rules import num_compressed_blocks
+from nsa_dsl.errors import SpecError
+from nsa_dsl.language.rules import num_compressed_blocks
 
 __all__ = ["check_cu_seqlens", "compressed_cu_seqlens", "positions",
            "block_starts", "mean_pool", "split_blocks"]

@@ -1,6 +1,6 @@
 """The semantics' integer rules, in plain ints (no torch, no sympy): one home each, imported by
 the reference, the op, the decode path, the packed-sequence helpers and the launchers. The
-symbolic forms that ``explain`` and the kernels print live in ``nsa_dsl.shapes``."""
+symbolic forms that ``explain`` and the kernels print live in ``nsa_dsl.language.shapes``."""
 from __future__ import annotations
 
 

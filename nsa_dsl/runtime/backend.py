@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .errors import SpecError
+from nsa_dsl.errors import SpecError
 
 
 def interpreting() -> bool:

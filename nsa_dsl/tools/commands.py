@@ -11,18 +11,12 @@ import time
 from importlib.resources import files
 from pathlib import Path
 
-from .errors import SpecError
+from nsa_dsl.errors import SpecError
 
 
 def packaged_example(name: str = "nsa_paper.nsa") -> Path:
-    """A spec shipped with the package (examples/ in the source tree)."""
-    try:
-        p = Path(str(files("nsa_dsl.examples") / name))
-        if p.exists():
-            return p
-    except ModuleNotFoundError:
-        pass
-    return Path(__file__).resolve().parent.parent / "examples" / name
+    """A spec shipped with the package (``nsa_dsl.examples``: the examples/ folder)."""
+    return Path(str(files("nsa_dsl.examples") / name))
 
 
 def _shape_args(args) -> dict:
@@ -33,7 +27,7 @@ def _shape_args(args) -> dict:
 def compile_cmd(args, emit=print) -> int:
     import nsa_dsl
     spec = nsa_dsl.load(args.file, getattr(args, "name", None))
-    from .shapes import Dims
+    from nsa_dsl.language.cost import Dims
     op = nsa_dsl.compile(spec)
     given = _shape_args(args)
     dims = Dims.of(spec, **given)      # the options, else the spec's, else the defaults explain assumes
@@ -68,12 +62,12 @@ def demo_cmd(args, emit=print) -> int:
                         hint="run `nsa-dsl demo` without --device (the CPU interpreter), or install "
                              "a CUDA build of torch on a machine with a GPU")
     if not on_gpu:   # kernels run on the CPU through Triton's interpreter
-        from .backend import check_kernel_device
+        from nsa_dsl.runtime.backend import check_kernel_device
         if "triton" not in sys.modules:
             os.environ["TRITON_INTERPRET"] = "1"
         check_kernel_device(torch.empty(0), torch.float32, "the demo's input")
     import nsa_dsl
-    from .semantics import reference
+    from nsa_dsl.semantics.reference import reference
 
     path = Path(args.file) if getattr(args, "file", None) else packaged_example()
     spec = nsa_dsl.load(path, getattr(args, "name", None))
@@ -110,7 +104,7 @@ def demo_cmd(args, emit=print) -> int:
     gates = torch.rand(1, T, HQ, C, generator=g).to(device=device, dtype=dtype).requires_grad_() \
         if spec.output.kind == "gate" else None
     compressed = {}
-    from .op import mean_pool
+    from nsa_dsl.runtime.op import mean_pool
     for b in spec.of_kind("compress"):
         if b.pool != "mean":  # a learned pool's output; the module owns the real one
             compressed[b.name] = (mean_pool(k, b.block, b.stride), mean_pool(v, b.block, b.stride))
@@ -178,8 +172,9 @@ def _demo_decode(spec, q, k, v, gates, selection, ref_inputs, emit, steps: int =
     near-tied choices). Returns the relative error."""
     import torch
 
-    from .decode import DecodeOp, NSACache
-    from .semantics import reference
+    from nsa_dsl.runtime.decoding import DecodeOp
+    from nsa_dsl.runtime.kv_cache import NSACache
+    from nsa_dsl.semantics.reference import reference
     B, T, HQ, Dqk = q.shape
     H, Dv = k.shape[2], v.shape[3]
     steps = min(steps, T - 1)
@@ -222,7 +217,7 @@ def _shrink(spec, heads, kv_heads):
 
 def bench_cmd(args, emit=print) -> int:
     """`nsa-dsl bench FILE`: the op beside SDPA (cuDNN, flash) and fla-core's parallel_nsa on one
-    GPU, in one run (nsa_dsl.bench): forward and forward+backward across lengths, per-branch
+    GPU, in one run (nsa_dsl.tools.bench): forward and forward+backward across lengths, per-branch
     times, achieved TFLOP/s, peak memory, one or both workloads, one or several GQA groups. A
     progress bar on stderr, a Markdown table through ``emit``, JSON and a PNG on request."""
     import json
@@ -233,7 +228,7 @@ def bench_cmd(args, emit=print) -> int:
     if not torch.cuda.is_available():
         raise SpecError("E615", "nsa-dsl bench needs a CUDA GPU, and torch sees none",
                         hint="run it on a GPU machine; `nsa-dsl explain FILE` shows FLOP and bytes without one")
-    from . import bench
+    from nsa_dsl.tools import bench
     if getattr(args, "plot", None):
         bench._import_pyplot()          # a missing matplotlib fails now, not after minutes of timing
     import nsa_dsl
@@ -271,7 +266,7 @@ def bench_cmd(args, emit=print) -> int:
             "workloads": list(workloads), "peers": list(peers), "peer_max_len": peer_max_len,
             "backward": backward, "fla": fla_note,
             "fla_config": dict(bench.FLA_CONFIG) if "fla" in peers else None,
-            "flop": "useful forward FLOP from nsa_dsl.shapes.cost; backward 2.5x the attention "
+            "flop": "useful forward FLOP from nsa_dsl.language.cost.cost; backward 2.5x the attention "
                     "branches' forward, scoring forward only; dense SDPA: causal, 3.5x forward for fwd+bwd",
             "local_workload": {"drift": bench.LOCAL_DRIFT, "key_noise": bench.LOCAL_KEY_NOISE,
                                "q_share": bench.LOCAL_Q_SHARE, "q_noise": bench.LOCAL_Q_NOISE},
@@ -317,8 +312,8 @@ def _bench_decode(spec, args, emit) -> int:
     import torch
     from tqdm import tqdm
 
-    from . import bench
-    from .decode import decode_bench
+    from nsa_dsl.tools import bench
+    from nsa_dsl.tools.decode_bench import decode_bench
     HQ, kv, Dqk, Dv = _bench_shapes(spec, args)
     lengths = [int(x) for x in str(getattr(args, "lengths", None) or "4096,16384,65536,131072").split(",")]
     batches = (args.batch,) if getattr(args, "batch", None) else (1, 8, 64)
@@ -424,11 +419,11 @@ def _duration(seconds: float) -> str:
 
 def show_cmd(args, emit=print) -> int:
     """`nsa-dsl show FILE --seq-len T [--out PNG] [--from-model CKPT] [--force]`: a PNG of the keys
-    each query attends, per branch (logic in nsa_dsl.show). The work is estimated first
+    each query attends, per branch (logic in nsa_dsl.tools.show). The work is estimated first
     (``show.estimate``): past ``show.REFUSE_SECONDS`` it refuses without ``--force``, past
     ``show.WARN_SECONDS`` it warns, past ``show.PROGRESS_SECONDS`` a progress bar runs on stderr."""
     import nsa_dsl
-    from . import show
+    from nsa_dsl.tools import show
 
     spec = nsa_dsl.load(args.file, getattr(args, "name", None))
     T = int(args.seq_len)
@@ -487,17 +482,17 @@ def _tune_table(results) -> list[str]:
 def tune_cmd(args, emit=print) -> int:
     """`nsa-dsl tune FILE [--lengths ...]`: time every kernel's config space on this GPU, forward
     and backward, on random inputs of each length, and store the fastest configs beside the
-    kernel cache (codegen.tuning), where every later op call on this GPU finds them."""
+    kernel cache (nsa_dsl.codegen.tuning), where every later op call on this GPU finds them."""
     import torch
 
-    from codegen import tuning
+    from nsa_dsl.codegen import tuning
     if tuning.interpreted() or not torch.cuda.is_available():
         why = ("TRITON_INTERPRET=1 runs the kernels on the CPU" if tuning.interpreted()
                else "torch sees none")
         raise SpecError("E616", f"autotuning needs a CUDA GPU; {why} (untuned kernels run their "
                                 "heuristic configs)", hint="run `nsa-dsl tune FILE` on a GPU machine")
     import nsa_dsl
-    from .op import mean_pool
+    from nsa_dsl.runtime.op import mean_pool
 
     spec = nsa_dsl.load(args.file, getattr(args, "name", None))
     op = nsa_dsl.compile(spec)

@@ -1,6 +1,4 @@
-"""Symbolic shapes: the index arithmetic of every branch as sympy expressions.
-
-sympy lives behind this one module. It has two faces, as Inductor's ``sizevars``:
+"""Symbolic integers: sympy behind one module, with two faces (as Inductor's ``sizevars``):
 
 * **queries that never raise** -- ``bounds``, ``statically_nonnegative``,
   ``statically_integer``, ``statically_divides``, ``statically_known_true``,
@@ -10,65 +8,20 @@ sympy lives behind this one module. It has two faces, as Inductor's ``sizevars``
 
 Symbols: ``T`` (sequence length), ``t`` (query position, ``0 <= t < T``), ``i``
 (compressed block), ``j`` (selection block), ``Dqk``/``Dv`` (head dims). All
-are non-negative integers. Expressions are built from a branch's concrete
-numbers, so they come out simplified for that spec (``l == d`` drops the clip
-at 0 of the compressed count, ``sinks = 0`` drops the sink term, ...).
-
-Per-branch content (``branch_shapes``/``spec_shapes``, frozen dataclasses):
-
-* compress(l, d): ``n_blocks(T) = max(0, floor((T - l)/d) + 1)``; block ``i``
-  pools keys ``[i*d, i*d + l - 1]``; query ``t`` sees block ``i`` iff
-  ``i*d + l - 1 <= t``, so ``visible(t) = n_blocks(t + 1)``.
-* select(l', n, keep_first, keep_last): ``n_blocks = ceil(T/l')``,
-  ``eligible(t) = floor(t/l') + 1``, ``selected = min(n, eligible)``; keys
-  ``<= t`` attended: ``l'*min(n - 1, floor(t/l')) + (t mod l') + 1`` when the
-  own (partial) block is selected (always when ``keep_last >= 1`` or
-  ``eligible <= n``); ``min(n*l', t + 1)`` when it is not (``score = mean_pool``
-  never picks an incomplete block unless forced).  With ``score = <compress>``
-  and ``keep_last = 0`` the count depends on the data: ``keys`` is then the
-  upper bound ``min(n*l', t + 1)``, ``keys_min`` the lower one and
-  ``exact`` is False.  Overlap weights ``w(i, j)`` for ``score = <compress>``.
-* window(w, sinks): ``min(t + 1, w) + min(sinks, max(0, t - w + 1))``: the
-  window plus the sinks left of it.
-
-Costs (forward, per query head): ``2*Dqk`` per score and ``2*Dv`` per value for
-every attended key; a select branch adds its scoring pass (``2*Dqk`` per
-compressed key visible to ``t`` for ``score = <compress>``, per complete block
-for ``mean_pool``). Bytes: each (query position, kv head) program reads the K
-and V rows of the keys it attends (no reuse across positions), plus the K rows
-its scoring pass reads. Pooling itself and the gate are not counted.
+are non-negative integers. Closed-form sums over ``v = 0 .. N-1`` (``sum_floor``,
+``sum_mod``, ``sum_min``) serve the per-query key counts of ``nsa_dsl.language.shapes``.
 """
 from __future__ import annotations
 
 import functools
 import itertools
 import math
-from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Callable, Mapping, Optional, Union
 
 import sympy as sp
 
-from .ir import Branch, Compress, Select, Spec, Window
 
-__all__ = [
-    # symbols
-    "T", "t", "i", "j", "Dqk", "Dv",
-    # queries that never raise
-    "bounds", "statically_nonnegative", "statically_positive", "statically_integer",
-    "statically_divides", "statically_known_true", "evaluate",
-    # building and simplifying
-    "floordiv", "ceildiv", "clip0", "simplify",
-    # printer
-    "render", "lambdify_int",
-    # per-branch expressions
-    "BranchShapes", "CompressShapes", "SelectShapes", "WindowShapes", "DenseShapes",
-    "SpecShapes", "branch_shapes", "spec_shapes",
-    "compress_n_blocks", "compress_visible", "overlap_weight",
-    "window_keys", "select_keys_exact", "select_keys_max",
-    # costs
-    "Dims", "CostRow", "Cost", "cost", "flops_per_query", "sum_over_queries",
-]
 
 Expr = sp.Expr
 IntLike = Union[int, sp.Expr]
@@ -81,7 +34,7 @@ Dqk = sp.Symbol("Dqk", integer=True, positive=True)
 Dv = sp.Symbol("Dv", integer=True, positive=True)
 
 
-def _S(x) -> Expr:
+def as_expr(x) -> Expr:
     return sp.sympify(x, strict=True)     # ints and sympy objects; never parses strings
 
 
@@ -182,7 +135,7 @@ def bounds(expr: IntLike) -> tuple:
     """``(lo, hi)`` with ``lo <= expr <= hi`` for all values of its symbols (sympy
     numbers, ``-oo``/``oo`` where unbounded). Interval arithmetic: sound, maybe loose."""
     try:
-        lo, hi = _bounds(_S(expr))
+        lo, hi = _bounds(as_expr(expr))
         return _to_sympy(lo), _to_sympy(hi)
     except Exception:  # never raise: unknown means unbounded
         return -sp.oo, sp.oo
@@ -190,14 +143,14 @@ def bounds(expr: IntLike) -> tuple:
 
 def _lo(expr) -> "int | Fraction | float":
     try:
-        return _bounds(_S(expr))[0]
+        return _bounds(as_expr(expr))[0]
     except Exception:
         return -_INF
 
 
 def _hi(expr) -> "int | Fraction | float":
     try:
-        return _bounds(_S(expr))[1]
+        return _bounds(as_expr(expr))[1]
     except Exception:
         return _INF
 
@@ -205,7 +158,7 @@ def _hi(expr) -> "int | Fraction | float":
 def statically_nonnegative(expr: IntLike) -> bool:
     """True iff ``expr >= 0`` is provable for every value of its symbols."""
     try:
-        e = _S(expr)
+        e = as_expr(expr)
         return bool(e.is_nonnegative) or _lo(e) >= 0
     except Exception:
         return False
@@ -214,7 +167,7 @@ def statically_nonnegative(expr: IntLike) -> bool:
 def statically_positive(expr: IntLike) -> bool:
     """True iff ``expr > 0`` is provable."""
     try:
-        e = _S(expr)
+        e = as_expr(expr)
         return bool(e.is_positive) or _lo(e) > 0
     except Exception:
         return False
@@ -273,7 +226,7 @@ def _integer_valued(e: Expr) -> bool:
 def statically_integer(expr: IntLike) -> bool:
     """True iff ``expr`` provably takes integer values (``T*(T + 1)/2`` does)."""
     try:
-        return _integer_valued(_S(expr))
+        return _integer_valued(as_expr(expr))
     except Exception:
         return False
 
@@ -282,7 +235,7 @@ def statically_divides(divisor: IntLike, expr: IntLike) -> bool:
     """True iff ``divisor`` provably divides ``expr`` (reads "divisor | expr"):
     ``statically_divides(16, 64*j + 32)`` is True, ``statically_divides(16, t)`` False."""
     try:
-        d, e = _S(divisor), _S(expr)
+        d, e = as_expr(divisor), as_expr(expr)
         if d == 0:
             return bool(e == 0)
         return _integer_valued(e / d)
@@ -295,7 +248,7 @@ def statically_known_true(cond) -> bool:
     try:
         if isinstance(cond, bool):
             return cond
-        c = _S(cond)
+        c = as_expr(cond)
         if c is sp.true:
             return True
         if c is sp.false:
@@ -323,7 +276,7 @@ def evaluate(expr: IntLike, values: Optional[Mapping] = None, **kw) -> Optional[
     try:
         vals = dict(values or {})
         vals.update(kw)
-        e = _S(expr)
+        e = as_expr(expr)
         by_name = {s.name: s for s in e.free_symbols}
         sub = {}
         for k, v in vals.items():
@@ -381,12 +334,12 @@ def _floor_normalized(arg: Expr) -> Expr:
 
 def floordiv(a: IntLike, b: IntLike) -> Expr:
     """floor(a / b), normalized (b a positive integer or expression)."""
-    return _floor_normalized(_S(a) / _S(b))
+    return _floor_normalized(as_expr(a) / as_expr(b))
 
 
 def ceildiv(a: IntLike, b: IntLike) -> Expr:
     """ceil(a / b) for integer-valued a and positive integer b, as floor((a + b - 1)/b)."""
-    a, b = _S(a), _S(b)
+    a, b = as_expr(a), as_expr(b)
     if b.is_Integer and b > 0 and a.is_integer:
         return floordiv(a + b - 1, b)
     return sp.ceiling(a / b)
@@ -414,7 +367,7 @@ def _prune(args, is_max: bool):
 def simplify(expr: IntLike) -> Expr:
     """Bottom-up integer simplification: normalized floors, ceil as floor, ``Mod`` and
     ``Max``/``Min`` arguments dropped where interval bounds prove them redundant."""
-    e = _S(expr)
+    e = as_expr(expr)
     if e.is_Atom:
         return e
     if isinstance(e, sp.Piecewise):
@@ -455,12 +408,12 @@ def clip0(x: IntLike) -> Expr:
     return sp.Max(0, x, evaluate=False)
 
 
-def _min(*a) -> Expr:
-    return simplify(sp.Min(*[_S(x) for x in a], evaluate=False))
+def smin(*a) -> Expr:
+    return simplify(sp.Min(*[as_expr(x) for x in a], evaluate=False))
 
 
-def _max(*a) -> Expr:
-    return simplify(sp.Max(*[_S(x) for x in a], evaluate=False))
+def smax(*a) -> Expr:
+    return simplify(sp.Max(*[as_expr(x) for x in a], evaluate=False))
 
 
 # ---------------------------------------------------------------------------
@@ -489,7 +442,7 @@ class _Renderer:
         return f"{fn}({', '.join(self.r(a)[0] for a in args)})", _ATOM
 
     def r(self, e: Expr):
-        e = _S(e)
+        e = as_expr(e)
         if e.is_Integer:
             v = int(e)
             return (str(v), _ATOM) if v >= 0 else (str(v), _UNARY)
@@ -548,7 +501,7 @@ class _Renderer:
 
     def arith(self, e: Expr):
         num, den = sp.fraction(sp.together(e)) if self._has_rational(e) else (e, 1)
-        den = _S(den)
+        den = as_expr(den)
         if den != 1:
             if self.target == "text":
                 return f"{self.wrap(self.r(num), _MUL)}/{self.wrap(self.r(den), _ATOM)}", _MUL
@@ -604,7 +557,7 @@ class _Renderer:
 
     def floor(self, arg: Expr):
         num, den = sp.fraction(sp.together(arg))
-        num, den = _S(num), _S(den)
+        num, den = as_expr(num), as_expr(den)
         if den == 1:
             if self.target == "text":
                 return f"floor({self.r(num)[0]})", _ATOM
@@ -669,13 +622,13 @@ def render(expr: IntLike, target: str = "python", names: Optional[Mapping] = Non
     ``tl.minimum``. ``text``: ``floor(a/b)``, ``(a mod b)``, for reports.
     Raises ValueError for a non-integer expression (a programming error).
     """
-    return _Renderer(target, names).r(_S(expr))[0]
+    return _Renderer(target, names).r(as_expr(expr))[0]
 
 
 def lambdify_int(expr: IntLike, *symbols) -> Callable[..., int]:
     """A plain-Python function of ``symbols`` (default: sorted free symbols) that
     computes ``expr`` exactly on ints, through the python printer."""
-    e = _S(expr)
+    e = as_expr(expr)
     syms = symbols or tuple(sorted(e.free_symbols, key=lambda s: s.name))
     args = [f"_a{k}" for k in range(len(syms))]
     text = render(e, "python", {s: a for s, a in zip(syms, args)})
@@ -686,420 +639,20 @@ def lambdify_int(expr: IntLike, *symbols) -> Callable[..., int]:
 # Closed-form sums (all over v = 0 .. N-1, for integer N >= 0)
 # ---------------------------------------------------------------------------
 
-def _sum_floor(N: Expr, d: IntLike) -> Expr:
+def sum_floor(N: Expr, d: IntLike) -> Expr:
     """sum floor(v/d) = d*q*(q - 1)/2 + (N - d*q)*q, q = floor(N/d)."""
     q = floordiv(N, d)
     return d * q * (q - 1) / 2 + (N - d * q) * q
 
 
-def _sum_mod(N: Expr, m: IntLike) -> Expr:
+def sum_mod(N: Expr, m: IntLike) -> Expr:
     """sum (v mod m) = m*(m - 1)/2*q + r*(r - 1)/2, q = floor(N/m), r = N - m*q."""
     q = floordiv(N, m)
     r = N - m * q
-    return _S(m) * (m - 1) / 2 * q + r * (r - 1) / 2
+    return as_expr(m) * (m - 1) / 2 * q + r * (r - 1) / 2
 
 
-def _sum_min(N: Expr, c: IntLike) -> Expr:
+def sum_min(N: Expr, c: IntLike) -> Expr:
     """sum min(v + 1, c) for c >= 0 = A*(A + 1)/2 + (N - A)*c, A = min(N, c)."""
-    A = _min(N, c)
+    A = smin(N, c)
     return A * (A + 1) / 2 + (N - A) * c
-
-
-# ---------------------------------------------------------------------------
-# Per-branch index arithmetic (numbers or symbols for the parameters)
-# ---------------------------------------------------------------------------
-
-def compress_n_blocks(n_keys: IntLike, block: IntLike, stride: IntLike) -> Expr:
-    """Compressed blocks that fit in ``n_keys`` keys: max(0, floor((n - l)/d) + 1)."""
-    return clip0(floordiv(_S(n_keys) - block + stride, stride))
-
-
-def compress_visible(query: IntLike, block: IntLike, stride: IntLike) -> Expr:
-    """Compressed blocks query ``t`` sees (``i*d + l - 1 <= t``): n_blocks(t + 1)."""
-    return compress_n_blocks(_S(query) + 1, block, stride)
-
-
-def overlap_weight(ci: IntLike, sj: IntLike, block: int, stride: int, select_block: int) -> Expr:
-    """w(i, j): stride segments shared by compressed block i (segments i .. i + l/d - 1)
-    and selection block j (segments j*l'/d .. (j+1)*l'/d - 1)."""
-    a, b = sp.Rational(block, stride), sp.Rational(select_block, stride)
-    ci, sj = _S(ci), _S(sj)
-    return clip0(_min(ci + a - 1, (sj + 1) * b - 1) - _max(ci, sj * b) + 1)
-
-
-def window_keys(query: IntLike, size: IntLike, sinks: IntLike = 0) -> Expr:
-    """Keys of window(w, sinks) for query t: min(t + 1, w) + min(sinks, max(0, t - w + 1))."""
-    q = _S(query)
-    return simplify(_min(q + 1, size) + _min(sinks, clip0(q - size + 1)))
-
-
-def select_keys_exact(query: IntLike, block: IntLike, top_k: IntLike) -> Expr:
-    """Keys <= t in min(n, eligible) blocks including t's own partial block:
-    l'*min(n - 1, floor(t/l')) + (t mod l') + 1."""
-    q = _S(query)
-    return simplify(block * _min(_S(top_k) - 1, floordiv(q, block)) + sp.Mod(q, block) + 1)
-
-
-def select_keys_max(query: IntLike, block: IntLike, top_k: IntLike) -> Expr:
-    """Keys <= t in min(n, eligible) blocks when t's own block is not among them
-    unless every eligible block is: min(n*l', t + 1) (also an upper bound always)."""
-    return _min(_S(top_k) * block, _S(query) + 1)
-
-
-@dataclass(frozen=True, kw_only=True)
-class BranchShapes:
-    """What every branch has. ``keys(t)``: keys (for compress: compressed keys)
-    attended by query ``t``; exact when ``exact``, else an upper bound with
-    ``keys_min`` the lower one. ``keys_sum(T)``: sum over ``t`` in ``[0, T)``.
-    ``score_keys``: keys the branch's scoring pass reads per query (QK only)."""
-    name: str
-    kind: str
-    keys: Expr
-    keys_min: Expr
-    exact: bool
-    keys_sum: Expr
-    keys_min_sum: Expr
-    score_keys: Expr = sp.Integer(0)
-    score_keys_sum: Expr = sp.Integer(0)
-    note: str = ""
-
-    @property
-    def keys_last(self) -> Expr:
-        """keys(T - 1): the last query of a length-T sequence."""
-        return simplify(self.keys.subs(t, T - 1))
-
-    @property
-    def flops(self) -> Expr:
-        """Forward FLOPs per query and query head (symbols Dqk, Dv)."""
-        return self.keys * (2 * Dqk + 2 * Dv) + self.score_keys * 2 * Dqk
-
-    @property
-    def flops_sum(self) -> Expr:
-        """Forward FLOPs per query head, summed over the T queries."""
-        return self.keys_sum * (2 * Dqk + 2 * Dv) + self.score_keys_sum * 2 * Dqk
-
-    @property
-    def kv_elems_sum(self) -> Expr:
-        """K/V elements read per kv head, summed over T queries (see the module doc)."""
-        return self.keys_sum * (Dqk + Dv) + self.score_keys_sum * Dqk
-
-
-@dataclass(frozen=True, kw_only=True)
-class CompressShapes(BranchShapes):
-    block: int
-    stride: int
-    n_blocks: Expr          # Nc(T)
-    visible: Expr           # blocks visible to query t (== keys)
-    first_key: Expr         # first key of block i: i*d
-    last_key: Expr          # last key of block i: i*d + l - 1 (== first query that sees i)
-
-    @property
-    def visible_cmp(self) -> Expr:
-        return self.visible
-
-
-@dataclass(frozen=True, kw_only=True)
-class SelectShapes(BranchShapes):
-    block: int
-    top_k: int
-    keep_first: int
-    keep_last: int
-    score: str
-    n_blocks: Expr          # ceil(T/l')
-    own_block: Expr         # floor(t/l')
-    eligible: Expr          # floor(t/l') + 1
-    selected: Expr          # min(n, eligible)
-    complete: Expr          # blocks fully <= t: floor((t + 1)/l') (mean_pool scores these)
-    forced: Expr            # forced blocks: min(eligible, keep_first + keep_last)
-    forced_first_end: Expr  # blocks j < this are forced (keep_first)
-    forced_last_start: Expr  # blocks own_block >= j >= this are forced (keep_last)
-    first_key: Expr         # j*l'
-    last_key: Expr          # (j + 1)*l' - 1
-    keys_computed: Expr     # whole blocks: min(n, eligible)*l'
-    score_block: Optional[int] = None   # l, d of the compress branch scoring this one
-    score_stride: Optional[int] = None
-    weight: Optional[Expr] = None     # w(i, j), score = compress branch with d | l, d | l'
-    weight_lo: Optional[Expr] = None  # first i with w(i, j) > 0 (clipped at 0)
-    weight_hi: Optional[Expr] = None  # last i with w(i, j) > 0
-
-    def weight_profile(self) -> tuple[int, ...]:
-        """w(i, j) for i = lo .. hi at a j far enough from 0 not to be clipped."""
-        if self.weight is None:
-            return ()
-        jj = self.score_block // self.score_stride + 1   # lo(j) = j*l'/d - l/d + 1 >= 1
-        lo, hi = evaluate(self.weight_lo, j=jj), evaluate(self.weight_hi, j=jj)
-        w = lambdify_int(self.weight, i, j)              # compiled once: hi - lo can be large
-        return tuple(w(k, jj) for k in range(lo, hi + 1))
-
-
-@dataclass(frozen=True, kw_only=True)
-class WindowShapes(BranchShapes):
-    size: int
-    sinks: int
-    first_key: Expr         # max(0, t - w + 1)
-    sink_keys: Expr         # sinks left of the window: min(sinks, max(0, t - w + 1))
-
-
-@dataclass(frozen=True, kw_only=True)
-class DenseShapes(BranchShapes):
-    """Dense causal attention, for comparison: t + 1 keys, T*(T + 1)/2 in all."""
-
-
-def _compress_shapes(b: Compress) -> CompressShapes:
-    l, d = b.block, b.stride
-    vis = compress_visible(t, l, d)
-    N = clip0(T - l + 1)
-    total = simplify(N + _sum_floor(N, d))
-    return CompressShapes(
-        name=b.name, kind="compress", keys=vis, keys_min=vis, exact=True,
-        keys_sum=total, keys_min_sum=total, block=l, stride=d,
-        n_blocks=compress_n_blocks(T, l, d), visible=vis,
-        first_key=simplify(i * d), last_key=simplify(i * d + l - 1),
-        note="compressed keys")
-
-
-def _select_shapes(b: Select, score_branch: Optional[Compress]) -> SelectShapes:
-    ls, n, kf, kl = b.block, b.top_k, b.keep_first, b.keep_last
-    own = floordiv(t, ls)
-    elig = simplify(own + 1)
-    upper = select_keys_max(t, ls, n)
-    lower = select_keys_exact(t, ls, n)
-    upper_sum = simplify(_sum_min(T, n * ls))
-    qT = floordiv(T, ls)
-    # sum over t of l'*min(n - 1, floor(t/l')): q full periods of l' queries, then r more
-    lower_sum = simplify(ls * (ls * (_sum_min(qT, n) - qT) + (T - ls * qT) * _min(n - 1, qT))
-                         + _sum_mod(T, ls) + T)
-    if kl >= 1:
-        keys, exact, note = lower, True, f"own block forced (keep_last = {kl})"
-        keys_sum = lower_sum
-    elif b.score == "mean_pool":
-        keys, exact, note = upper, True, "incomplete own block never scored (mean_pool)"
-        keys_sum = upper_sum
-    elif kf >= n:
-        keys, exact, note = upper, True, f"blocks 0..{n - 1} forced (keep_first = {kf})"
-        keys_sum = upper_sum
-    else:
-        keys, exact = upper, False
-        note = "data-dependent (keep_last = 0): bounds"
-        keys_sum = upper_sum
-    complete = floordiv(t + 1, ls)
-    weight = wlo = whi = sl = sd = None
-    if score_branch is not None:
-        sl, sd = score_branch.block, score_branch.stride
-        l, d = score_branch.block, score_branch.stride
-        score_keys = compress_visible(t, l, d)
-        N = clip0(T - l + 1)
-        score_sum = simplify(N + _sum_floor(N, d))
-        if l % d == 0 and ls % d == 0:
-            a, bb = l // d, ls // d
-            weight = overlap_weight(i, j, l, d, ls)
-            wlo = clip0(j * bb - a + 1)
-            whi = simplify((j + 1) * bb - 1)
-    else:
-        score_keys = complete
-        score_sum = simplify(_sum_floor(T + 1, ls))
-    return SelectShapes(
-        name=b.name, kind="select", keys=keys, keys_min=lower if not exact else keys,
-        exact=exact, keys_sum=keys_sum, keys_min_sum=lower_sum if not exact else keys_sum,
-        score_keys=score_keys, score_keys_sum=score_sum, note=note,
-        block=ls, top_k=n, keep_first=kf, keep_last=kl, score=b.score,
-        n_blocks=ceildiv(T, ls), own_block=own, eligible=elig, selected=_min(n, elig),
-        complete=complete, forced=_min(elig, kf + kl), forced_first_end=_min(kf, elig),
-        forced_last_start=clip0(own - kl + 1), first_key=simplify(j * ls),
-        last_key=simplify((j + 1) * ls - 1), keys_computed=simplify(_min(n, elig) * ls),
-        score_block=sl, score_stride=sd, weight=weight, weight_lo=wlo, weight_hi=whi)
-
-
-def _window_shapes(b: Window) -> WindowShapes:
-    w, s = b.size, b.sinks
-    keys = window_keys(t, w, s)
-    total = simplify(_sum_min(T, w) + _sum_min(clip0(T - w), s))
-    return WindowShapes(
-        name=b.name, kind="window", keys=keys, keys_min=keys, exact=True,
-        keys_sum=total, keys_min_sum=total, size=w, sinks=s,
-        first_key=clip0(t - w + 1), sink_keys=_min(s, clip0(t - w + 1)))
-
-
-def _dense_shapes() -> DenseShapes:
-    total = T * (T + 1) / 2
-    return DenseShapes(name="dense", kind="dense", keys=t + 1, keys_min=t + 1, exact=True,
-                       keys_sum=total, keys_min_sum=total, note="dense causal attention")
-
-
-def branch_shapes(branch: Branch, spec: Optional[Spec] = None) -> BranchShapes:
-    """The shapes of one branch. A select branch scored by a compress branch needs
-    ``spec`` to find it (without it, it is treated as scored by mean_pool)."""
-    if isinstance(branch, Compress):
-        return _compress_shapes(branch)
-    if isinstance(branch, Select):
-        score = None
-        if branch.score != "mean_pool" and spec is not None:
-            try:
-                cand = spec.branch(branch.score)
-            except KeyError:
-                cand = None
-            score = cand if isinstance(cand, Compress) else None
-        return _select_shapes(branch, score)
-    if isinstance(branch, Window):
-        return _window_shapes(branch)
-    raise TypeError(f"unknown branch {branch!r}")
-
-
-@dataclass(frozen=True)
-class SpecShapes:
-    """The shapes of every branch of a spec, in spec order, and dense causal attention."""
-    name: str
-    branches: tuple[BranchShapes, ...]
-    dense: DenseShapes = field(default_factory=_dense_shapes)
-
-    def branch(self, name: str) -> BranchShapes:
-        for b in self.branches:
-            if b.name == name:
-                return b
-        raise KeyError(name)
-
-    @property
-    def keys(self) -> Expr:
-        """Keys per query, all branches (a branch's keys count once per branch)."""
-        return sp.Add(*[b.keys for b in self.branches])
-
-    @property
-    def keys_sum(self) -> Expr:
-        return sp.Add(*[b.keys_sum for b in self.branches])
-
-
-_SPEC_CACHE: dict = {}
-
-
-def spec_shapes(spec: Spec) -> SpecShapes:
-    """Shapes of every branch of ``spec`` (cached per canonical spec)."""
-    key = spec.canonical()
-    hit = _SPEC_CACHE.get(key)
-    if hit is None:
-        hit = SpecShapes(spec.name, tuple(branch_shapes(b, spec) for b in spec.branches))
-        if len(_SPEC_CACHE) > 256:
-            _SPEC_CACHE.clear()
-        _SPEC_CACHE[key] = hit
-    return hit
-
-
-# ---------------------------------------------------------------------------
-# Costs at a length
-# ---------------------------------------------------------------------------
-
-DEFAULT_HEADS, DEFAULT_KV_HEADS, DEFAULT_HEAD_DIM, DEFAULT_DTYPE_BYTES = 64, 4, 128, 2
-
-
-@dataclass(frozen=True)
-class Dims:
-    """Head counts and dims to cost a spec with; ``defaulted`` names the fields
-    the spec did not declare (filled from the defaults: 64 heads, 4 kv heads, 128)."""
-    heads: int
-    kv_heads: int
-    qk_dim: int
-    v_dim: int
-    dtype_bytes: int = DEFAULT_DTYPE_BYTES
-    defaulted: tuple[str, ...] = ()
-
-    @staticmethod
-    def of(spec: Optional[Spec] = None, heads=None, kv_heads=None, qk_dim=None, v_dim=None,
-           dtype_bytes: int = DEFAULT_DTYPE_BYTES) -> "Dims":
-        """Explicit arguments win, then the spec's declared fields, then defaults."""
-        defaulted = []
-
-        def pick(name, given, default):
-            if given is not None:
-                return int(given)
-            declared = getattr(spec, name, None) if spec is not None else None
-            if declared is not None:
-                return int(declared)
-            defaulted.append(name)
-            return default
-
-        h = pick("heads", heads, DEFAULT_HEADS)
-        kv_default = DEFAULT_KV_HEADS if h % DEFAULT_KV_HEADS == 0 else 1
-        kv = pick("kv_heads", kv_heads, kv_default)
-        dq = pick("qk_dim", qk_dim, DEFAULT_HEAD_DIM)
-        dv = pick("v_dim", v_dim, DEFAULT_HEAD_DIM)
-        return Dims(h, kv, dq, dv, dtype_bytes, tuple(defaulted))
-
-
-@dataclass(frozen=True)
-class CostRow:
-    """One pass at one length: ``keys_sum`` over all queries, ``keys_last`` at t = T-1,
-    forward ``flops`` over all query heads, ``bytes`` of K/V read over all kv heads."""
-    name: str
-    kind: str
-    T: int
-    keys_sum: int
-    keys_last: int
-    flops: int
-    bytes: int
-
-    @property
-    def keys_avg(self) -> float:
-        return self.keys_sum / self.T if self.T else 0.0
-
-
-@dataclass(frozen=True)
-class Cost:
-    T: int
-    dims: Dims
-    rows: tuple[CostRow, ...]   # per branch, a select's scoring pass as its own row
-    total: CostRow
-    dense: CostRow
-
-    @property
-    def flop_ratio(self) -> float:
-        """dense FLOPs / sparse FLOPs (how many times fewer)."""
-        return self.dense.flops / self.total.flops if self.total.flops else math.inf
-
-    @property
-    def bytes_ratio(self) -> float:
-        return self.dense.bytes / self.total.bytes if self.total.bytes else math.inf
-
-    def row(self, name: str) -> CostRow:
-        for r in self.rows:
-            if r.name == name:
-                return r
-        raise KeyError(name)
-
-
-def flops_per_query(shapes: BranchShapes, qk_dim: int, v_dim: int) -> Expr:
-    """Forward FLOPs for query t and one query head, an expression in t."""
-    return simplify(shapes.flops.subs({Dqk: qk_dim, Dv: v_dim}))
-
-
-def _row(name, kind, n, keys_sum, keys_last, per_key_flops, per_key_elems, dims) -> CostRow:
-    return CostRow(name, kind, n, keys_sum, keys_last,
-                   flops=keys_sum * per_key_flops * dims.heads,
-                   bytes=keys_sum * per_key_elems * dims.kv_heads * dims.dtype_bytes)
-
-
-def cost(shapes: SpecShapes, T_value: int, dims: Dims) -> Cost:
-    """Keys, forward FLOPs and K/V bytes of every branch (and dense causal attention)
-    at sequence length ``T_value``, exactly (closed forms; fast for any T)."""
-    n = int(T_value)
-    dq, dv = dims.qk_dim, dims.v_dim
-    last = max(n - 1, 0)
-    rows = []
-    for b in shapes.branches:
-        if b.score_keys_sum != 0:
-            rows.append(_row(f"{b.name} score", "score", n, evaluate(b.score_keys_sum, T=n),
-                             evaluate(b.score_keys, t=last) if n else 0, 2 * dq, dq, dims))
-        rows.append(_row(b.name, b.kind, n, evaluate(b.keys_sum, T=n),
-                         evaluate(b.keys, t=last) if n else 0, 2 * dq + 2 * dv, dq + dv, dims))
-    d = shapes.dense
-    dense = _row("dense", "dense", n, evaluate(d.keys_sum, T=n), n, 2 * dq + 2 * dv, dq + dv, dims)
-    total = CostRow("total", "total", n,
-                    sum(r.keys_sum for r in rows if r.kind != "score"),
-                    sum(r.keys_last for r in rows if r.kind != "score"),
-                    sum(r.flops for r in rows), sum(r.bytes for r in rows))
-    return Cost(n, dims, tuple(rows), total, dense)
-
-
-def sum_over_queries(expr: IntLike, T_value: int) -> int:
-    """sum of ``expr`` (in ``t``) over t in [0, T) by direct evaluation: the fallback
-    for expressions without a closed form (exact; ~1 s per million queries)."""
-    f = lambdify_int(expr, t)
-    return sum(f(k) for k in range(int(T_value)))

@@ -45,8 +45,8 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from .errors import SpecError
-from .ir import Compress, Select, Spec, Window
+from nsa_dsl.errors import SpecError
+from nsa_dsl.language.ir import Compress, Select, Spec, Window
 
 __all__ = ["attention_masks", "keys_per_query", "render_png", "random_selection", "model_selection",
            "DEFAULT_SIZE", "BRANCH_COLORS"]
@@ -249,7 +249,7 @@ def random_selection(spec: Spec, T: int, seed: int = 0):
     import torch
 
     import nsa_dsl
-    from .semantics import mean_pool
+    from nsa_dsl.semantics.reference import mean_pool
     HQ, H, D = random_shapes(spec)
     run_spec = _shape_free(spec)           # declared shapes would make the inputs huge; G is kept
     g = torch.Generator().manual_seed(seed)
@@ -270,32 +270,12 @@ def random_selection(spec: Spec, T: int, seed: int = 0):
 
 
 def _example_module():
-    """``train_tiny_lm`` (the training example) as a module: installed package, source tree,
-    or ``$NSA_DSL_TRAIN_EXAMPLE``."""
+    """``train_tiny_lm`` (the training example, ``nsa_dsl.examples``) as a module."""
     try:
         return importlib.import_module("nsa_dsl.examples.train_tiny_lm")
-    except ModuleNotFoundError as e:       # a source checkout: examples/ is no subpackage there
-        if e.name not in ("nsa_dsl.examples", "nsa_dsl.examples.train_tiny_lm"):
-            raise
-    candidates = [os.environ.get("NSA_DSL_TRAIN_EXAMPLE"),
-                  Path(__file__).resolve().parent.parent / "examples" / "train_tiny_lm.py"]
-    name = "nsa_dsl_train_tiny_lm"
-    for path in candidates:
-        if path and Path(path).is_file():
-            loaded = sys.modules.get(name)
-            if loaded is not None and getattr(loaded, "__file__", None) == str(path):
-                return loaded
-            mod_spec = importlib.util.spec_from_file_location(name, str(path))
-            module = importlib.util.module_from_spec(mod_spec)
-            sys.modules[name] = module          # dataclasses look their module up while defined
-            try:
-                mod_spec.loader.exec_module(module)
-            except BaseException:
-                sys.modules.pop(name, None)
-                raise
-            return module
-    raise SpecError("E635", "cannot find examples/train_tiny_lm.py, which defines the model of the "
-                            "checkpoint", hint="set NSA_DSL_TRAIN_EXAMPLE=/path/to/train_tiny_lm.py")
+    except ModuleNotFoundError as e:
+        raise SpecError("E635", f"cannot import the training example that defines the checkpoint's model ({e})",
+                        hint="reinstall nsa-dsl (pip install nsa-dsl), which ships nsa_dsl.examples") from None
 
 
 def _same_pattern(a: Spec, b: Spec) -> bool:

@@ -24,7 +24,7 @@ Errors (all :class:`~nsa_dsl.errors.SpecError`, which is a ``ValueError``):
 | E704 | ``x`` has the wrong number of dims or the wrong hidden size |
 | E705 | ``x`` has a dtype or device other than the layer's parameters |
 | E706 | ``cu_seqlens`` together with ``cache`` (packed prefill into a KV cache is not supported) |
-| E620-E625 | a bad ``cu_seqlens`` (see ``nsa_dsl.varlen``) |
+| E620-E625 | a bad ``cu_seqlens`` (see ``nsa_dsl.semantics.varlen``) |
 """
 from __future__ import annotations
 
@@ -38,9 +38,12 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .checks import check_spec
-from .errors import SpecError
-from .ir import Compress, Spec, SpecFile
+from nsa_dsl.errors import SpecError
+from nsa_dsl.language.checks import check_spec
+from nsa_dsl.language.parser import as_spec
+from nsa_dsl.language.ir import Compress, Spec, SpecFile
+from nsa_dsl.runtime.decoding import DecodeOp, decode_torch
+from nsa_dsl.runtime.kv_cache import NSACache
 
 BACKENDS = ("auto", "reference", "kernels")
 LEARNED_POOLS = ("linear", "mlp")
@@ -106,11 +109,11 @@ class LearnedPool(nn.Module):
 
     def forward(self, x: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
         """``cu_seqlens`` (a tensor or a list of ints): packed sequences, ``x [1, T, H, D]`` ->
-        ``[1, sum Nc_s, H, D]``, each sequence's blocks in turn (``nsa_dsl.varlen``)."""
+        ``[1, sum Nc_s, H, D]``, each sequence's blocks in turn (``nsa_dsl.semantics.varlen``)."""
         if cu_seqlens is None:
             blocks = split_blocks(x, self.block, self.stride)          # [B, Nc, H, l, D]
         else:
-            from .varlen import split_blocks as split_packed
+            from nsa_dsl.semantics.varlen import split_blocks as split_packed
             cu = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
             blocks = split_packed(x, cu, self.block, self.stride)      # [1, sum Nc_s, H, l, D]
         return self.net((blocks + self.pos).flatten(-2))               # [B, Nc, H, D]
@@ -135,26 +138,6 @@ def _branch_dict(modules: dict[str, nn.Module]) -> nn.ModuleDict:
 # ----------------------------------------------------------------------------------------------
 # The layer
 # ----------------------------------------------------------------------------------------------
-
-def _as_spec(spec) -> Spec:
-    """A Spec, a SpecFile with one block, a path to a ``.nsa`` file, or spec text."""
-    if isinstance(spec, Spec):
-        return spec
-    if isinstance(spec, SpecFile):
-        from . import _pick
-        return _pick(spec, None)
-    if isinstance(spec, os.PathLike):
-        from . import load
-        return load(spec)
-    if isinstance(spec, str):
-        from . import load, parse
-        # Spec text always has a `{`; a path to a spec file never needs one.
-        if "{" in spec:
-            return parse(spec)
-        return load(spec)
-    raise SpecError("E703", f"spec must be a Spec, a path to a .nsa file or spec text, "
-                            f"got {type(spec).__name__}")
-
 
 def _resolve(spec: Spec, field: str, given: Optional[int], default: Optional[int],
              why_default: str) -> int:
@@ -186,7 +169,7 @@ class SparseAttention(nn.Module):
     """Sparse attention layer for ``spec``: ``forward(x [B, T, hidden_size]) -> [B, T, hidden_size]``.
 
     Args:
-        spec: a :class:`~nsa_dsl.ir.Spec`, a path to a ``.nsa`` file, or spec text
+        spec: a :class:`~nsa_dsl.language.ir.Spec`, a path to a ``.nsa`` file, or spec text
             (a file with several blocks: use :meth:`from_file` with ``name=``).
         hidden_size: width of ``x`` and of the output.
         heads, kv_heads, qk_dim, v_dim: shape fields the spec does not declare (a value the
@@ -235,7 +218,7 @@ class SparseAttention(nn.Module):
                  scale: Optional[float] = None, pool_hidden: Optional[int] = None,
                  device=None, dtype=None):
         super().__init__()
-        spec = check_spec(_as_spec(spec))         # a Spec built by hand gets the parser's checks
+        spec = check_spec(as_spec(spec))          # a Spec built by hand gets the parser's checks
         if not isinstance(hidden_size, int) or isinstance(hidden_size, bool) or hidden_size <= 0:
             raise SpecError("E703", f"hidden_size must be a positive integer, got {hidden_size!r}")
         if backend not in BACKENDS:
@@ -263,6 +246,7 @@ class SparseAttention(nn.Module):
         self.scale = scale
         self.rotary = rotary
         self._compiled_op = None   # nsa_dsl.compile(spec), built on the first kernel call
+        self._decode_op = None     # the decode kernels (DecodeOp), built on the first kernel decode
 
         fk = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(hidden_size, HQ * Dqk, bias=bias, **fk)
@@ -298,7 +282,7 @@ class SparseAttention(nn.Module):
     def from_file(cls, path: Union[str, os.PathLike], hidden_size: int, name: Optional[str] = None,
                   **kw) -> "SparseAttention":
         """``SparseAttention(nsa_dsl.load(path, name), hidden_size, **kw)``."""
-        from . import load
+        from nsa_dsl import load
         return cls(load(path, name), hidden_size, **kw)
 
     @property
@@ -314,12 +298,14 @@ class SparseAttention(nn.Module):
         nn.init.zeros_(self.gate_proj.weight)
         nn.init.constant_(self.gate_proj.bias, math.log(p / (1.0 - p)))
 
-    def new_cache(self, batch_size: int, max_len: int, *, dtype=None, device=None):
-        """A KV cache (``nsa_dsl.decode.NSACache``) for ``batch_size`` sequences of up to
-        ``max_len`` tokens, for ``layer(x_chunk, cache=cache)``; the layer's dtype and device
-        unless given."""
-        from .decode import new_cache
-        return new_cache(self, batch_size, max_len, dtype=dtype, device=device)
+    def new_cache(self, batch_size: int, max_len: int, *, dtype=None, device=None) -> NSACache:
+        """A KV cache (``nsa_dsl.runtime.kv_cache.NSACache``) for ``batch_size`` sequences of up to
+        ``max_len`` tokens, for ``layer(x_chunk, cache=cache)``: the layer's dtype and device
+        unless given; one raw key/value pair, or one per branch with ``separate_kv``."""
+        w = self.q_proj.weight
+        return NSACache(self.spec, batch_size, max_len, kv_heads=self.kv_heads, qk_dim=self.qk_dim,
+                        v_dim=self.v_dim, shared_kv=not self.separate_kv,
+                        dtype=dtype or w.dtype, device=device or w.device)
 
     # -- forward ----------------------------------------------------------------------------
 
@@ -337,28 +323,28 @@ class SparseAttention(nn.Module):
             v = self.v_proj(x).view(B, T, H, Dv)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, *, return_aux: bool = False, cache=None,
+    def forward(self, x: torch.Tensor, *, return_aux: bool = False, cache=None, n_new=None,
                 cu_seqlens: Optional[torch.Tensor] = None):
         """``x [B, T, hidden_size] -> y [B, T, hidden_size]``; with ``return_aux``, ``(y, aux)``
         where ``aux`` is the op's (selected block indices, per-branch lse and outputs).
         With ``cache`` (``layer.new_cache(...)``), ``x`` is the next chunk of each sequence
         (a prompt, a piece of one, or one token): it is appended and its outputs returned
-        (``nsa_dsl.decode.forward_cached``).
+        (``_forward_cached``); ``n_new`` (B counts) takes fewer than the chunk's tokens of some
+        sequences (ragged batches; the rest is padding).
         With ``cu_seqlens [N + 1]`` (int32/int64, on x's device), ``x [1, T, hidden_size]``
         packs N sequences (rows ``[cu[s], cu[s + 1])``), each computed as if alone: rotary
-        positions restart at 0 and learned pooling runs per sequence (``nsa_dsl.varlen``)."""
+        positions restart at 0 and learned pooling runs per sequence (``nsa_dsl.semantics.varlen``)."""
         if cache is not None:
             if cu_seqlens is not None:
                 raise SpecError("E706", "cu_seqlens and cache were both given; packed sequences "
                                         "run without a KV cache",
                                 hint="prefill each sequence into the cache with its own call")
-            from .decode import forward_cached
-            return forward_cached(self, x, cache, return_aux=return_aux)
+            return self._forward_cached(x, cache, n_new=n_new, return_aux=return_aux)
         self._check_input(x)
         B, T, _ = x.shape
         cu = None                                      # packed sequences' offsets, on the host
         if cu_seqlens is not None:
-            from .varlen import check_cu_seqlens
+            from nsa_dsl.semantics.varlen import check_cu_seqlens
             cu = check_cu_seqlens(cu_seqlens, x, "x")
         HQ, Dv = self.heads, self.v_dim
         q, k, v = self.project(x)
@@ -389,10 +375,10 @@ class SparseAttention(nn.Module):
         use_kernels = self.backend == "kernels" or (self.backend == "auto" and q.is_cuda)
         if use_kernels:
             if self._compiled_op is None:
-                from . import compile as compile_spec
+                from nsa_dsl import compile as compile_spec
                 self._compiled_op = compile_spec(self.spec)
             return self._compiled_op
-        from .semantics import reference
+        from nsa_dsl.semantics.reference import reference
         return functools.partial(reference, self.spec)
 
     @staticmethod
@@ -403,13 +389,72 @@ class SparseAttention(nn.Module):
         if cu is None:
             positions = torch.arange(T, device=q.device)
         else:                                          # packed: restart at 0 in each sequence
-            from .varlen import positions as packed_positions
+            from nsa_dsl.semantics.varlen import positions as packed_positions
             positions = packed_positions(cu, q.device)
+        return self._apply_rotary(q, k, positions)
+
+    def _apply_rotary(self, q, k, positions):
+        """``rotary(q, k, positions)``; per-branch keys (``separate_kv``) concatenated along the
+        head dim for one call (rotary acts per head)."""
         if not isinstance(k, dict):
             return self.rotary(q, k, positions)
         names = list(k)
         q, k_all = self.rotary(q, torch.cat([k[n] for n in names], dim=2), positions)
         return q, dict(zip(names, k_all.split(self.kv_heads, dim=2)))
+
+    # -- decoding with a KV cache ------------------------------------------------------------
+
+    def _forward_cached(self, x: torch.Tensor, cache: NSACache, *, n_new=None, return_aux: bool = False):
+        """``layer(x, cache=cache)``: project the chunk ``x [B, C, hidden]``, append its keys and
+        values to ``cache`` (pooling the blocks it completes), attend every branch for its tokens,
+        project out. The ``backend`` picks ``decode_torch`` ("reference", or "auto" off CUDA) or
+        the generated decode kernels ("kernels", or "auto" on CUDA)."""
+        self._check_input(x)
+        if not isinstance(cache, NSACache) or cache.spec != self.spec:
+            raise SpecError("E809", "cache must be an NSACache of this layer's spec (layer.new_cache(batch_size, max_len))")
+        B, C, _ = x.shape
+        if B != cache.batch_size:
+            raise SpecError("E809", f"x has batch {B}; the cache was made for {cache.batch_size} sequences")
+        HQ, Dv = self.heads, self.v_dim
+        q, k, v = self.project(x)
+        if self.rotary is not None:       # each token at its own position: starts[b] + i
+            starts = cache.lengths_host
+            if len(set(starts)) <= 1:
+                q, k = self._apply_rotary(q, k, torch.arange(C, device=q.device) + (starts[0] if starts else 0))
+            else:
+                rows = [self._apply_rotary(q[b:b + 1], self._of_rows(k, b), torch.arange(C, device=q.device) + s)
+                        for b, s in enumerate(starts)]
+                q = torch.cat([r[0] for r in rows])
+                k = {n: torch.cat([r[1][n] for r in rows]) for n in k} if isinstance(k, dict) \
+                    else torch.cat([r[1] for r in rows])
+        gates = None
+        if self.gate_proj is not None:
+            gates = self.gate_proj(x).view(B, C, HQ, self.num_gates)     # logits: the op applies sigmoid
+
+        def cast(t):                      # the projections' dtype (autocast) -> the cache's
+            return {n: a.to(cache.dtype) for n, a in t.items()} if isinstance(t, dict) else t.to(cache.dtype)
+        with torch.no_grad():
+            step = cache.append(cast(k), cast(v), n_new=n_new, pool=self._pool_blocks if len(self.k_pool) else None)
+        if self.backend == "kernels" or (self.backend == "auto" and x.is_cuda):
+            if self._decode_op is None:
+                self._decode_op = DecodeOp(self.spec)
+            out = self._decode_op(q.to(cache.dtype), cache, step, None if gates is None else gates.to(cache.dtype),
+                                  scale=self.scale, return_aux=return_aux)
+        else:
+            out = decode_torch(self.spec, q.to(cache.dtype), cache, step,
+                               None if gates is None else gates.to(cache.dtype), scale=self.scale,
+                               return_aux=return_aux)
+        o, aux = out if return_aux else (out, None)
+        y = self.o_proj(o.to(x.dtype).reshape(B, C, HQ * Dv))
+        return (y, aux) if return_aux else y
+
+    def _pool_blocks(self, name: str, kb: torch.Tensor, vb: torch.Tensor):
+        """The cache's learned pooling of new blocks: ``kb [P, l, H, D]``, one block per row."""
+        return self.k_pool[name](kb)[:, 0], self.v_pool[name](vb)[:, 0]
+
+    @staticmethod
+    def _of_rows(t, b: int):
+        return {n: a[b:b + 1] for n, a in t.items()} if isinstance(t, dict) else t[b:b + 1]
 
     def _check_input(self, x) -> None:
         if not isinstance(x, torch.Tensor):
@@ -435,7 +480,7 @@ class SparseAttention(nn.Module):
     def __getstate__(self):
         # The compiled op holds loaded kernel modules: not copied or pickled, rebuilt on demand.
         state = self.__dict__.copy()
-        state["_compiled_op"] = None
+        state["_compiled_op"] = state["_decode_op"] = None
         return state
 
     def extra_repr(self) -> str:

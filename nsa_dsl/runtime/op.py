@@ -14,19 +14,20 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import Tensor
 
-from codegen import launch, tuning
-from codegen.cache import KernelCache, cache_key
-from codegen.plan import Binding, Plan, bind, lower
+from nsa_dsl.codegen import launch, tuning
+from nsa_dsl.codegen.cache import KernelCache, cache_key
+from nsa_dsl.codegen.plan import Binding, Plan, bind, lower
 
-from . import kernel_ops as ops
-from . import varlen as _varlen
-from .backend import check_kernel_device
-from .checks import check_spec
-from .errors import SpecError
-from .inputs import check_call, check_scale
-from .ir import Spec
-from .rules import num_select_blocks
-from .semantics import Aux, clean_indices, mean_pool
+from nsa_dsl.runtime import kernel_ops as ops
+from nsa_dsl.semantics import varlen as _varlen
+from nsa_dsl.runtime.backend import check_kernel_device
+from nsa_dsl.language.checks import check_spec
+from nsa_dsl.language.parser import as_spec
+from nsa_dsl.errors import SpecError
+from nsa_dsl.semantics.inputs import check_call, check_scale
+from nsa_dsl.language.ir import Spec
+from nsa_dsl.language.rules import num_select_blocks
+from nsa_dsl.semantics.reference import Aux, clean_indices, mean_pool
 
 TensorOrDict = Union[Tensor, Mapping[str, Tensor]]
 
@@ -43,7 +44,7 @@ class CompiledOp:
         o = op(q, k, v, gates, compressed={"cmp": (k_cmp, v_cmp)})
         o = op(q, k, v, gates, cu_seqlens=cu)   # packed sequences: q [1, T, HQ, D], cu [N + 1]
 
-    Packed variable-length batches (``cu_seqlens``, see ``nsa_dsl.varlen``) run kernels
+    Packed variable-length batches (``cu_seqlens``, see ``nsa_dsl.semantics.varlen``) run kernels
     generated with ``VARLEN``: a second plan per binding, built on the first such call.
     """
 
@@ -161,7 +162,7 @@ class CompiledOp:
         arguments). ``indices``: select branch -> the caller's selection (no scoring runs; entries
         out of range or after the position's block are ignored, repeats count once).
         ``cu_seqlens [N + 1]`` (int32 or int64, on q's device): packed variable-length sequences
-        with ``B = 1``, each computed as if alone (``nsa_dsl.varlen``); compressed keys / values
+        with ``B = 1``, each computed as if alone (``nsa_dsl.semantics.varlen``); compressed keys / values
         then hold each sequence's blocks in turn, ``[1, sum Nc_s, H, D]``."""
         spec = self.spec
         if isinstance(q, Tensor):
@@ -239,10 +240,10 @@ class CompiledOp:
              scale: Optional[float] = None, cu_seqlens: Optional[Tensor] = None) -> list:
         """Autotune the kernels for the shapes of these inputs (GPU; their values only feed the
         timed calls): runs the forward, and the backward unless ``backward=False``, once, with
-        every kernel's config space timed on the real intermediate tensors (``codegen.tuning``).
+        every kernel's config space timed on the real intermediate tensors (``nsa_dsl.codegen.tuning``).
         The winners are stored per GPU, kernel module, kernel kind, dtype and bucket of B * T
         beside the kernel cache, so later calls, in this process or another, run them.
-        Returns a ``codegen.tuning.Result`` per kernel kind."""
+        Returns a ``nsa_dsl.codegen.tuning.Result`` per kernel kind."""
         if not tuning.enabled(q):
             raise _err("E616", "autotuning needs a CUDA GPU; on the CPU and under TRITON_INTERPRET=1 "
                                "the kernels run the heuristic configs",
@@ -266,17 +267,10 @@ def _unit_last_stride(x: Tensor) -> Tensor:
 
 
 def compile(spec: Union[Spec, str, os.PathLike], *, cache_dir=None) -> CompiledOp:
-    """Compile a spec (a ``Spec``, or the path of a ``.nsa`` file with one block) to an op.
+    """Compile a spec (a ``Spec``, the path of a ``.nsa`` file with one block, or spec text: the
+    rule of ``nsa_dsl.language.parser.as_spec``) to an op.
 
     Kernels are generated lazily at the first call, when the tensor shapes bind the
     spec's undeclared fields, and cached on disk (``$NSA_DSL_CACHE_DIR``).
     """
-    if not isinstance(spec, (Spec, str, os.PathLike)):
-        raise _err("E600", f"nsa_dsl.compile() takes a Spec or the path of a .nsa file, got "
-                           f"{'None' if spec is None else type(spec).__name__}",
-                   hint="nsa_dsl.compile(nsa_dsl.load('examples/nsa_paper_mean.nsa')), "
-                        "nsa_dsl.compile(nsa_dsl.parse(text)) or nsa_dsl.compile('file.nsa')")
-    if not isinstance(spec, Spec):
-        from . import load
-        spec = load(spec)
-    return CompiledOp(spec, KernelCache(Path(cache_dir)) if cache_dir else None)
+    return CompiledOp(as_spec(spec), KernelCache(Path(cache_dir)) if cache_dir else None)

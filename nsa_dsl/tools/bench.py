@@ -17,13 +17,13 @@ measurement wrapped so that a failure is written into the row ("oom", "error", w
   needs flash-attn for a window and at least 16 query heads per kv head).
 
 :func:`annotate_rows` then derives achieved TFLOP/s (and GB/s for the branch kernels), ms per
-query head and speedups over cuDNN. FLOP are *useful* work, from ``nsa_dsl.shapes.cost``
+query head and speedups over cuDNN. FLOP are *useful* work, from ``nsa_dsl.language.cost.cost``
 (keys each query attends, causal masking counted): QK and PV (2 * (Dqk + Dv) per key and query
 head) for attention branches, QK only (2 * Dqk) for a selection's scoring pass. Forward+backward
 follows FlashAttention's convention: the backward does 2.5x the forward's matmul work (QK
 recomputed, dV, dP, dQ, dK); the scoring pass has no backward (no gradient flows through the
 choice of blocks). GB/s: the K/V bytes each (token, kv head) reads once for its G query heads
-(``shapes.cost``'s bytes), an effective rate (tiles shared between tokens read less from memory).
+(``cost.cost``'s bytes), an effective rate (tiles shared between tokens read less from memory).
 
 Row fields (JSON): ``T, workload, B, HQ, H, G, Dqk, Dv, dtype, inputs_gib``; the op's
 ``nsa_fwd_ms, nsa_fwdbwd_ms, nsa_fwd_peak_gib, nsa_fwdbwd_peak_gib``; per branch kernel
@@ -50,7 +50,7 @@ Workloads (:func:`make_inputs`):
   drifting process of the head's own) picks far blocks that neighbouring tokens share, ``n'`` is
   per-token noise; ``a = 0.3``, ``c = 0.9``, ``b = sqrt(1 - a^2 - c^2)`` (unit variance, so scores
   have the random workload's scale). Values stay iid normal. The weights are calibrated on the
-  reference top-k (``nsa_dsl.semantics``; paper pattern, G = 16, D = 64, T = 8192): 2 / 4 / 8 / 16
+  reference top-k (``nsa_dsl.semantics.reference``; paper pattern, G = 16, D = 64, T = 8192): 2 / 4 / 8 / 16
   adjacent tokens choose about 22 / 29 / 37 / 44 distinct blocks (random inputs, T = 16384:
   27 / 44 / 69 / 98), near an earlier measurement with drifting keys (22 / 30 / 42 / 59).
 """
@@ -65,9 +65,10 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from . import kernel_ops as ops
-from .op import CompiledOp, mean_pool
-from .shapes import Dims, cost, spec_shapes
+from nsa_dsl.runtime import kernel_ops as ops
+from nsa_dsl.runtime.op import CompiledOp, mean_pool
+from nsa_dsl.language.cost import Dims, cost
+from nsa_dsl.language.shapes import spec_shapes
 
 WORKLOADS = ("random", "local")
 DENSE_PEERS = ("cudnn", "flash")
@@ -87,7 +88,7 @@ LOCAL_Q_SHARE, LOCAL_Q_NOISE = 0.3, 0.9
 FLA_CONFIG = {"block_size": 64, "block_counts": 16, "window_size": 0}
 FLA_NOTE = ("fla = fla-core parallel_nsa in its own configuration: l = l' = d = 64, n = 16 "
             "(first block and 2 last forced), no window; not the spec's pattern")
-# The same pattern in the language, to count fla's FLOP with nsa_dsl.shapes (approximately:
+# The same pattern in the language, to count fla's FLOP with nsa_dsl.language.shapes (approximately:
 # fla's compression blocks follow its own visibility rule).
 FLA_SPEC_TEXT = """attention fla_parallel_nsa {
     branch cmp = compress(block = 64, stride = 64)
@@ -212,7 +213,7 @@ def fla_spec():
     """FLA_CONFIG's pattern as a Spec (for FLOP counts)."""
     global _FLA_SPEC
     if _FLA_SPEC is None:
-        from .parser import parse_source
+        from nsa_dsl.language.parser import parse_source
         _FLA_SPEC = parse_source(FLA_SPEC_TEXT, "<fla>").specs[0]
     return _FLA_SPEC
 
@@ -732,7 +733,7 @@ def _table(rows, cols) -> list[str]:
 
 
 def _import_pyplot():
-    from .show import _import_pyplot
+    from nsa_dsl.tools.show import _import_pyplot
     return _import_pyplot("E617", "nsa-dsl bench --plot", ", or drop --plot")
 
 
@@ -797,7 +798,7 @@ def _finish(plt, fig, a, b, xlabel, time_labels, speedup_labels, notes, path) ->
 
 
 def plot_decode(rows: list[dict], path, title: str = "") -> None:
-    """A PNG of decoding (rows of ``nsa_dsl.decode.decode_bench``): time per step against the cache
+    """A PNG of decoding (rows of ``nsa_dsl.tools.decode_bench.decode_bench``): time per step against the cache
     length (log-log) per batch size (and kv head count, when several), the decode kernels launched
     from Python (solid) and replayed as a CUDA graph (dotted) beside SDPA cuDNN and flash over the
     whole cache; and cuDNN / nsa (the graph's time where measured: the GPU's, not the host's)."""

@@ -20,8 +20,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
-from .errors import SpecError
-from .ir import Compress, Indexer, Param, Select, Span, Spec, Window
+from nsa_dsl.errors import SpecError
+from nsa_dsl.language.ir import Compress, Indexer, Param, Select, Span, Spec, Window
 
 MAX_SIZE = 2 ** 20      # largest block, stride, top_k, window, head count
 MAX_DIM = 256           # largest head dimension the kernels support

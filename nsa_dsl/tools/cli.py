@@ -2,7 +2,7 @@
 
     nsa-dsl check FILE...                 parse and check specs (no torch needed)
     nsa-dsl explain FILE                  key counts, costs and the kernel plan
-    nsa-dsl compile|demo|bench|show|tune  the heavy commands, in nsa_dsl.commands
+    nsa-dsl compile|demo|bench|show|tune  the heavy commands, in nsa_dsl.tools.commands
 
 Exit codes: 0 ok, 1 a bad spec or a failed command, 2 bad usage, 70 an
 internal error (a bug: please report it), 130 interrupted.
@@ -15,8 +15,10 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from . import __version__, load_file
-from .errors import SpecError
+from nsa_dsl import __version__
+
+from nsa_dsl import load_file
+from nsa_dsl.errors import SpecError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
 DEFAULT_LENGTHS = (4096, 16384, 65536)
@@ -53,7 +55,7 @@ def _lazy(module: str, command: str):
 # ----------------------------------------------------------------- commands
 
 def _load_spec(path: str, name: Optional[str]):
-    from .parser import pick_spec
+    from nsa_dsl.language.parser import pick_spec
     return pick_spec(load_file(path), name)
 
 
@@ -74,9 +76,9 @@ def _check(args) -> int:
 
 def _explain(args) -> int:
     spec = _load_spec(args.file, args.name)
-    explain = _lazy("nsa_dsl.explain", "explain")
-    plan = _lazy("codegen.plan", "explain")   # plain data: no torch, no triton
-    dims = _lazy("nsa_dsl.shapes", "explain").Dims.of(spec)
+    explain = _lazy("nsa_dsl.tools.explain", "explain")
+    plan = _lazy("nsa_dsl.codegen.plan", "explain")   # plain data: no torch, no triton
+    dims = _lazy("nsa_dsl.language.cost", "explain").Dims.of(spec)
     binding = plan.bind(spec, dims.heads, dims.kv_heads, dims.qk_dim, dims.v_dim)
     kernel_plan = explain.Section(
         "kernel plan", "\n".join("  " + line for line in plan.lower(spec, binding).describe().splitlines()))
@@ -85,12 +87,12 @@ def _explain(args) -> int:
 
 
 def _heavy(func_name: str, command: str):
-    """A handler that forwards to ``nsa_dsl.commands.<func_name>(args, emit=...)``.
+    """A handler that forwards to ``nsa_dsl.tools.commands.<func_name>(args, emit=...)``.
 
     Those commands import torch and triton, so they load only when run.
     """
     def handler(args) -> int:
-        commands = _lazy("nsa_dsl.commands", command)
+        commands = _lazy("nsa_dsl.tools.commands", command)
         code = getattr(commands, func_name)(args, emit=_out)
         return EXIT_OK if code is None else int(code)
     return handler
@@ -136,7 +138,7 @@ def _positive_ints(text: str) -> tuple[int, ...]:
     return tuple(_positive_int(p) for p in parts)
 
 
-BENCH_PEERS = ("cudnn", "flash", "fla")   # nsa_dsl.bench.PEERS (kept here: bench imports torch)
+BENCH_PEERS = ("cudnn", "flash", "fla")   # nsa_dsl.tools.bench.PEERS (kept here: bench imports torch)
 
 
 def _peer_names(text: str) -> tuple[str, ...]:
@@ -182,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"sequence lengths (default {','.join(map(str, DEFAULT_LENGTHS))}; 8k = 8192)")
     name_option(sp)
 
-    # --- heavy commands: argparse here, work in nsa_dsl.commands (the lead's module)
+    # --- heavy commands: argparse here, work in nsa_dsl.tools.commands (the lead's module)
     sp = command("compile", _heavy("compile_cmd", "compile"),
                  "generate, cache and load the kernels of a spec")
     sp.add_argument("file", metavar="FILE")

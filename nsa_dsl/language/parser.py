@@ -17,9 +17,9 @@ from typing import Optional
 from lark import Lark, Token, Tree
 from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
-from . import checks
-from .errors import SpecError
-from .ir import Compress, Indexer, Output, Param, Select, Span, Spec, SpecFile, Window
+from nsa_dsl.errors import SpecError
+from nsa_dsl.language import checks
+from nsa_dsl.language.ir import Compress, Indexer, Output, Param, Select, Span, Spec, SpecFile, Window
 
 MAX_BYTES = 1 << 20     # larger files are refused before reading them whole
 # lark's LALR parser runs at roughly 50k tokens/s; real specs have a few
@@ -94,6 +94,24 @@ def pick_spec(specfile: SpecFile, name: Optional[str] = None) -> Spec:
         raise SpecError("E111", f"{specfile.file} has no attention block '{name}'",
                         hint=checks.join_hints(checks.did_you_mean(name, names),
                                                 f"it declares {', '.join(names)}")) from None
+
+
+def as_spec(spec, name: Optional[str] = None) -> Spec:
+    """The one rule by which the API takes a spec: a ``Spec`` as it is; a ``SpecFile`` (its block
+    ``name``, or its only one); a path (``os.PathLike``, or a string naming an existing file) is
+    read and parsed; any other string is spec text when it holds a ``{`` (every block does), else
+    a path (which then fails to read, E105)."""
+    if isinstance(spec, Spec):
+        return spec
+    if isinstance(spec, SpecFile):
+        return pick_spec(spec, name)
+    if isinstance(spec, os.PathLike) or (isinstance(spec, str) and (os.path.isfile(spec) or "{" not in spec)):
+        return pick_spec(parse_source(read_spec_text(spec), str(spec)), name)
+    if isinstance(spec, str):
+        return pick_spec(parse_source(spec), name)
+    raise SpecError("E600", f"expected a Spec, a .nsa file's path or spec text, got "
+                            f"{'None' if spec is None else type(spec).__name__}",
+                    hint="nsa_dsl.load('examples/nsa_paper_mean.nsa'), nsa_dsl.parse(text), or the path itself")
 
 
 # ------------------------------------------------------------------ syntax

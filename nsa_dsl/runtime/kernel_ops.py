@@ -10,7 +10,7 @@ log-sum-exps, which are returned for inspection and for the scoring pass.
 
 Packed variable-length batches: every attention and top-k op takes an optional
 ``cu_seqlens [N + 1]`` int32 (``B = 1``), passed to the launchers of a module generated
-with ``VARLEN`` (``codegen.plan.lower(..., varlen=True)``); it gets no gradient, and the
+with ``VARLEN`` (``nsa_dsl.codegen.plan.lower(..., varlen=True)``); it gets no gradient, and the
 output shapes are the same as without it.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from codegen import tuning
-from codegen.launch import Family
+from nsa_dsl.codegen import tuning
+from nsa_dsl.codegen.launch import Family
 
 _REGISTRY: dict[str, object] = {}   # key -> a generated kernel module or a Program
 
@@ -34,7 +34,7 @@ def register(key: str, obj) -> str:
 
 
 def module(key: str) -> Family:
-    """The launchers registered under ``key`` (a ``codegen.launch.Family``)."""
+    """The launchers registered under ``key`` (a ``nsa_dsl.codegen.launch.Family``)."""
     return _registered(key, Family, "kernel family")
 
 
@@ -64,7 +64,7 @@ def _seq(cu_seqlens: Optional[Tensor]) -> dict:
 
 def _run(key: str, launcher: str, q: Tensor, *args, **kwargs):
     """``module(key).<launcher>(*args, **kwargs)`` with the tuned configs of q's shape bucket on
-    this GPU, if any (``codegen.tuning``: a dict lookup; tunes first when asked to)."""
+    this GPU, if any (``nsa_dsl.codegen.tuning``: a dict lookup; tunes first when asked to)."""
     mod = module(key)
     config = tuning.config_for(key, mod, launcher, q, args, kwargs)
     if config:
@@ -251,7 +251,7 @@ combine_fwd.register_autograd(_combine_backward, setup_context=_setup_combine)
 @dataclass(frozen=True)
 class BranchKernels:
     """One branch of a program, in launch order: its kind, name and kernel modules (the spec's
-    branch itself is ``nsa_dsl.ir.Branch``)."""
+    branch itself is ``nsa_dsl.language.ir.Branch``)."""
     kind: str                  # "compress", "select" or "window"
     name: str
     key: str                   # the branch's kernel module

@@ -20,8 +20,9 @@ import textwrap
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
-from . import shapes as S
-from .ir import Spec
+from nsa_dsl.language import cost, symbolic
+from nsa_dsl.language import shapes as S
+from nsa_dsl.language.ir import Spec
 
 __all__ = ["Section", "explain", "explain_sections", "format_report", "spec_lines",
            "formula_lines", "cost_table", "summary_table", "DEFAULT_LENGTHS"]
@@ -48,7 +49,7 @@ def _output_text(spec: Spec) -> str:
     return f"{o.kind}({', '.join(head + list(o.branches))})"
 
 
-def spec_lines(spec: Spec, dims: S.Dims, given: Iterable[str] = ()) -> list[str]:
+def spec_lines(spec: Spec, dims: cost.Dims, given: Iterable[str] = ()) -> list[str]:
     """The spec, one line per branch, and the dims the costs use (and where they came
     from: ``given`` names the ones the caller passed)."""
     w = max(len(b.name) for b in spec.branches) if spec.branches else 4
@@ -67,7 +68,7 @@ def spec_lines(spec: Spec, dims: S.Dims, given: Iterable[str] = ()) -> list[str]
 
 
 def _txt(e) -> str:
-    return S.render(e, "text")
+    return symbolic.render(e, "text")
 
 
 def _put(lines: list, label: str, formula: str, width: int, notes: Sequence[str] = ()) -> None:
@@ -114,7 +115,7 @@ def formula_lines(shapes: S.SpecShapes) -> list[str]:
             note = (f"keys {_txt(b.first_key)} .. t" +
                     (f", and sinks 0 .. {b.sinks - 1} left of them" if b.sinks else ""))
             formula = _txt(b.keys) if not b.sinks else \
-                f"{_txt(S.window_keys(S.t, b.size))} + {_txt(b.sink_keys)}"
+                f"{_txt(S.window_keys(symbolic.t, b.size))} + {_txt(b.sink_keys)}"
             _put(lines, b.name, formula, w, [note])
         else:
             _put(lines, b.name, _txt(b.keys), w)
@@ -157,7 +158,7 @@ def _ratio(dense: float, sparse: float) -> str:
     return f"{r:.1f}x fewer" if r >= 1 else f"{1 / r:.1f}x more"
 
 
-def cost_table(c: S.Cost, shapes: Optional[S.SpecShapes] = None) -> list[str]:
+def cost_table(c: cost.Cost, shapes: Optional[S.SpecShapes] = None) -> list[str]:
     """One length (the caller titles it): a row per pass (a select's scoring pass
     apart), total, dense, and the ratio to dense."""
     inexact = {b.name for b in shapes.branches if not b.exact} if shapes else set()
@@ -166,7 +167,7 @@ def cost_table(c: S.Cost, shapes: Optional[S.SpecShapes] = None) -> list[str]:
              f"{'K/V bytes':>12}",
              f"{_IND}{'':<{w}}{'(average)':>12}{'t = T-1':>10}"]
 
-    def row(r: S.CostRow, share: bool = True) -> str:
+    def row(r: cost.CostRow, share: bool = True) -> str:
         name = r.name + ("*" if r.name in inexact else "")
         pct = f"{100 * r.flops / c.total.flops:>6.1f}%" if share and c.total.flops else " " * 7
         return (f"{_IND}{name:<{w}}{r.keys_avg:>12.1f}{r.keys_last:>10d}{_num(r.flops):>11}"
@@ -184,7 +185,7 @@ def cost_table(c: S.Cost, shapes: Optional[S.SpecShapes] = None) -> list[str]:
     return lines
 
 
-def summary_table(costs: Sequence[S.Cost]) -> list[str]:
+def summary_table(costs: Sequence[cost.Cost]) -> list[str]:
     """One line per length: totals against dense causal attention."""
     lines = [f"{_IND}{'T':>7}{'keys/query':>12}{'FLOP':>11}{'dense FLOP':>12}{'vs dense':>14}"
              f"{'K/V bytes':>12}{'dense bytes':>13}"]
@@ -210,9 +211,9 @@ _MODEL = """\
 
 def explain_sections(spec: Spec, lengths: Iterable[int] = DEFAULT_LENGTHS, heads=None,
                      qk_dim=None, v_dim=None, *, kv_heads=None,
-                     dtype_bytes: int = S.DEFAULT_DTYPE_BYTES) -> list[Section]:
+                     dtype_bytes: int = cost.DEFAULT_DTYPE_BYTES) -> list[Section]:
     """The report's sections, in order, for the CLI to extend."""
-    dims = S.Dims.of(spec, heads=heads, kv_heads=kv_heads, qk_dim=qk_dim, v_dim=v_dim,
+    dims = cost.Dims.of(spec, heads=heads, kv_heads=kv_heads, qk_dim=qk_dim, v_dim=v_dim,
                      dtype_bytes=dtype_bytes)
     shapes = S.spec_shapes(spec)
     given = [n for n, v in (("heads", heads), ("kv_heads", kv_heads), ("qk_dim", qk_dim),
@@ -223,7 +224,7 @@ def explain_sections(spec: Spec, lengths: Iterable[int] = DEFAULT_LENGTHS, heads
     if wl:
         sections.append(Section("selection scores", "\n".join(wl)))
     sections.append(Section("cost model", _MODEL))
-    costs = [S.cost(shapes, int(n), dims) for n in lengths]
+    costs = [cost.cost(shapes, int(n), dims) for n in lengths]
     for c in costs:
         sections.append(Section(f"T = {c.T} (forward)", "\n".join(cost_table(c, shapes))))
     if len(costs) > 1:
@@ -241,7 +242,7 @@ def format_report(spec: Spec, sections: Iterable[Section]) -> str:
 
 def explain(spec: Spec, lengths: Iterable[int] = DEFAULT_LENGTHS, heads: Optional[int] = None,
             qk_dim: Optional[int] = None, v_dim: Optional[int] = None, *,
-            kv_heads: Optional[int] = None, dtype_bytes: int = S.DEFAULT_DTYPE_BYTES,
+            kv_heads: Optional[int] = None, dtype_bytes: int = cost.DEFAULT_DTYPE_BYTES,
             extra_sections: Iterable[Section] = ()) -> str:
     """A readable plain-text report of ``spec``: formulas, keys, FLOPs, bytes vs dense.
 

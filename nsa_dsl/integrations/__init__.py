@@ -1,0 +1,1 @@
+"""nsa-dsl inside other libraries (transformers, torch.distributed)."""

@@ -1,0 +1,1 @@
+"""The language: grammar, parser, IR, checks and the symbolic shapes (no torch, no triton)."""

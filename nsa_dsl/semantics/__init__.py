@@ -1,0 +1,1 @@
+"""The reference semantics in plain PyTorch, and the call checks the op shares."""
