@@ -58,6 +58,10 @@ class Plan:
                 return k
         raise KeyError(name)
 
+    def of_branch(self, branch: str) -> dict[str, str]:
+        """The kernels of one branch (or of ``"output"``): family -> kernel name."""
+        return {k.family: k.name for k in self.kernels if k.branch == branch}
+
     def canonical(self) -> str:
         """Stable text of everything that determines the generated code."""
         return json.dumps({
@@ -172,11 +176,14 @@ def lower(spec: Spec, binding: Binding, varlen: bool = False) -> Plan:
 
     ``varlen=True``: kernels for packed variable-length sequences (``cu_seqlens``); the attention
     families get the template variable ``VARLEN = True`` (a plan without it renders no varlen
-    code, and the variable is part of the cache key). Combination needs no variant.
+    code, and the variable is part of the cache key). Combination needs no variant. ``CAUSAL``
+    (the spec's) goes to every attention family. Kernel names are spelled here only: the runtime
+    finds a branch's kernels with :meth:`Plan.of_branch`.
     """
     G, DQK, DV = binding.group, binding.qk_dim, binding.v_dim
     tiles = tile_vars(G, DQK, DV)
     seq = {"VARLEN": True} if varlen else {}
+    seq["CAUSAL"] = spec.causal             # every attention family: causal or both-sided masks
     kernels = []
     for b in spec.of_kind("compress"):
         kernels.append(_kernel(f"compress_{b.name}", b.name, "compress", **tiles, L=b.block, STRIDE=b.stride, **seq))

@@ -31,17 +31,15 @@ from __future__ import annotations
 import functools
 import math
 import os
-from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from nsa_dsl.errors import SpecError
 from nsa_dsl.language.checks import check_spec
 from nsa_dsl.language.parser import as_spec
-from nsa_dsl.language.ir import Compress, Spec, SpecFile
+from nsa_dsl.language.ir import Spec
 from nsa_dsl.runtime.decoding import DecodeOp, decode_torch
 from nsa_dsl.runtime.kv_cache import NSACache
 

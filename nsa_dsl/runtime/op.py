@@ -109,17 +109,21 @@ class CompiledOp:
             for key in keys.values():               # tuned configs live beside the kernel cache
                 tuning.register(key, self.cache.directory)
             self._keys[(binding, varlen)] = (plan, keys)
-            self._programs[(binding, varlen)] = ops.register(f"{prefix}/program", self._program(binding, keys))
+            self._programs[(binding, varlen)] = ops.register(f"{prefix}/program", self._program(plan, keys))
         return self._keys[(binding, varlen)]
 
-    def _program(self, binding: Binding, keys: dict[str, str]) -> ops.Program:
+    def _program(self, plan: Plan, keys: dict[str, str]) -> ops.Program:
         """The branches in launch order (compress, select, window) with their kernel keys."""
         spec = self.spec
-        branches = [ops.BranchKernels("compress", b.name, keys[f"compress_{b.name}"]) for b in spec.of_kind("compress")]
-        branches += [ops.BranchKernels("select", b.name, keys[f"select_{b.name}"], keys[f"topk_{b.name}"], b.score, b.top_k)
+
+        def key(branch: str, family: str) -> str:
+            return keys[plan.of_branch(branch)[family]]
+        branches = [ops.BranchKernels("compress", b.name, key(b.name, "compress")) for b in spec.of_kind("compress")]
+        branches += [ops.BranchKernels("select", b.name, key(b.name, "select"), key(b.name, "topk"), b.score, b.top_k)
                      for b in spec.of_kind("select")]
-        branches += [ops.BranchKernels("window", b.name, keys[f"window_{b.name}"]) for b in spec.of_kind("window")]
-        return ops.Program(tuple(branches), tuple(spec.output.branches), keys["combine"], binding.kv_heads)
+        branches += [ops.BranchKernels("window", b.name, key(b.name, "window")) for b in spec.of_kind("window")]
+        return ops.Program(tuple(branches), tuple(spec.output.branches), key("output", "combine"),
+                           plan.binding.kv_heads)
 
     def source(self, which: str = "all", *, varlen: bool = False, **shapes) -> str:
         """The generated Triton source: ``"all"`` (or ``"fwd"``/``"bwd"``: every module holds
@@ -211,7 +215,7 @@ class CompiledOp:
                                               combine_in=fused.name if fused is not None else None)
         if o is not None:
             return o
-        o = ops.combine_fwd(keys["combine"], [outs[n] for n in spec.output.branches], g)
+        o = ops.combine_fwd(prog.combine, [outs[n] for n in spec.output.branches], g)
         if return_aux:
             return o, Aux(indices=idxs, lse=lses, outputs=outs, spec=spec)
         return o

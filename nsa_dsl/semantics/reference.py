@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from nsa_dsl.language.checks import check_spec
 from nsa_dsl.errors import SpecError
 from nsa_dsl.semantics.inputs import check_call, check_scale, needed_branches
-from nsa_dsl.language.ir import Compress, Indexer, Select, Spec, Window
+from nsa_dsl.language.ir import Compress, Indexer, Select, Spec
 from nsa_dsl.language.rules import num_compressed_blocks, num_select_blocks
 
 TensorOrDict = Union[torch.Tensor, Mapping[str, torch.Tensor]]

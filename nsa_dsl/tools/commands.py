@@ -46,7 +46,6 @@ def compile_cmd(args, emit=print) -> int:
 
 
 def _rel(a, b) -> float:
-    import torch
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 

@@ -37,8 +37,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
-import os
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Optional
