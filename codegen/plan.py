@@ -171,6 +171,16 @@ def select_vars(LS: int, TOPK: int) -> dict:
                 MULTI_NT=NT > 1 or any(LS // b > 1 for b in choices[1:]))
 
 
+def _kernels_run(spec: Spec) -> None:
+    """What the generated kernels do not run yet is refused here (the reference runs it)."""
+    missing = (["causal = false"] if not spec.causal else []) \
+        + [f"query_block = {b.query_block} ({b.name})" for b in spec.of_kind("select") if b.query_block != 1] \
+        + [f"indexer {b.name}" for b in spec.of_kind("indexer")]
+    if missing:
+        raise SpecError("E614", f"the generated kernels do not run {', '.join(missing)} yet",
+                        hint="use nsa_dsl.reference (SparseAttention(..., backend='reference'))")
+
+
 def lower(spec: Spec, binding: Binding, varlen: bool = False) -> Plan:
     """Which kernels run, in dependency order: compression, selection, window, combination.
 
@@ -180,6 +190,7 @@ def lower(spec: Spec, binding: Binding, varlen: bool = False) -> Plan:
     (the spec's) goes to every attention family. Kernel names are spelled here only: the runtime
     finds a branch's kernels with :meth:`Plan.of_branch`.
     """
+    _kernels_run(spec)
     G, DQK, DV = binding.group, binding.qk_dim, binding.v_dim
     tiles = tile_vars(G, DQK, DV)
     seq = {"VARLEN": True} if varlen else {}

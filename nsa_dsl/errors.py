@@ -88,6 +88,7 @@ CODES: dict[str, str] = {
     'E611': 'caller-supplied compressed keys missing for a learned pool',
     'E612': 'shapes unknown when a plan or source is asked for (not declared, not given, no call bound them yet)',
     'E613': 'an unknown kernel name',
+    'E614': 'a spec feature the generated kernels do not run yet (the reference does)',
     'E615': '`nsa-dsl bench` without a CUDA GPU',
     'E616': 'autotuning without a CUDA GPU (`nsa-dsl tune`, `op.tune`)',
     'E617': '`nsa-dsl bench`: `--plot` without matplotlib, or `--heads` not a multiple of `--kv-heads`',
