@@ -110,6 +110,7 @@ CODES: dict[str, str] = {
     'E633': '`nsa-dsl show --from-model`: a checkpoint of another attention',
     'E634': "`nsa-dsl show --from-model`: a checkpoint's model or layer does not fit",
     'E635': "`nsa-dsl show --from-model`: the example model's code cannot be found",
+    'E640': 'a command-line argument the command cannot use (a path it cannot write, a length beyond its limit)',
     'E701': 'a `SparseAttention` shape argument that conflicts with the spec',
     'E702': 'a shape neither declared by the spec nor passed to `SparseAttention`',
     'E703': 'a bad `SparseAttention` constructor argument (sizes, `backend`, `spec` type)',

@@ -21,6 +21,7 @@ from nsa_dsl.codegen.plan import Binding, Plan, bind, lower
 from nsa_dsl.runtime import kernel_ops as ops
 from nsa_dsl.semantics import varlen as _varlen
 from nsa_dsl.runtime.backend import check_kernel_device
+from nsa_dsl.runtime.files import output_folder, replace_file
 from nsa_dsl.language.checks import check_spec
 from nsa_dsl.language.parser import as_spec
 from nsa_dsl.errors import SpecError
@@ -142,18 +143,11 @@ class CompiledOp:
 
     def emit(self, directory, *, varlen: bool = False, **shapes) -> list[Path]:
         """Write the plan and every rendered module to ``directory`` (shapes as :meth:`source`)."""
+        out = output_folder(directory)            # before any kernel work: a bad folder fails fast
         plan, _ = self._kernels(self.binding(**shapes), varlen, record=False)
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
         entry = self.cache.entry(plan)
-        written = []
-        for k in plan.kernels:
-            p = out / f"{k.name}.py"
-            p.write_text((entry / f"{k.name}.py").read_text())
-            written.append(p)
-        p = out / "plan.txt"
-        p.write_text(plan.describe() + "\n")
-        written.append(p)
+        written = [replace_file(out / f"{k.name}.py", (entry / f"{k.name}.py").read_text()) for k in plan.kernels]
+        written.append(replace_file(out / "plan.txt", plan.describe() + "\n"))
         return written
 
     # -- the call ------------------------------------------------------------------------------

@@ -14,6 +14,10 @@ from pathlib import Path
 from nsa_dsl.errors import SpecError
 
 
+DEMO_MAX_T_CPU = 4096          # the interpreter takes minutes beyond this
+DEMO_MAX_T_GPU = 1 << 18       # the demo checks against a float64 reference, which grows with T
+
+
 def packaged_example(name: str = "nsa_paper.nsa") -> Path:
     """A spec shipped with the package (``nsa_dsl.examples``: the examples/ folder)."""
     return Path(str(files("nsa_dsl.examples") / name))
@@ -36,6 +40,9 @@ def compile_cmd(args, emit=print) -> int:
         emit(f"shapes: {', '.join(f'{f} = {shapes[f]}' for f in dims.defaulted)} assumed (the spec does "
              f"not declare {'it' if len(dims.defaulted) == 1 else 'them'}; the defaults of `nsa-dsl explain`); "
              f"set {' '.join('--' + f.replace('_', '-') + ' N' for f in dims.defaulted)} to compile for others")
+    if getattr(args, "emit", None):
+        from nsa_dsl.runtime.files import output_folder
+        output_folder(args.emit)                  # a folder that cannot take the files: say so first
     plan = op.plan(**shapes)
     emit(plan.describe())
     emit(f"cache entry: {op.cache.entry(plan)}")
@@ -73,6 +80,11 @@ def demo_cmd(args, emit=print) -> int:
     device = "cuda" if on_gpu else "cpu"
     dtype = torch.bfloat16 if on_gpu else torch.float32
     T = getattr(args, "seq_len", None) or (4096 if on_gpu else 160)
+    limit = DEMO_MAX_T_GPU if on_gpu else DEMO_MAX_T_CPU
+    if T > limit:
+        raise SpecError("E640", f"demo --seq-len {T}: the demo runs at most {limit} tokens "
+                                f"{'on a GPU' if on_gpu else 'through the CPU interpreter'}",
+                        hint=f"use --seq-len {limit} or less (nsa-dsl bench times long sequences on a GPU)")
     HQ = spec.heads or (64 if on_gpu else 16)
     H = spec.kv_heads or (4 if on_gpu else 1)
     declared = spec

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import io
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,6 +46,7 @@ import numpy as np
 
 from nsa_dsl.errors import SpecError
 from nsa_dsl.language.ir import Compress, Select, Spec, Window
+from nsa_dsl.runtime.files import output_folder, replace_file
 
 __all__ = ["attention_masks", "keys_per_query", "render_png", "random_selection", "model_selection",
            "DEFAULT_SIZE", "BRANCH_COLORS"]
@@ -289,8 +291,11 @@ def model_selection(spec: Spec, T: int, checkpoint: str, layer: int = 0, seed: i
     query ``t`` of each answer and the position ``p`` of the value it has to retrieve."""
     import torch
     ex = _example_module()
-    if not Path(checkpoint).is_file():
+    if not Path(checkpoint).exists():
         raise SpecError("E632", f"cannot read checkpoint {checkpoint}: no such file")
+    if not Path(checkpoint).is_file():
+        raise SpecError("E632", f"cannot read checkpoint {checkpoint}: it is not a regular file",
+                        hint="pass the .pt file that examples/train_tiny_lm.py --save wrote")
     try:
         model, ckpt = ex.load_checkpoint(checkpoint)
     except SpecError:
@@ -618,8 +623,14 @@ def render_png(spec: Spec, masks: dict, T: int, path, *, title: str = "",
             a.scatter(kp, tq, s=36, facecolors="none", edgecolors="black", linewidths=1.0, zorder=3)
 
     path = Path(path)
-    if not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    kinds = fig.canvas.get_supported_filetypes()
+    kind = path.suffix.lstrip(".").lower()
+    if kind not in kinds:
+        plt.close(fig)
+        raise SpecError("E631", f"--out {path}: matplotlib writes no '{kind or '(none)'}' files",
+                        hint=f"end the name with one of {', '.join('.' + k for k in sorted(kinds))}, e.g. .png")
+    output_folder(path.parent, "--out")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format=kind)
     plt.close(fig)
-    return path
+    return replace_file(path, buffer.getvalue(), "--out")
