@@ -17,7 +17,7 @@ def check_scale(scale, qk_dim: int) -> float:
     if scale is None:
         return qk_dim ** -0.5
     value: Optional[float]
-    if isinstance(scale, bool):
+    if isinstance(scale, (bool, str, bytes)):
         value = None
     else:
         try:
