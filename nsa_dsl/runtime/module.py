@@ -191,6 +191,9 @@ class SparseAttention(nn.Module):
             on a CPU the kernels run through Triton's interpreter, which is orders of
             magnitude slower than the PyTorch reference.
         scale: softmax scale, ``qk_dim ** -0.5`` when None.
+        q_norm, k_norm: modules applied to ``q [B, T, HQ, Dqk]`` and the raw keys ``k [B, T, H, Dqk]``
+            right after the projections, before rotary (a per-head norm over the last dim, as
+            Qwen3's ``RMSNorm(head_dim)``); registered as submodules. None: no norm.
         pool_hidden: width of the ``pool = mlp`` hidden layer (default ``hidden_size``).
         device, dtype: of every parameter.
 
@@ -214,6 +217,7 @@ class SparseAttention(nn.Module):
                  separate_kv: bool = False, bias: bool = False,
                  rotary: Optional[Rotary] = None, backend: str = "auto",
                  scale: Optional[float] = None, pool_hidden: Optional[int] = None,
+                 q_norm: Optional[nn.Module] = None, k_norm: Optional[nn.Module] = None,
                  device=None, dtype=None):
         super().__init__()
         spec = check_spec(as_spec(spec))          # a Spec built by hand gets the parser's checks
@@ -243,6 +247,7 @@ class SparseAttention(nn.Module):
         self.backend = backend
         self.scale = scale
         self.rotary = rotary
+        self.q_norm, self.k_norm = q_norm, k_norm
         self._compiled_op = None   # nsa_dsl.compile(spec), built on the first kernel call
         self._decode_op = None     # the decode kernels (DecodeOp), built on the first kernel decode
 
@@ -319,6 +324,10 @@ class SparseAttention(nn.Module):
         else:
             k = self.k_proj(x).view(B, T, H, Dqk)
             v = self.v_proj(x).view(B, T, H, Dv)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.k_norm is not None:
+            k = {n: self.k_norm(a) for n, a in k.items()} if isinstance(k, dict) else self.k_norm(k)
         return q, k, v
 
     def forward(self, x: torch.Tensor, *, return_aux: bool = False, cache=None, n_new=None,
