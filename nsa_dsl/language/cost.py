@@ -101,10 +101,13 @@ def flops_per_query(shapes: BranchShapes, qk_dim: int, v_dim: int) -> Expr:
     return simplify(shapes.flops.subs({Dqk: qk_dim, Dv: v_dim}))
 
 
-def _row(name, kind, n, keys_sum, keys_last, per_key_flops, per_key_elems, dims) -> CostRow:
+def _row(name, kind, n, keys_sum, keys_last, per_key_flops, per_key_elems, dims, *,
+         per_head: bool = True, reuse: int = 1) -> CostRow:
+    """A pass: FLOPs per key per query head (``per_head``; else per query: an indexer), K/V
+    elements per key per kv head, read once per ``reuse`` positions (query_block tiles)."""
     return CostRow(name, kind, n, keys_sum, keys_last,
-                   flops=keys_sum * per_key_flops * dims.heads,
-                   bytes=keys_sum * per_key_elems * dims.kv_heads * dims.dtype_bytes)
+                   flops=keys_sum * per_key_flops * (dims.heads if per_head else 1),
+                   bytes=keys_sum * per_key_elems * (dims.kv_heads if per_head else 1) * dims.dtype_bytes // reuse)
 
 
 def cost(shapes: SpecShapes, T_value: int, dims: Dims) -> Cost:
@@ -115,11 +118,16 @@ def cost(shapes: SpecShapes, T_value: int, dims: Dims) -> Cost:
     last = max(n - 1, 0)
     rows = []
     for b in shapes.branches:
+        keys_last = evaluate(b.keys, t=last, T=n) if n else 0
+        if b.kind == "indexer":             # scoring only: heads x dim products per key, once per query
+            rows.append(_row(b.name, "score", n, evaluate(b.keys_sum, T=n), keys_last,
+                             2 * b.heads * b.dim + 2 * b.heads, b.dim, dims, per_head=False))
+            continue
         if b.score_keys_sum != 0:
             rows.append(_row(f"{b.name} score", "score", n, evaluate(b.score_keys_sum, T=n),
-                             evaluate(b.score_keys, t=last) if n else 0, 2 * dq, dq, dims))
-        rows.append(_row(b.name, b.kind, n, evaluate(b.keys_sum, T=n),
-                         evaluate(b.keys, t=last) if n else 0, 2 * dq + 2 * dv, dq + dv, dims))
+                             evaluate(b.score_keys, t=last, T=n) if n else 0, 2 * dq, dq, dims))
+        rows.append(_row(b.name, b.kind, n, evaluate(b.keys_sum, T=n), keys_last,
+                         2 * dq + 2 * dv, dq + dv, dims, reuse=b.kv_reuse))
     d = shapes.dense
     dense = _row("dense", "dense", n, evaluate(d.keys_sum, T=n), n, 2 * dq + 2 * dv, dq + dv, dims)
     total = CostRow("total", "total", n,

@@ -32,7 +32,7 @@ from typing import Optional
 
 import sympy as sp
 
-from nsa_dsl.language.ir import Branch, Compress, Select, Spec, Window
+from nsa_dsl.language.ir import Branch, Compress, Indexer, Select, Spec, Window
 from nsa_dsl.language.symbolic import (Dqk, Dv, Expr, IntLike, T, as_expr, ceildiv, clip0, evaluate, floordiv, i,
                                        j, lambdify_int, simplify, smax, smin, sum_floor, sum_min, sum_mod, t)
 
@@ -93,6 +93,7 @@ class BranchShapes:
     score_keys: Expr = sp.Integer(0)
     score_keys_sum: Expr = sp.Integer(0)
     note: str = ""
+    kv_reuse: int = 1       # positions that read each attended key once (query_block tiles)
 
     @property
     def keys_last(self) -> Expr:
@@ -111,8 +112,9 @@ class BranchShapes:
 
     @property
     def kv_elems_sum(self) -> Expr:
-        """K/V elements read per kv head, summed over T queries (see the module doc)."""
-        return self.keys_sum * (Dqk + Dv) + self.score_keys_sum * Dqk
+        """K/V elements read per kv head, summed over T queries (see the module doc); a
+        ``query_block`` tile reads its blocks once for its ``kv_reuse`` positions."""
+        return self.keys_sum * (Dqk + Dv) / self.kv_reuse + self.score_keys_sum * Dqk
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,27 +174,40 @@ class WindowShapes(BranchShapes):
 
 
 @dataclass(frozen=True, kw_only=True)
+class IndexerShapes(BranchShapes):
+    """An indexer scores every eligible key for each query (t + 1, or T when not causal) with
+    its ``heads`` x ``dim`` weighted relu products, once per query (shared by all heads)."""
+    heads: int
+    dim: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class DenseShapes(BranchShapes):
-    """Dense causal attention, for comparison: t + 1 keys, T*(T + 1)/2 in all."""
+    """Dense attention, for comparison: t + 1 keys (T*(T + 1)/2 in all), or T when not causal."""
 
 
-def _compress_shapes(b: Compress) -> CompressShapes:
+def _compress_shapes(b: Compress, causal: bool = True) -> CompressShapes:
     l, d = b.block, b.stride
-    vis = compress_visible(t, l, d)
-    N = clip0(T - l + 1)
-    total = simplify(N + sum_floor(N, d))
+    n_blocks = compress_n_blocks(T, l, d)
+    if causal:
+        vis = compress_visible(t, l, d)
+        N = clip0(T - l + 1)
+        total, note = simplify(N + sum_floor(N, d)), "compressed keys"
+    else:                                   # every complete block, for every query
+        vis, total, note = n_blocks, simplify(T * n_blocks), "compressed keys (all blocks: not causal)"
     return CompressShapes(
         name=b.name, kind="compress", keys=vis, keys_min=vis, exact=True,
         keys_sum=total, keys_min_sum=total, block=l, stride=d,
-        n_blocks=compress_n_blocks(T, l, d), visible=vis,
-        first_key=simplify(i * d), last_key=simplify(i * d + l - 1),
-        note="compressed keys")
+        n_blocks=n_blocks, visible=vis,
+        first_key=simplify(i * d), last_key=simplify(i * d + l - 1), note=note)
 
 
-def _select_shapes(b: Select, score_branch: Optional[Compress]) -> SelectShapes:
-    ls, n, kf, kl = b.block, b.top_k, b.keep_first, b.keep_last
+def _select_shapes(b: Select, score_branch: Optional[Compress], causal: bool = True,
+                   indexer: Optional[Indexer] = None) -> SelectShapes:
+    ls, n, kf, kl, Q = b.block, b.top_k, b.keep_first, b.keep_last, b.query_block
     own = floordiv(t, ls)
-    elig = simplify(own + 1)
+    n_blocks = ceildiv(T, ls)
+    elig = simplify(own + 1) if causal else n_blocks
     upper = select_keys_max(t, ls, n)
     lower = select_keys_exact(t, ls, n)
     upper_sum = simplify(sum_min(T, n * ls))
@@ -200,7 +215,17 @@ def _select_shapes(b: Select, score_branch: Optional[Compress]) -> SelectShapes:
     # sum over t of l'*min(n - 1, floor(t/l')): q full periods of l' queries, then r more
     lower_sum = simplify(ls * (ls * (sum_min(qT, n) - qT) + (T - ls * qT) * smin(n - 1, qT))
                          + sum_mod(T, ls) + T)
-    if kl >= 1:
+    if not causal:                          # whole blocks; the last one may be partial
+        upper = simplify(smin(n * ls, T))
+        lower = simplify(smin(upper, (smin(n, n_blocks) - 1) * ls + T - (n_blocks - 1) * ls))
+        keys, exact = upper, False
+        note = "every block eligible (not causal); the partial last block may be chosen: bounds"
+        keys_sum, lower_sum = simplify(T * upper), simplify(T * lower)
+    elif Q > 1:
+        keys, exact, keys_sum = upper, False, upper_sum
+        note = (f"one selection per {Q} positions (query_block): at most min(n*l', t + 1); "
+                f"K/V read once per {Q}-row tile")
+    elif kl >= 1:
         keys, exact, note = lower, True, f"own block forced (keep_last = {kl})"
         keys_sum = lower_sum
     elif b.score == "mean_pool":
@@ -213,14 +238,25 @@ def _select_shapes(b: Select, score_branch: Optional[Compress]) -> SelectShapes:
         keys, exact = upper, False
         note = "data-dependent (keep_last = 0): bounds"
         keys_sum = upper_sum
-    complete = floordiv(t + 1, ls)
+    if indexer is not None:                 # tokens: exactly min(n, eligible) keys
+        keys = simplify(smin(n, t + 1)) if causal else simplify(smin(n, T))
+        exact, keys_sum = True, simplify(sum_min(T, n)) if causal else simplify(T * smin(n, T))
+        lower, lower_sum = keys, keys_sum
+        note = f"{n} tokens chosen by indexer {indexer.name} (its scoring: its own row)"
+    complete = floordiv(t + 1, ls) if causal else n_blocks
     weight = wlo = whi = sl = sd = None
-    if score_branch is not None:
+    if indexer is not None:
+        score_keys, score_sum = sp.Integer(0), sp.Integer(0)
+    elif score_branch is not None:
         sl, sd = score_branch.block, score_branch.stride
         l, d = score_branch.block, score_branch.stride
-        score_keys = compress_visible(t, l, d)
-        N = clip0(T - l + 1)
-        score_sum = simplify(N + sum_floor(N, d))
+        if causal:
+            score_keys = compress_visible(t, l, d)
+            N = clip0(T - l + 1)
+            score_sum = simplify(N + sum_floor(N, d))
+        else:
+            score_keys = compress_n_blocks(T, l, d)
+            score_sum = simplify(T * score_keys)
         if l % d == 0 and ls % d == 0:
             a, bb = l // d, ls // d
             weight = overlap_weight(i, j, l, d, ls)
@@ -228,51 +264,67 @@ def _select_shapes(b: Select, score_branch: Optional[Compress]) -> SelectShapes:
             whi = simplify((j + 1) * bb - 1)
     else:
         score_keys = complete
-        score_sum = simplify(sum_floor(T + 1, ls))
+        score_sum = simplify(sum_floor(T + 1, ls)) if causal else simplify(T * n_blocks)
     return SelectShapes(
         name=b.name, kind="select", keys=keys, keys_min=lower if not exact else keys,
         exact=exact, keys_sum=keys_sum, keys_min_sum=lower_sum if not exact else keys_sum,
-        score_keys=score_keys, score_keys_sum=score_sum, note=note,
+        score_keys=score_keys, score_keys_sum=score_sum, note=note, kv_reuse=Q,
         block=ls, top_k=n, keep_first=kf, keep_last=kl, score=b.score,
-        n_blocks=ceildiv(T, ls), own_block=own, eligible=elig, selected=smin(n, elig),
+        n_blocks=n_blocks, own_block=own, eligible=elig, selected=smin(n, elig),
         complete=complete, forced=smin(elig, kf + kl), forced_first_end=smin(kf, elig),
         forced_last_start=clip0(own - kl + 1), first_key=simplify(j * ls),
         last_key=simplify((j + 1) * ls - 1), keys_computed=simplify(smin(n, elig) * ls),
         score_block=sl, score_stride=sd, weight=weight, weight_lo=wlo, weight_hi=whi)
 
 
-def _window_shapes(b: Window) -> WindowShapes:
-    w, s = b.size, b.sinks
-    keys = window_keys(t, w, s)
-    total = simplify(sum_min(T, w) + sum_min(clip0(T - w), s))
+def _indexer_shapes(b: Indexer, causal: bool = True) -> IndexerShapes:
+    keys = t + 1 if causal else T
+    total = T * (T + 1) / 2 if causal else T * T
+    return IndexerShapes(name=b.name, kind="indexer", keys=keys, keys_min=keys, exact=True,
+                         keys_sum=total, keys_min_sum=total, heads=b.heads, dim=b.dim,
+                         note=f"scores every eligible key: {b.heads} heads x {b.dim} dims, once per query")
+
+
+def _window_shapes(b: Window, causal: bool = True) -> WindowShapes:
+    w, s_ = b.size, b.sinks
+    keys = window_keys(t, w, s_)
+    total = simplify(sum_min(T, w) + sum_min(clip0(T - w), s_))
+    note = ""
+    if not causal:                          # the other side too: min(T - 1 - t, w - 1) more keys
+        keys = simplify(keys + smin(T - 1 - t, w - 1))
+        total = simplify(total + sum_min(T, w) - T)
+        note = "both sides (not causal)"
     return WindowShapes(
         name=b.name, kind="window", keys=keys, keys_min=keys, exact=True,
-        keys_sum=total, keys_min_sum=total, size=w, sinks=s,
-        first_key=clip0(t - w + 1), sink_keys=smin(s, clip0(t - w + 1)))
+        keys_sum=total, keys_min_sum=total, size=w, sinks=s_, note=note,
+        first_key=clip0(t - w + 1), sink_keys=smin(s_, clip0(t - w + 1)))
 
 
-def _dense_shapes() -> DenseShapes:
+def _dense_shapes(causal: bool = True) -> DenseShapes:
+    if not causal:
+        return DenseShapes(name="dense", kind="dense", keys=T, keys_min=T, exact=True,
+                           keys_sum=T * T, keys_min_sum=T * T, note="dense attention (not causal)")
     total = T * (T + 1) / 2
     return DenseShapes(name="dense", kind="dense", keys=t + 1, keys_min=t + 1, exact=True,
                        keys_sum=total, keys_min_sum=total, note="dense causal attention")
 
 
 def branch_shapes(branch: Branch, spec: Optional[Spec] = None) -> BranchShapes:
-    """The shapes of one branch. A select branch scored by a compress branch needs
-    ``spec`` to find it (without it, it is treated as scored by mean_pool)."""
+    """The shapes of one branch (of ``spec``: its causality and a select branch's score source;
+    without it, causal and scored by mean_pool)."""
+    causal = spec.causal if spec is not None else True
     if isinstance(branch, Compress):
-        return _compress_shapes(branch)
+        return _compress_shapes(branch, causal)
     if isinstance(branch, Select):
-        score = None
-        if branch.score != "mean_pool" and spec is not None:
-            try:
-                cand = spec.branch(branch.score)
-            except KeyError:
-                cand = None
-            score = cand if isinstance(cand, Compress) else None
-        return _select_shapes(branch, score)
+        source = None
+        if branch.score != "mean_pool" and spec is not None and branch.score in spec.branch_names:
+            source = spec.branch(branch.score)
+        return _select_shapes(branch, source if isinstance(source, Compress) else None, causal,
+                              source if isinstance(source, Indexer) else None)
     if isinstance(branch, Window):
-        return _window_shapes(branch)
+        return _window_shapes(branch, causal)
+    if isinstance(branch, Indexer):
+        return _indexer_shapes(branch, causal)
     raise TypeError(f"unknown branch {branch!r}")
 
 
@@ -282,6 +334,7 @@ class SpecShapes:
     name: str
     branches: tuple[BranchShapes, ...]
     dense: DenseShapes = field(default_factory=_dense_shapes)
+    causal: bool = True
 
     def branch(self, name: str) -> BranchShapes:
         for b in self.branches:
@@ -291,12 +344,12 @@ class SpecShapes:
 
     @property
     def keys(self) -> Expr:
-        """Keys per query, all branches (a branch's keys count once per branch)."""
-        return sp.Add(*[b.keys for b in self.branches])
+        """Keys attended per query, all branches (a branch's keys count once per branch)."""
+        return sp.Add(*[b.keys for b in self.branches if b.kind != "indexer"])
 
     @property
     def keys_sum(self) -> Expr:
-        return sp.Add(*[b.keys_sum for b in self.branches])
+        return sp.Add(*[b.keys_sum for b in self.branches if b.kind != "indexer"])
 
 
 _SPEC_CACHE: dict = {}
@@ -307,7 +360,8 @@ def spec_shapes(spec: Spec) -> SpecShapes:
     key = spec.canonical()
     hit = _SPEC_CACHE.get(key)
     if hit is None:
-        hit = SpecShapes(spec.name, tuple(branch_shapes(b, spec) for b in spec.branches))
+        hit = SpecShapes(spec.name, tuple(branch_shapes(b, spec) for b in spec.branches),
+                         _dense_shapes(spec.causal), spec.causal)
         if len(_SPEC_CACHE) > 256:
             _SPEC_CACHE.clear()
         _SPEC_CACHE[key] = hit

@@ -80,8 +80,11 @@ def _explain(args) -> int:
     plan = _lazy("nsa_dsl.codegen.plan", "explain")   # plain data: no torch, no triton
     dims = _lazy("nsa_dsl.language.cost", "explain").Dims.of(spec)
     binding = plan.bind(spec, dims.heads, dims.kv_heads, dims.qk_dim, dims.v_dim)
-    kernel_plan = explain.Section(
-        "kernel plan", "\n".join("  " + line for line in plan.lower(spec, binding).describe().splitlines()))
+    try:
+        text = plan.lower(spec, binding).describe()
+    except SpecError as e:          # a spec the kernels do not run yet: explain the rest
+        text = f"no kernels: {e.message} ({e.hint})"
+    kernel_plan = explain.Section("kernel plan", "\n".join("  " + line for line in text.splitlines()))
     _out(explain.explain(spec, args.lengths, extra_sections=[kernel_plan]))
     return EXIT_OK
 

@@ -76,6 +76,10 @@ def _put(lines: list, label: str, formula: str, width: int, notes: Sequence[str]
     head = f"{_IND}{label:<{width}}  "
     pad = " " * len(head)
     notes = list(notes)
+    if not formula and not label:        # notes that continue the previous entry
+        for note in notes:
+            lines.extend(textwrap.wrap(note, WIDTH, initial_indent=pad, subsequent_indent=pad + "  "))
+        return
     line = head + formula
     if notes and len(line) + 3 + len(notes[0]) <= WIDTH:
         line += "   " + notes.pop(0)
@@ -96,10 +100,13 @@ def formula_lines(shapes: S.SpecShapes) -> list[str]:
     lines: list[str] = []
     for b in shapes.branches:
         if isinstance(b, S.CompressShapes):
+            seen = (f"is seen from t = {_txt(b.last_key)}" if shapes.causal else "is seen by every query")
             _put(lines, b.name, _txt(b.keys), w, [
-                "compressed keys",
-                f"block i pools keys {_txt(b.first_key)} .. {_txt(b.last_key)} and is seen "
-                f"from t = {_txt(b.last_key)}; T keys make {_txt(b.n_blocks)} blocks"])
+                b.note,
+                f"block i pools keys {_txt(b.first_key)} .. {_txt(b.last_key)} and {seen}; "
+                f"T keys make {_txt(b.n_blocks)} blocks"])
+        elif isinstance(b, S.IndexerShapes):
+            _put(lines, b.name, _txt(b.keys), w, [f"keys scored: {b.note}"])
         elif isinstance(b, S.SelectShapes):
             forced = " and ".join(f"{k} {w}" for k, w in ((b.keep_first, "first"),
                                                            (b.keep_last, "last")) if k)
@@ -111,15 +118,20 @@ def formula_lines(shapes: S.SpecShapes) -> list[str]:
             else:
                 _put(lines, b.name, "at most " + _txt(b.keys), w, [b.note])
                 _put(lines, "", "at least " + _txt(b.keys_min), w, ["(own block chosen)", blocks])
+            if b.kv_reuse > 1:
+                _put(lines, "", "", w, [f"query_block = {b.kv_reuse}: dense {b.kv_reuse}-row tiles read each "
+                                        f"selected block once, {b.kv_reuse}x fewer K/V bytes than one "
+                                        "selection per position"])
         elif isinstance(b, S.WindowShapes):
-            note = (f"keys {_txt(b.first_key)} .. t" +
+            last = "t" if shapes.causal else f"min(T - 1, t + {b.size - 1})"
+            note = (f"keys {_txt(b.first_key)} .. {last}" +
                     (f", and sinks 0 .. {b.sinks - 1} left of them" if b.sinks else ""))
-            formula = _txt(b.keys) if not b.sinks else \
+            formula = _txt(b.keys) if not b.sinks or not shapes.causal else \
                 f"{_txt(S.window_keys(symbolic.t, b.size))} + {_txt(b.sink_keys)}"
             _put(lines, b.name, formula, w, [note])
         else:
             _put(lines, b.name, _txt(b.keys), w)
-    _put(lines, "dense", _txt(shapes.dense.keys), w, ["dense causal attention"])
+    _put(lines, "dense", _txt(shapes.dense.keys), w, [shapes.dense.note])
     for b in shapes.branches:
         if b.score_keys != 0:
             src = (f"scoring pass of {b.name}: compressed keys of {b.score}, QK only"
@@ -132,8 +144,13 @@ def formula_lines(shapes: S.SpecShapes) -> list[str]:
 def weight_lines(shapes: S.SpecShapes) -> list[str]:
     """The overlap weights of every select branch scored by a compress branch."""
     lines: list[str] = []
+    kinds = {x.name: x.kind for x in shapes.branches}
     for b in shapes.branches:
         if not isinstance(b, S.SelectShapes) or b.score == "mean_pool":
+            continue
+        if kinds.get(b.score) == "indexer":
+            lines.append(f"{_IND}{b.name}: I[t, s] = sum over indexer heads j of w_idx[t, j] * "
+                         f"relu(q_idx[t, j] . k_idx[s]) (indexer {b.score}); the top {b.top_k} tokens")
             continue
         lines.append(f"{_IND}{b.name}: s[t, g, j] = sum over heads h of g, sum over i of "
                      f"w(i, j) * p_{b.score}[t, h, i]")
@@ -176,12 +193,13 @@ def cost_table(c: cost.Cost, shapes: Optional[S.SpecShapes] = None) -> list[str]
     for r in c.rows:
         lines.append(row(r))
     lines.append(row(c.total, share=False))
-    lines.append(row(dataclasses.replace(c.dense, name="dense causal"), share=False))
-    lines.append(f"{_IND}vs dense causal: {_ratio(c.dense.flops, c.total.flops)} FLOP, "
+    dense = "dense causal" if shapes is None or shapes.causal else "dense"
+    lines.append(row(dataclasses.replace(c.dense, name=dense), share=False))
+    lines.append(f"{_IND}vs {dense}: {_ratio(c.dense.flops, c.total.flops)} FLOP, "
                  f"{_ratio(c.dense.bytes, c.total.bytes)} K/V bytes")
     if inexact:
-        lines.append(f"{_IND}* upper bound (keep_last = 0: which blocks, so how many keys, "
-                     f"depends on the data)")
+        lines.append(f"{_IND}* upper bound: which blocks, so how many keys, depends on the data "
+                     f"(see the branch's note above)")
     return lines
 
 
