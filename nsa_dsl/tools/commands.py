@@ -469,7 +469,8 @@ def show_cmd(args, emit=print) -> int:
         with bar.phase("key counts"):
             stats = show.keys_per_query(spec, T, indices)
         out = getattr(args, "out", None) or f"show_{spec.name}_T{T}.png"
-        title = (f"{spec.name}: keys attended per query, T = {T} (dense causal: {(T + 1) / 2:.1f} keys "
+        dense = f"dense causal: {(T + 1) / 2:.1f}" if spec.causal else f"dense: {T}"
+        title = (f"{spec.name}: keys attended per query, T = {T} ({dense} keys "
                  f"per query on average)\n{note}" + ("\ncircles: each answer's query (row) and the value it must retrieve (column)" if marks else ""))
         with bar.phase("picture"):
             path = show.render_png(spec, masks, T, out, title=title, stats=stats, marks=marks)

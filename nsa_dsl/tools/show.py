@@ -64,45 +64,47 @@ BRANCH_COLORS = {
 
 # ------------------------------------------------------------------------------------ masks
 
-def _intervals(branch, T: int, idx: Optional[np.ndarray]):
+def _intervals(branch, T: int, idx: Optional[np.ndarray], causal: bool = True):
     """Key intervals ``[start, end)`` per query: ``(query [N], start [N], end [N])`` int64 arrays.
 
     A query may own several intervals; they never overlap (so their lengths add up to the
-    query's key count); empty ones have ``start >= end``."""
+    query's key count); empty ones have ``start >= end``. Not ``causal``: keys after the query
+    too (docs/SEMANTICS.md)."""
     t = np.arange(T, dtype=np.int64)
     if isinstance(branch, Window):
         lo = np.maximum(0, t - branch.size + 1)
         qs = [t, t]                                          # the band, and the sinks before it
         starts = [lo, np.zeros(T, np.int64)]
-        ends = [t + 1, np.minimum(branch.sinks, lo)]
+        ends = [t + 1 if causal else np.minimum(T, t + branch.size), np.minimum(branch.sinks, lo)]
     elif isinstance(branch, Compress):
         l, d = branch.block, branch.stride
-        # visible blocks i = 0 .. floor((t - l + 1) / d): union of their keys is [0, last_i*d + l)
-        last = np.floor_divide(t - l + 1, d)                 # -1 or less: no block visible
+        # visible blocks i = 0 .. floor((t - l + 1) / d): union of their keys is [0, last_i*d + l);
+        # not causal: every complete block, i = 0 .. floor((T - l) / d)
+        last = np.floor_divide(t - l + 1, d) if causal else np.full(T, (T - l) // d if T >= l else -1)
         qs, starts = [t], [np.zeros(T, np.int64)]
         ends = [np.where(last >= 0, last * d + l, 0)]
     elif isinstance(branch, Select):
-        blocks = idx if idx is not None else _static_selection(branch, T)
+        blocks = idx if idx is not None else _static_selection(branch, T, causal)
         K = blocks.shape[1]
         qq = np.repeat(t, K)
         j = blocks.reshape(-1).astype(np.int64)
         qs = [qq]
         starts = [np.where(j >= 0, j * branch.block, 0)]
-        ends = [np.where(j >= 0, np.minimum((j + 1) * branch.block, qq + 1), 0)]
+        ends = [np.where(j >= 0, np.minimum((j + 1) * branch.block, qq + 1 if causal else T), 0)]
     else:  # pragma: no cover - the checker admits no other kinds
         raise SpecError("E631", f"branch {branch.name!r} of kind {branch.kind!r} cannot be drawn")
     return np.concatenate(qs), np.concatenate(starts), np.concatenate(ends)
 
 
-def _static_selection(branch: Select, T: int) -> np.ndarray:
+def _static_selection(branch: Select, T: int, causal: bool = True) -> np.ndarray:
     """``[T, top_k]``: the blocks chosen whatever the scores (forced, or all when few), -1 padded."""
     l, K = branch.block, branch.top_k
     n_sel = -(-T // l)
     t = np.arange(T)[:, None]
     j = np.arange(n_sel)[None, :]
     own = t // l
-    eligible = j <= own
-    forced = eligible & ((j < branch.keep_first) | (j > own - branch.keep_last))
+    eligible = (j <= own) if causal else np.ones_like(j <= own)
+    forced = eligible & ((j < branch.keep_first) | ((j > own - branch.keep_last) & (j <= own)))
     chosen = np.where(eligible.sum(1, keepdims=True) <= K, eligible, forced)
     out = np.full((T, K), -1, np.int64)
     for row in range(T):  # at most K per row: the forced blocks count toward top_k
@@ -194,20 +196,26 @@ def attention_masks(spec: Spec, T: int, indices=None, size: Optional[int] = None
         raise SpecError("E631", "indices: pass a dict {select branch: idx} for a spec with "
                                 f"{len(spec.of_kind('select'))} select branches")
     masks = {}
-    for i, b in enumerate(spec.branches):
+    drawn = _drawn(spec)
+    for i, b in enumerate(drawn):
         idx = _selection_for(b, T, indices) if isinstance(b, Select) else None
-        done = None if progress is None else (lambda share, i=i: progress((i + share) / len(spec.branches)))
-        masks[b.name] = _rasterize(*_intervals(b, T, idx), T, n, done)
+        done = None if progress is None else (lambda share, i=i: progress((i + share) / len(drawn)))
+        masks[b.name] = _rasterize(*_intervals(b, T, idx, spec.causal), T, n, done)
     return masks
+
+
+def _drawn(spec: Spec) -> list:
+    """The branches that attend keys (an indexer only scores: it has no mask of its own)."""
+    return [b for b in spec.branches if b.kind != "indexer"]
 
 
 def keys_per_query(spec: Spec, T: int, indices=None) -> dict:
     """Mean number of keys a query attends, per branch and ``"combined"`` (the union of the
     output's branches, which share keys); exact, from the same intervals as the masks."""
     out, per_query = {}, {}
-    for b in spec.branches:
+    for b in _drawn(spec):
         idx = _selection_for(b, T, indices) if isinstance(b, Select) else None
-        q, start, end = _intervals(b, T, idx)
+        q, start, end = _intervals(b, T, idx, spec.causal)
         counts = np.bincount(q, weights=np.maximum(end - start, 0), minlength=T)
         out[b.name] = float(counts.mean())
         per_query[b.name] = (q, start, end)
@@ -229,7 +237,11 @@ def keys_per_query(spec: Spec, T: int, indices=None) -> dict:
 # ----------------------------------------------------------------------------- selections
 
 def _shape_free(spec: Spec) -> Spec:
-    return replace(spec, heads=None, kv_heads=None, qk_dim=None, v_dim=None)
+    """The spec without declared shapes, its indexers small (at most 4 heads of 32 dims): the
+    picture's random inputs only need the pattern, and the indexer scores every pair."""
+    branches = tuple(replace(b, heads=min(b.heads, 4), dim=min(b.dim, 32)) if b.kind == "indexer" else b
+                     for b in spec.branches)
+    return replace(spec, heads=None, kv_heads=None, qk_dim=None, v_dim=None, branches=branches)
 
 
 def random_shapes(spec: Spec) -> tuple[int, int, int]:
@@ -260,9 +272,11 @@ def random_selection(spec: Spec, T: int, seed: int = 0):
     gates = torch.full((1, T, HQ, C), 1.0 / C) if spec.output.kind == "gate" else None
     compressed = {b.name: (mean_pool(k, b.block, b.stride), mean_pool(v, b.block, b.stride))
                   for b in spec.of_kind("compress") if b.pool != "mean"}
+    index = {b.name: (torch.randn(1, T, b.heads, b.dim, generator=g), torch.randn(1, T, b.dim, generator=g),
+                      torch.rand(1, T, b.heads, generator=g)) for b in run_spec.of_kind("indexer")}
     with torch.no_grad():
         _, aux = nsa_dsl.reference(run_spec, q, k, v, gates, compressed=compressed or None,
-                                   return_aux=True)
+                                   index=index or None, return_aux=True)
     sel = {name: idx[0, :, 0].cpu().numpy() for name, idx in aux.indices.items()}
     note = (f"selection from random inputs (seed {seed}; heads {HQ}, kv_heads {H}, dims {D}"
             + ("; mean pooling for learned pools" if compressed else "") + ")")
@@ -380,6 +394,13 @@ def _reference_terms(spec: Spec, T: int, heads: int, kv_heads: int, dim: int) ->
             pairs = T * n_cmp(b) * H * G
             terms.append((pairs * (2 * D * c["mac"] + 8 * c["elem"]),
                           f"compression '{b.name}': {T} queries x {n_cmp(b)} compressed blocks"))
+        elif b.kind == "indexer":               # scored at most 4 x 32 (_shape_free)
+            terms.append((T * T * min(b.heads, 4) * min(b.dim, 32) * c["mac"],
+                          f"indexer '{b.name}': {T} queries x {T} keys"))
+        elif isinstance(b, Select) and spec.score_kind(b) == "indexer":
+            keys = T * b.top_k
+            terms.append((keys * H * (2 * D * c["gather"] + G * (2 * D * c["mac"] + 8 * c["elem"])) + T * T * c["rank"],
+                          f"selection '{b.name}': {T} queries x {b.top_k} tokens"))
         elif isinstance(b, Select):
             n_sel = -(-T // b.block)
             if b.score == "mean_pool":
@@ -401,7 +422,8 @@ def _reference_terms(spec: Spec, T: int, heads: int, kv_heads: int, dim: int) ->
 
 
 def _intervals_per_branch(b, T: int) -> int:
-    return T * b.top_k if isinstance(b, Select) else 2 * T if isinstance(b, Window) else T
+    return T * b.top_k if isinstance(b, Select) else 2 * T if isinstance(b, Window) else \
+        0 if b.kind == "indexer" else T
 
 
 def estimate(spec: Spec, T: int, *, size: int = DEFAULT_SIZE, model: Optional[Mapping] = None) -> Estimate:
