@@ -23,7 +23,14 @@ def _rendered_modules():
     for path in sorted((ROOT / "examples").glob("*.nsa")):
         for spec in nsa_dsl.load_file(path).specs:
             binding = bind(spec, spec.heads or 12, spec.kv_heads or 4, spec.qk_dim or 48, spec.v_dim or 32)
-            for plan in (lower(spec, binding), lower(spec, binding, varlen=True), lower_decode(spec, binding)):
+            try:
+                plans = [lower(spec, binding), lower(spec, binding, varlen=True)]
+            except nsa_dsl.SpecError as e:        # E614: a kind the kernels do not run yet
+                assert e.code == "E614", e
+                plans = []
+            if spec.causal and not spec.of_kind("indexer"):
+                plans.append(lower_decode(spec, binding))
+            for plan in plans:
                 yield from ((f"{path.name}:{name}", src) for name, src in render_plan(plan).items())
 
 
