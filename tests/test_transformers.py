@@ -1,0 +1,336 @@
+"""nsa_dsl.integrations.transformers: tiny random Llama / Mistral / Qwen2 / Qwen3 models (no
+downloads), converted to NSA and run on the CPU with the reference backend: forward and backward,
+greedy generate() through the NSA cache against recomputing the whole prefix, save / load,
+packed and padded batches against each sequence alone, and the errors."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import (AutoModelForCausalLM, DynamicCache, GPT2Config, LlamaConfig,  # noqa: E402
+                          MistralConfig, Qwen2Config, Qwen3Config)
+
+from nsa_dsl import SpecError, SparseAttention  # noqa: E402
+from nsa_dsl.integrations import transformers as nsa_tf  # noqa: E402
+
+VOCAB = 64
+BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+FAMILIES = {
+    "llama": lambda: LlamaConfig(**BASE),
+    "mistral": lambda: MistralConfig(**BASE, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**BASE),                     # q/k/v biases
+    "qwen3": lambda: Qwen3Config(**BASE, head_dim=32),        # q/k norms, head_dim != hidden / heads
+}
+# blocks small enough that compressed blocks complete while decoding a few tokens
+SPEC = """
+attention tiny {
+    branch cmp = compress(block = 4, stride = 2, pool = mlp)
+    branch slc = select(block = 4, top_k = 2, score = cmp, keep_first = 1, keep_last = 1)
+    branch swa = window(size = 8)
+    output = gate(sigmoid, cmp, slc, swa)
+}
+"""
+SPEC_MEAN = SPEC.replace("pool = mlp", "pool = mean").replace("tiny", "tiny_mean")
+FULL = "attention full { branch swa = window(size = 4096) output = swa }"   # full causal attention
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread beats several (and the CI machine's cores are shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def dense(family: str):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(FAMILIES[family]()).eval()
+    model.generation_config.eos_token_id = None       # greedy runs its full length
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def nsa(family: str, spec: str = SPEC):
+    """A converted model whose gates are not at their input-independent init (so they matter)."""
+    model = nsa_tf.convert(dense(family), spec, backend="reference")
+    torch.manual_seed(1)
+    for layer in model.modules():
+        if isinstance(layer, nsa_tf.NSAAttention) and layer.gate_proj is not None:
+            torch.nn.init.normal_(layer.gate_proj.weight, std=0.3)
+    return model
+
+
+def tokens(*shape, seed=2):
+    return torch.randint(1, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def greedy_recompute(model, ids, n):
+    for _ in range(n):
+        with torch.no_grad():
+            nxt = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], 1)
+    return ids
+
+
+# ------------------------------------------------------------------------------ conversion
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_window_spec_reproduces_the_dense_model(family):
+    """A window as long as the sequence is full causal attention: the converted model is the
+    dense one (projections, biases, q/k norms, rotary and scale adopted as they are)."""
+    model = dense(family)
+    ids = tokens(2, 30)
+    with torch.no_grad():
+        want = model(ids).logits
+        nsa_tf.convert(model, FULL, backend="reference")
+        got = model(ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert model.config._attn_implementation == nsa_tf.ATTN_IMPLEMENTATION
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_backward(family):
+    model = nsa(family).train()
+    layer = model.model.layers[0].self_attn
+    assert isinstance(layer, nsa_tf.NSAAttention) and isinstance(layer, SparseAttention)
+    assert set(layer.new_parameter_names()) >= {"gate_proj.weight", "gate_proj.bias", "k_pool.cmp.pos"}
+    ids = tokens(2, 24)
+    out = model(ids, labels=ids, use_cache=False)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    for name in ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "gate_proj.weight",
+                 "k_pool.cmp.net.0.weight", "v_pool.cmp.net.2.weight"):
+        g = layer.get_parameter(name).grad
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, name
+    if family == "qwen3":
+        assert layer.q_norm.weight.grad is not None and layer.k_norm.weight.grad.abs().sum() > 0
+
+
+def test_adopts_the_dense_weights_and_records_the_spec():
+    model = dense("qwen2")
+    attn = model.model.layers[1].self_attn
+    q_proj, bias = attn.q_proj, attn.q_proj.bias.detach().clone()
+    nsa_tf.convert(model, SPEC, backend="reference")
+    layer = model.model.layers[1].self_attn
+    assert layer.q_proj is q_proj and torch.equal(layer.q_proj.bias, bias)       # the module itself
+    assert layer.layer_idx == 1 and layer.scale == attn.scaling
+    # gate init: zero weight, every gate 1/C for any input
+    assert torch.equal(layer.gate_proj.weight, torch.zeros_like(layer.gate_proj.weight))
+    assert torch.allclose(torch.sigmoid(layer.gate_proj.bias), torch.tensor(1 / 3))
+    assert nsa_tf.spec_of(model.config).name == "tiny"
+    assert getattr(model.config, nsa_tf.CONFIG_KEY)["spec"].strip().startswith("attention tiny")
+
+
+# ------------------------------------------------------------------------------ generation
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generate_through_the_nsa_cache_equals_recomputing(family):
+    model = nsa(family)
+    ids = tokens(2, 11)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=13, do_sample=False, return_dict_in_generate=True)
+    cache = out.past_key_values
+    assert all(isinstance(slot, nsa_tf.NSACacheLayer) for slot in cache.layers)
+    assert cache.get_seq_length() == 23 and cache.layers[0].nsa.lengths_host == (23, 23)
+    assert torch.equal(out.sequences, greedy_recompute(model, ids, 13))
+
+
+def test_generate_with_mean_pooling_and_a_cache_that_grows():
+    """mean pooling; an NSAModelCache sized for 4 tokens doubles while decoding."""
+    model = nsa("llama", SPEC_MEAN)
+    ids = tokens(1, 9, seed=5)
+    cache = nsa_tf.NSAModelCache(model, max_len=4)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, **{nsa_tf.CACHE_ARG: cache})
+    assert torch.equal(out, greedy_recompute(model, ids, 12))
+    assert cache.layers[0].nsa.max_len >= 21
+
+
+def test_cached_chunks_equal_the_full_forward():
+    """Prefill a piece of the prompt, then one token at a time: every logit as the full forward."""
+    model = nsa("qwen3")
+    ids = tokens(2, 20)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+        got = [model(ids[:, :7], use_cache=True, **{nsa_tf.CACHE_ARG: cache}).logits]
+        got += [model(ids[:, 7:12], use_cache=True, **{nsa_tf.CACHE_ARG: cache}).logits]
+        got += [model(ids[:, t:t + 1], use_cache=True, **{nsa_tf.CACHE_ARG: cache}).logits for t in range(12, 20)]
+    torch.testing.assert_close(torch.cat(got, 1), want, rtol=1e-5, atol=1e-5)
+
+
+def test_padded_generate_equals_each_prompt_alone():
+    """Left padding: each row's real tokens are its sequence (the pads are never cached)."""
+    model = nsa("mistral")
+    a, b = tokens(1, 8, seed=3), tokens(1, 13, seed=4)
+    batch = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), a], 1), b])
+    mask = torch.ones_like(batch)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        out = model.generate(batch, attention_mask=mask, max_new_tokens=7, do_sample=False)
+        alone = [model.generate(x, max_new_tokens=7, do_sample=False) for x in (a, b)]
+    assert torch.equal(out[0, 5:], alone[0][0]) and torch.equal(out[1], alone[1][0])
+
+
+def test_beam_search_reorders_the_nsa_cache():
+    model = nsa("llama", SPEC_MEAN)
+    ids = tokens(1, 10, seed=6)
+    kw = dict(max_new_tokens=6, num_beams=2, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw))
+
+
+# ------------------------------------------------------------------------------ save / load
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_and_load_give_identical_logits(family, tmp_path):
+    model = nsa(family)
+    ids = tokens(2, 17)
+    model.save_pretrained(tmp_path)
+    loaded = nsa_tf.from_pretrained(tmp_path, backend="reference").eval()
+    assert isinstance(loaded.model.layers[0].self_attn, nsa_tf.NSAAttention)
+    assert loaded.config._attn_implementation == nsa_tf.ATTN_IMPLEMENTATION
+    with torch.no_grad():
+        assert torch.equal(model(ids, use_cache=False).logits, loaded(ids, use_cache=False).logits)
+    sd, ld = model.state_dict(), loaded.state_dict()
+    assert sd.keys() == ld.keys() and all(torch.equal(sd[k], ld[k]) for k in sd)
+
+
+def test_from_pretrained_refuses_a_dense_model_and_missing_weights(tmp_path):
+    dense("llama").save_pretrained(tmp_path / "dense")
+    with pytest.raises(SpecError) as e:
+        nsa_tf.from_pretrained(tmp_path / "dense")
+    assert e.value.code == "E722"
+    # a converted config whose weights file lacks the NSA parameters
+    model = nsa("llama")
+    dense_model = dense("llama")
+    setattr(dense_model.config, nsa_tf.CONFIG_KEY, getattr(model.config, nsa_tf.CONFIG_KEY))
+    dense_model.save_pretrained(tmp_path / "half")
+    with pytest.raises(SpecError) as e:
+        nsa_tf.from_pretrained(tmp_path / "half")
+    assert e.value.code == "E722" and "lacks" in str(e.value)
+
+
+# ------------------------------------------------------------------------------ packed and padded batches
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_batch_equals_each_sequence_alone(family):
+    model = nsa(family)
+    seqs = [tokens(1, n, seed=10 + n) for n in (13, 19, 6)]
+    packed = torch.cat(seqs, 1)
+    position_ids = torch.cat([torch.arange(s.shape[1]) for s in seqs])[None]
+    with torch.no_grad():
+        alone = torch.cat([model(s, use_cache=False).logits for s in seqs], 1)
+        got = model(packed, position_ids=position_ids, use_cache=False).logits
+    torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_batch_from_flash_attention_kwargs_and_its_gradients():
+    """cu_seq_lens_q as transformers' DataCollatorWithFlattening gives it; the loss is per sequence."""
+    model = nsa("qwen3").train()
+    seqs = [tokens(1, n, seed=20 + n) for n in (9, 14)]
+    packed = torch.cat(seqs, 1)
+    cu = torch.tensor([0, 9, 23], dtype=torch.int32)
+    got = model(packed, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=14, max_length_k=14,
+                use_cache=False).logits
+    alone = torch.cat([model(s, use_cache=False).logits for s in seqs], 1)
+    torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
+    got.sum().backward()
+    assert model.model.layers[0].self_attn.gate_proj.weight.grad.abs().sum() > 0
+
+
+def test_padded_batch_equals_each_sequence_alone():
+    model = nsa("qwen2")
+    a, b = tokens(1, 9, seed=7), tokens(1, 15, seed=8)
+    pad = torch.zeros(1, 6, dtype=torch.long)
+    for left in (True, False):
+        row = torch.cat([pad, a] if left else [a, pad], 1)
+        mask = torch.ones(2, 15, dtype=torch.long)
+        mask[0, :6] = 0 if left else 1
+        mask[0, 9:] = 1 if left else 0
+        with torch.no_grad():
+            got = model(torch.cat([row, b]), attention_mask=mask, use_cache=False).logits
+            want_a, want_b = model(a, use_cache=False).logits, model(b, use_cache=False).logits
+        real = got[0, 6:] if left else got[0, :9]
+        torch.testing.assert_close(real, want_a[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1], want_b[0], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ errors
+
+def test_errors():
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=VOCAB))
+    with pytest.raises(SpecError) as e:
+        nsa_tf.convert(gpt2, SPEC)
+    assert e.value.code == "E720" and "llama" in str(e.value)
+    with pytest.raises(SpecError) as e:
+        nsa_tf.convert(dense("llama"), SPEC.replace("{", "{ causal = false", 1))
+    assert e.value.code == "E720"
+    with pytest.raises(SpecError) as e:                           # the spec's shapes must be the model's
+        nsa_tf.convert(dense("llama"), SPEC.replace("{", "{ heads = 8", 1))
+    assert e.value.code == "E701" and "heads = 4" in str(e.value)
+    with pytest.raises(SpecError) as e:                           # head_dim 16: fine; 24: not for kernels
+        nsa_tf.convert(dense_with(head_dim=24), SPEC, backend="kernels")
+    assert e.value.code == "E605"
+    model = nsa("llama")
+    with pytest.raises(SpecError) as e:
+        nsa_tf.convert(model, SPEC)
+    assert e.value.code == "E720" and "already" in str(e.value)
+    ids = tokens(1, 6)
+    with pytest.raises(SpecError) as e:                           # a custom 4-D mask
+        model(ids, attention_mask=torch.ones(1, 1, 6, 6, dtype=torch.bool), use_cache=False)
+    assert e.value.code == "E721"
+    cache = DynamicCache(config=model.config)                     # a slot holding dense keys
+    cache.update(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), 0)
+    with pytest.raises(SpecError) as e:
+        model(ids, use_cache=True, **{nsa_tf.CACHE_ARG: cache})
+    assert e.value.code == "E723"
+    nsa_cache = nsa_tf.NSAModelCache(model)
+    with pytest.raises(SpecError) as e:
+        nsa_cache.update(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), 0)
+    assert e.value.code == "E723"
+    with pytest.raises(SpecError) as e:
+        nsa_cache.crop(1)
+    assert e.value.code == "E723"
+    unconverted = dense("llama")                                  # a dense layer under "nsa_dsl"
+    unconverted.config._attn_implementation = nsa_tf.ATTN_IMPLEMENTATION
+    with pytest.raises(SpecError) as e:
+        unconverted(ids, use_cache=False)
+    assert e.value.code == "E720"
+
+
+def dense_with(**kw):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(LlamaConfig(**{**BASE, **kw}))
+
+
+# ------------------------------------------------------------------------------ GPU (the lead runs these)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_gpu_kernels_generate_and_packed(family):
+    """bf16 on CUDA with the generated kernels: greedy generate() through the decode kernels
+    agrees with recomputing the prefix (a bf16 near-tie may flip a late token: most must agree),
+    and a packed batch matches its sequences alone to bf16 accuracy."""
+    torch.manual_seed(0)
+    cfg = FAMILIES[family]()
+    cfg.head_dim = 32
+    model = AutoModelForCausalLM.from_config(cfg).to("cuda", torch.bfloat16).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    nsa_tf.convert(model, SPEC_MEAN.replace("block = 4, stride = 2", "block = 16, stride = 8")
+                   .replace("block = 4, top_k = 2", "block = 16, top_k = 2").replace("size = 8", "size = 32"),
+                   backend="kernels")
+    ids = tokens(2, 100).cuda()
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=24, do_sample=False)
+        ref = greedy_recompute(model, ids, 24)
+    assert (out[:, 100:108] == ref[:, 100:108]).all()
+    assert (out == ref).float().mean() > 0.9
+    seqs = [tokens(1, n, seed=n).cuda() for n in (70, 130)]
+    with torch.no_grad():
+        alone = torch.cat([model(s, use_cache=False).logits for s in seqs], 1).float()
+        pos = torch.cat([torch.arange(s.shape[1]) for s in seqs])[None].cuda()
+        got = model(torch.cat(seqs, 1), position_ids=pos, use_cache=False).logits.float()
+    assert (got - alone).abs().max() < 5e-2 * alone.abs().max()
