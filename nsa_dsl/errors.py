@@ -16,8 +16,8 @@ from nsa_dsl.language.ir import Span
 #: Every error code, with its one-line meaning: the one table every raise uses (a code not in it
 #: is a bug; tests check each raise and docs/LANGUAGE.md against it). Codes are stable across
 #: releases: a code is never renumbered or reused. E1xx syntax and files, E2xx values, E3xx names
-#: and references, E4xx the output, E6xx calls of the op / reference, E63x `nsa-dsl show`, E7xx
-#: `SparseAttention`, E8xx the KV cache and decoding.
+#: and references, E4xx the output, E6xx calls of the op / reference, E63x `nsa-dsl show`, E65x
+#: context parallelism, E7xx `SparseAttention`, E8xx the KV cache and decoding.
 CODES: dict[str, str] = {
     'E100': 'unexpected token ("expected \'=\' after branch name \'cmp\', found name \'compress\'")',
     'E101': 'unexpected character (`:` for `=`, quotes, decimals, non-ASCII, NUL)',
@@ -111,6 +111,8 @@ CODES: dict[str, str] = {
     'E634': "`nsa-dsl show --from-model`: a checkpoint's model or layer does not fit",
     'E635': "`nsa-dsl show --from-model`: the example model's code cannot be found",
     'E640': 'a command-line argument the command cannot use (a path it cannot write, a length beyond its limit)',
+    'E650': 'context parallel: a `cp_group` / `cp_mesh` that is not a process group or a 1-D device mesh, or torch.distributed not initialised',
+    'E651': 'context parallel: a shard that does not fit the layout (T splits into 2N equal chunks; rank r holds chunks r and 2N-1-r)',
     'E701': 'a `SparseAttention` shape argument that conflicts with the spec',
     'E702': 'a shape neither declared by the spec nor passed to `SparseAttention`',
     'E703': 'a bad `SparseAttention` constructor argument (sizes, `backend`, `spec` type)',

@@ -195,6 +195,12 @@ class SparseAttention(nn.Module):
             right after the projections, before rotary (a per-head norm over the last dim, as
             Qwen3's ``RMSNorm(head_dim)``); registered as submodules. None: no norm.
         pool_hidden: width of the ``pool = mlp`` hidden layer (default ``hidden_size``).
+        cp_mesh: context parallelism over a 1-D DeviceMesh (e.g. ``mesh["cp"]``) or a
+            ProcessGroup: ``x`` is then this rank's shard of the sequence (chunks ``r`` and
+            ``2N-1-r`` of ``2N``: ``context_parallel.shard_sequence``; ``cu_seqlens`` stays global)
+            and ``y`` its rows (``nsa_dsl.runtime.context_parallel``). Parameter gradients are
+            per-rank partial sums: reduce them over the data x context mesh (FSDP2 or DDP over the
+            flattened mesh). Decoding with a cache runs locally, without it.
         device, dtype: of every parameter.
 
     Parameters (``state_dict`` names): ``q_proj``, ``k_proj``, ``v_proj`` (``nn.Linear``, or
@@ -218,7 +224,7 @@ class SparseAttention(nn.Module):
                  rotary: Optional[Rotary] = None, backend: str = "auto",
                  scale: Optional[float] = None, pool_hidden: Optional[int] = None,
                  q_norm: Optional[nn.Module] = None, k_norm: Optional[nn.Module] = None,
-                 device=None, dtype=None):
+                 cp_mesh=None, device=None, dtype=None):
         super().__init__()
         spec = check_spec(as_spec(spec))          # a Spec built by hand gets the parser's checks
         if not isinstance(hidden_size, int) or isinstance(hidden_size, bool) or hidden_size <= 0:
@@ -248,6 +254,10 @@ class SparseAttention(nn.Module):
         self.scale = scale
         self.rotary = rotary
         self.q_norm, self.k_norm = q_norm, k_norm
+        if cp_mesh is not None:
+            from nsa_dsl.runtime.context_parallel import process_group
+            process_group(cp_mesh)                 # E650 for anything but a group or a 1-D mesh
+        self.cp_mesh = cp_mesh     # context parallel: forward takes this rank's shard
         self._compiled_op = None   # nsa_dsl.compile(spec), built on the first kernel call
         self._decode_op = None     # the decode kernels (DecodeOp), built on the first kernel decode
 
@@ -347,6 +357,9 @@ class SparseAttention(nn.Module):
                                         "run without a KV cache",
                                 hint="prefill each sequence into the cache with its own call")
             return self._forward_cached(x, cache, n_new=n_new, return_aux=return_aux)
+        if self.cp_mesh is not None:
+            from nsa_dsl.runtime.context_parallel import layer_forward
+            return layer_forward(self, x, cu_seqlens=cu_seqlens, return_aux=return_aux)
         self._check_input(x)
         B, T, _ = x.shape
         cu = None                                      # packed sequences' offsets, on the host

@@ -155,13 +155,21 @@ class CompiledOp:
                  compressed: Optional[Mapping[str, tuple[Tensor, Tensor]]] = None,
                  scale: Optional[float] = None, return_aux: bool = False,
                  indices: Optional[Mapping[str, Tensor]] = None,
-                 cu_seqlens: Optional[Tensor] = None):
+                 cu_seqlens: Optional[Tensor] = None, cp_group=None):
         """The spec's attention, as ``nsa_dsl.reference`` computes it (see there for the
         arguments). ``indices``: select branch -> the caller's selection (no scoring runs; entries
         out of range or after the position's block are ignored, repeats count once).
         ``cu_seqlens [N + 1]`` (int32 or int64, on q's device): packed variable-length sequences
         with ``B = 1``, each computed as if alone (``nsa_dsl.semantics.varlen``); compressed keys / values
-        then hold each sequence's blocks in turn, ``[1, sum Nc_s, H, D]``."""
+        then hold each sequence's blocks in turn, ``[1, sum Nc_s, H, D]``.
+        ``cp_group`` (a ProcessGroup or 1-D DeviceMesh): context parallel, every tensor holds this
+        rank's shard of the sequence and ``cu_seqlens`` the global offsets; ``compressed``, when
+        given, the whole sequence's (``nsa_dsl.runtime.context_parallel.attention``)."""
+        if cp_group is not None:
+            from nsa_dsl.runtime import context_parallel
+            return context_parallel.attention(self, q, k, v, gates, group=cp_group, compressed=compressed,
+                                              scale=scale, return_aux=return_aux, indices=indices,
+                                              cu_seqlens=cu_seqlens)
         spec = self.spec
         if isinstance(q, Tensor):
             check_kernel_device(q, q.dtype)

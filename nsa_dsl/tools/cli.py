@@ -85,7 +85,7 @@ def _explain(args) -> int:
     except SpecError as e:          # a spec the kernels do not run yet: explain the rest
         text = f"no kernels: {e.message} ({e.hint})"
     kernel_plan = explain.Section("kernel plan", "\n".join("  " + line for line in text.splitlines()))
-    _out(explain.explain(spec, args.lengths, extra_sections=[kernel_plan]))
+    _out(explain.explain(spec, args.lengths, extra_sections=[kernel_plan], cp=args.cp))
     return EXIT_OK
 
 
@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("file", metavar="FILE")
     sp.add_argument("--lengths", type=_lengths, default=DEFAULT_LENGTHS, metavar="T,T,...",
                     help=f"sequence lengths (default {','.join(map(str, DEFAULT_LENGTHS))}; 8k = 8192)")
+    sp.add_argument("--cp", type=_positive_int, metavar="N",
+                    help="context parallelism: bytes communicated and memory held per layer and rank, "
+                         "for 1 .. N ranks")
     name_option(sp)
 
     # --- heavy commands: argparse here, work in nsa_dsl.tools.commands (the lead's module)

@@ -225,12 +225,119 @@ _MODEL = """\
     attention is costed the same way (T*(T + 1)/2 keys), so bytes scale as FLOP here."""
 
 
+# ---------------------------------------------------------------- context parallel
+
+@dataclass(frozen=True)
+class CPCost:
+    """One attention layer under context parallelism over ``ranks`` ranks, per rank, in bytes
+    (the accounting of ``nsa_dsl.runtime.context_parallel``; B = 1, one K/V for every branch
+    unless ``kv_sets`` says how many). ``gather``: received by the forward all-gathers of K, V
+    (and indexer keys); ``scatter``: sent by the backward reduce-scatters of their gradients
+    (both (N-1)/N of the whole tensor, the ring algorithms' volume; compressed keys are pooled
+    locally and never sent). Memory the layer holds: ``local``, the rank's own rows (q, gates,
+    indexer queries, o, each output branch's o and float32 lse, int32 selections); ``gathered``,
+    the whole sequence's K/V and indexer keys; ``compressed``, the K/V pooled from them;
+    ``backward``, what the backward adds at its start (the incoming do, each output branch's
+    d o and float32 delta from the combination's backward, dq and d gates of the rank's rows,
+    dK/dV and d(compressed) of the whole sequence before the reduce-scatter): an upper bound,
+    as the branches free theirs in turn. Kernel scratch (tiles) is not counted. ``T`` is the
+    sequence length padded to a multiple of ``2 * ranks`` (the layout's chunks)."""
+    T: int
+    ranks: int
+    gather: int
+    scatter: int
+    local: int
+    gathered: int
+    compressed: int
+    backward: int
+
+    @property
+    def peak(self) -> int:
+        return self.local + self.gathered + self.compressed + self.backward
+
+
+def cp_cost(spec: Spec, T: int, ranks: int, dims: cost.Dims, kv_sets: int = 1) -> CPCost:
+    """What one layer of ``spec`` communicates and holds per rank at length ``T`` over ``ranks``."""
+    from nsa_dsl.language.rules import num_compressed_blocks
+    from nsa_dsl.semantics.inputs import needed_branches
+    b, HQ, H, dq, dv = dims.dtype_bytes, dims.heads, dims.kv_heads, dims.qk_dim, dims.v_dim
+    needed = needed_branches(spec)
+    if ranks > 1:
+        T = -(-T // (2 * ranks)) * 2 * ranks                   # padded to whole chunks
+    T_rank = T // ranks
+    kv_row = kv_sets * H * (dq + dv) * b                       # one position's K and V
+    idx_row = sum(x.dim for x in needed if x.kind == "indexer") * b
+    moved = (T - T_rank) * (kv_row + idx_row)
+    C = len(spec.output.branches)
+    gates = T_rank * HQ * C * b if spec.output.kind == "gate" else 0
+    local = (T_rank * HQ * dq * b + gates + T_rank * HQ * dv * b * (1 + C) + T_rank * HQ * 4 * C
+             + sum(T_rank * x.heads * (x.dim + 1) * b for x in needed if x.kind == "indexer")
+             + sum(T_rank * (1 if spec.score_kind(x) == "indexer" else H) * x.top_k * 4
+                   for x in needed if x.kind == "select"))
+    compressed = sum(num_compressed_blocks(T, x.block, x.stride) * H * (dq + dv) * b
+                     for x in needed if x.kind == "compress")
+    gathered = T * (kv_row + idx_row)
+    backward = (gathered + compressed + T_rank * HQ * dq * b + gates
+                + T_rank * HQ * (dv * b * (1 + C) + 4 * C))      # do, then d o and delta per branch
+    return CPCost(T, ranks, moved, moved, local, gathered, compressed, backward)
+
+
+def _size(x: int) -> str:
+    """Bytes in three digits: ``560 MiB``, ``2.19 GiB``."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if x >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x} B"
+
+
+CP_COLUMNS = ("T", "N", "gather fwd", "scatter bwd", "own rows", "K/V all", "compressed", "bwd adds", "peak")
+
+
+def cp_rows(spec: Spec, lengths: Iterable[int], ranks: Iterable[int], dims: cost.Dims,
+            kv_sets: int = 1) -> list[tuple[str, ...]]:
+    """One row of ``CP_COLUMNS`` per length and rank count (sizes as text)."""
+    out = []
+    for T in lengths:
+        for n in ranks:
+            c = cp_cost(spec, int(T), n, dims, kv_sets)
+            out.append((str(T), str(n) + ("*" if c.T != T else ""), *(_size(x) for x in (c.gather, c.scatter, c.local, c.gathered,
+                                                                c.compressed, c.backward, c.peak))))
+    return out
+
+
+def cp_ranks(n: int) -> list[int]:
+    """The rank counts a table shows up to ``n``: every count to 8, then powers of two, and ``n``."""
+    return sorted({r for r in range(1, min(n, 8) + 1)} | {1 << i for i in range(n.bit_length()) if 1 << i <= n} | {n})
+
+
+def cp_table(spec: Spec, lengths: Iterable[int], ranks: int, dims: cost.Dims) -> list[str]:
+    """``explain --cp N``: per layer and rank, what is communicated and held."""
+    rows = [CP_COLUMNS] + cp_rows(spec, lengths, cp_ranks(ranks), dims)
+    w = [max(len(r[i]) for r in rows) for i in range(len(CP_COLUMNS))]
+    lines = [_IND + "  ".join(f"{x:>{w[i]}}" for i, x in enumerate(r)) for r in rows]
+    lines.insert(1, _IND + "-" * (len(lines[0]) - len(_IND)))
+    lines += textwrap.wrap(
+        "Per attention layer and rank, N ranks (B = 1, one K/V shared by the branches; separate "
+        "K/V per branch multiply the K/V columns). gather fwd: bytes each rank receives in the "
+        "forward's all-gathers (K, V and indexer keys of the other ranks' rows, (N-1)/N of the "
+        "sequence's); scatter bwd: bytes each rank sends in the backward's reduce-scatters (their "
+        "gradients, as many). Compressed keys are pooled locally from the gathered keys: nothing "
+        "sent. own rows: q, gates, o, each output branch's o and lse, selections of the rank's T/N "
+        "rows; K/V all: the whole sequence's, held for the backward; bwd adds: dK/dV and "
+        "d(compressed) of the whole sequence before the reduce-scatter, dq, and the incoming do "
+        "with each output branch's d o. peak: the sum (kernel scratch not counted). *: T padded "
+        "to a multiple of 2N (the layout's chunks).",
+        WIDTH, initial_indent=_IND, subsequent_indent=_IND)
+    return lines
+
+
 # ---------------------------------------------------------------- the report
 
 def explain_sections(spec: Spec, lengths: Iterable[int] = DEFAULT_LENGTHS, heads=None,
                      qk_dim=None, v_dim=None, *, kv_heads=None,
-                     dtype_bytes: int = cost.DEFAULT_DTYPE_BYTES) -> list[Section]:
-    """The report's sections, in order, for the CLI to extend."""
+                     dtype_bytes: int = cost.DEFAULT_DTYPE_BYTES, cp: Optional[int] = None) -> list[Section]:
+    """The report's sections, in order, for the CLI to extend (``cp``: context parallelism over
+    up to that many ranks, a section of its own)."""
     dims = cost.Dims.of(spec, heads=heads, kv_heads=kv_heads, qk_dim=qk_dim, v_dim=v_dim,
                      dtype_bytes=dtype_bytes)
     shapes = S.spec_shapes(spec)
@@ -247,6 +354,9 @@ def explain_sections(spec: Spec, lengths: Iterable[int] = DEFAULT_LENGTHS, heads
         sections.append(Section(f"T = {c.T} (forward)", "\n".join(cost_table(c, shapes))))
     if len(costs) > 1:
         sections.append(Section("summary (forward, all heads)", "\n".join(summary_table(costs))))
+    if cp:
+        sections.append(Section(f"context parallel over up to {cp} ranks (per layer, per rank)",
+                                "\n".join(cp_table(spec, [c.T for c in costs], cp, dims))))
     return sections
 
 
@@ -261,13 +371,14 @@ def format_report(spec: Spec, sections: Iterable[Section]) -> str:
 def explain(spec: Spec, lengths: Iterable[int] = DEFAULT_LENGTHS, heads: Optional[int] = None,
             qk_dim: Optional[int] = None, v_dim: Optional[int] = None, *,
             kv_heads: Optional[int] = None, dtype_bytes: int = cost.DEFAULT_DTYPE_BYTES,
-            extra_sections: Iterable[Section] = ()) -> str:
+            extra_sections: Iterable[Section] = (), cp: Optional[int] = None) -> str:
     """A readable plain-text report of ``spec``: formulas, keys, FLOPs, bytes vs dense.
 
     Head counts and dims: the arguments, else the spec's declared ones, else 64 heads,
     4 kv heads, head dims 128 (the header says which). ``extra_sections`` are appended
-    (the CLI's kernel plan).
+    (the CLI's kernel plan). ``cp``: what context parallelism over up to that many ranks
+    communicates and holds per layer (``cp_cost``).
     """
     sections = explain_sections(spec, lengths, heads, qk_dim, v_dim, kv_heads=kv_heads,
-                                dtype_bytes=dtype_bytes)
+                                dtype_bytes=dtype_bytes, cp=cp)
     return format_report(spec, [*sections, *extra_sections])
