@@ -244,6 +244,8 @@ class DecodeCmp(NamedTuple):
     L: int
     STRIDE: int
     fuse: Optional[DecodePair]    # the select branch it scores in its own pass (split-K / ONEPASS)
+    MEAN: bool                    # mean pooling (the append kernel pools it; else the caller's learned pool)
+    LP: int                       # L padded to a power of two: a block's keys as one tile (append)
 
 
 class DecodeSel(NamedTuple):
@@ -263,6 +265,7 @@ class DecodeSel(NamedTuple):
     NT: int                       # end masked (as the select family: select_vars)
     PARTIAL: bool
     score: Optional[DecodePair]   # SCORE == "cmp": its scoring compress branch
+    LSP: int                      # keys per tile of a block mean (append, mean_pool): LS up to 64, padded
 
 
 class DecodeWin(NamedTuple):
@@ -333,8 +336,10 @@ def lower_decode(spec: Spec, binding: Binding) -> Plan:
         tiles_s = select_vars(b.block, b.top_k)
         SEL.append(DecodeSel(**place(b), index=si, LS=b.block, TOPK=b.top_k, TOPKP=tk["TOPKP"],
                              KEEP_FIRST=b.keep_first, KEEP_LAST=b.keep_last, SCORE="cmp" if src else "mean_pool",
-                             BN=tiles_s["BN"], NT=tiles_s["NT"], PARTIAL=tiles_s["PARTIAL"], score=pair))
-    CMP = tuple(DecodeCmp(**place(b), part=ci, L=b.block, STRIDE=b.stride, fuse=fuse.get(ci))
+                             BN=tiles_s["BN"], NT=tiles_s["NT"], PARTIAL=tiles_s["PARTIAL"], score=pair,
+                             LSP=min(64, next_pow2(b.block))))
+    CMP = tuple(DecodeCmp(**place(b), part=ci, L=b.block, STRIDE=b.stride, fuse=fuse.get(ci),
+                          MEAN=b.pool == "mean", LP=next_pow2(b.block))
                 for ci, b in enumerate(cmps))
     WIN = tuple(DecodeWin(**place(b), part=len(cmps) + wi, W=b.size, SINKS=b.sinks) for wi, b in enumerate(wins))
     variables = dict(**tiles, GATED=spec.output.kind == "gate", CMP=CMP, SEL=tuple(SEL), WIN=WIN,

@@ -180,9 +180,10 @@ class Decode(Family):
         assert cfg["BJ"] >= self._min_bj(), f"BJ = {cfg['BJ']} is too small for the overlap of the scoring blocks"
         return cfg
 
-    # -- launcher ----------------------------------------------------------------------------------
-    def decode(self, q, start, nq, cmp, sel, win, gates, scale, *, t_max, aux=False, config=None):
-        """Every branch for the C new tokens of each sequence.
+    # -- launchers --------------------------------------------------------------------------------
+    def decode(self, q, start, nq, cmp, sel, win, gates, scale, *, t_max, aux=False, config=None,
+               table=None, page: int = 0):
+        """Every branch for the C new tokens of each sequence (one call: :meth:`bind` + run).
 
         q [B, C, HQ, DQK]; start [B] int32 (cache length before the chunk), nq [B] int32 (real tokens);
         cmp: [(k_cmp, v_cmp)] per compress branch ([B, MAXNC, H, D]); sel: [(k, v, kbar)] per select
@@ -190,52 +191,84 @@ class Decode(Family):
         win: [(k, v)] per window branch; gates [B, C, HQ, NG] or None; t_max: the longest cache
         (host int, >= max(start + nq): the split heuristic and the depth of the fused-score workspace;
         chunks past it are not scored). All raw buffers share one layout.
+        Paged (``page`` = P > 0, ``table`` [B, W] int32 block table): every buffer is a pool of pages
+        [NPG, P | entries per page, H, D] (raw: P positions; a pooled entry i, starting at position
+        i * stride, in the page of that position at slot (i * stride % P) // stride); entries of
+        pages outside the table or the pool are never read.
         Returns o [B, C, HQ, DV] (q.dtype) and, with aux, (idx list [B, C, H, TOPK] int32,
         branch outputs [NBR, B, C, HQ, DV], lse [NBR, B, C, HQ] fp32); else (o, None, None, None).
         """
-        G, GP, DV, NP, NBR, FUSED = self.G, self.GP, self.DV, self.NP, self.NBR, self.FUSED
-        B, C, HQ, dqk = q.shape
-        assert dqk == self.DQK and HQ % G == 0, f"decode kernels were generated for G = {G}, DQK = {self.DQK}"
-        H = HQ // G
-        assert len(cmp) == len(self.CMP) and len(sel) == len(self.SEL) and len(win) == len(self.WIN)
         if q.stride(-1) != 1:
             q = q.contiguous()
+        run = self.bind(q, cmp, sel, win, scale, t_max=t_max, aux=aux, config=config, table=table, page=page)
+        return run(q, start, nq, gates)
+
+    def bind(self, q, cmp, sel, win, scale, *, t_max, aux=False, config=None, table=None, page: int = 0) -> "DecodeLaunch":
+        """The launches of decode calls with q's shape, dtype, device and strides over these buffers
+        (see :meth:`decode`): config, grids, workspaces and arguments made once; the returned
+        object runs a call with ``(q, start, nq, gates)``."""
+        return DecodeLaunch(self, q, cmp, sel, win, scale, t_max=t_max, aux=aux, config=config, table=table, page=page)
+
+    def bind_append(self, raw, cmp, means, *, C: int, state, table=None, page: int = 0, alloc=None,
+                    shared: bool = True) -> "AppendLaunch":
+        """The launch of appends of chunks of C tokens to these buffers (``append_kernel``): raw
+        [(k, v)] per attention branch (compress, select, window order; SHARED: the same pair for
+        all), cmp [(k_cmp_flat, v_cmp_flat)] per compress branch (rows [entries + 1, H, D], the last
+        spare), means [kbar] per mean_pool select branch; ``state`` = (lens, start_out, lens_out,
+        err, cap) (start_out / lens_out None: the lengths are the caller's); paged: ``table``,
+        ``page``, ``alloc`` = (free_pages, free_top) to take pages on the device, or None."""
+        return AppendLaunch(self, raw, cmp, means, C=C, state=state, table=table, page=page, alloc=alloc,
+                            shared=shared)
+
+
+class DecodeLaunch:
+    """Decode calls bound to their buffers (:meth:`Decode.bind`): what a call launches, decided
+    once, so that a call from Python costs the kernels' launches, the outputs' allocation and a
+    copy of the argument list."""
+
+    def __init__(self, fam: Decode, q, cmp, sel, win, scale, *, t_max, aux, config, table, page):
+        G, GP, DV, NP, NBR, FUSED = fam.G, fam.GP, fam.DV, fam.NP, fam.NBR, fam.FUSED
+        B, C, HQ, dqk = q.shape
+        assert dqk == fam.DQK and HQ % G == 0, f"decode kernels were generated for G = {G}, DQK = {fam.DQK}"
+        H = HQ // G
+        assert len(cmp) == len(fam.CMP) and len(sel) == len(fam.SEL) and len(win) == len(fam.WIN)
         raw = [t for (k, v, _) in sel for t in (k, v)] + [t for pair in win for t in pair]
-        rk = [t for t in raw[0::2]] if raw else []
-        rv = [t for t in raw[1::2]] if raw else []
+        rk, rv = raw[0::2], raw[1::2]
+        rows = rk[0].shape[0] if rk else (cmp[0][0].shape[0] if cmp else B)   # sequences, or pages of the pool
         for t in rk + rv + [t for pair in cmp for t in pair]:
-            assert t.stride(-1) == 1 and t.shape[0] == B and t.shape[2] == H, "cache buffers: [B, N, H, D], unit last stride"
+            assert t.stride(-1) == 1 and t.shape[0] == (rows if page else B) and t.shape[2] == H, \
+                "cache buffers: [B, N, H, D] (paged: [pages, N, H, D]), unit last stride"
+        assert not page or (table is not None and table.dtype == torch.int32 and table.shape[0] == B), \
+            "paged: a block table [B, W] int32"
         assert all(t.stride() == rk[0].stride() for t in rk) and all(t.stride() == rv[0].stride() for t in rv), \
             "raw key (value) buffers must share one layout"
-        o = new_output((B, C, HQ, DV), q.dtype, q.device)
-        idx = [new_idx((B, C, H, s.TOPK), q.device) for s in self.SEL] if aux else []
-        bo = new_output((NBR, B, C, HQ, DV), q.dtype, q.device) if aux else o
-        blse = new_output((NBR, B, C, HQ), torch.float32, q.device) if aux else o
-        if B * C == 0:
-            return (o, idx, bo, blse) if aux else (o, None, None, None)
-        cfg = self._config(q, t_max, config)
+        self.fam, self.aux, self.shape, self.dtype, self.device = fam, bool(aux), (B, C, HQ), q.dtype, q.device
+        self.q_strides, self.scale = q.stride(), scale
+        self.empty = B * C == 0
+        if self.empty:
+            return
+        dev = q.device
+        cfg = self.cfg = fam._config(q, t_max, config)
         R, NS, SPLIT, BJ, ONEPASS = cfg["R"], cfg["NS"], cfg["SPLIT"], cfg["BJ"], cfg["ONEPASS"]
         BM = R * GP
         n_qt = cdiv(C, R)
-        NK = self._n_chunks(t_max, BJ)
+        NK = fam._n_chunks(t_max, BJ)
         if SPLIT or ONEPASS:
-            ws_m = torch.empty((NS, n_qt, B * H, NP, BM), dtype=torch.float32, device=q.device)   # ONEPASS: lse2 scratch
-            ws_acc = torch.empty((NS, n_qt, B * H, NP, BM, self.BDV), dtype=torch.float32, device=q.device) if SPLIT else ws_m
+            ws_m = torch.empty((NS, n_qt, B * H, NP, BM), dtype=torch.float32, device=dev)   # ONEPASS: lse2 scratch
+            ws_acc = torch.empty((NS, n_qt, B * H, NP, BM, fam.BDV), dtype=torch.float32, device=dev) if SPLIT else ws_m
             ws_l = torch.empty_like(ws_m) if SPLIT else ws_m
             if FUSED:   # every chunk a token tile's last token sees is written by one slice
-                ws_mu = torch.empty((n_qt, B * H, len(FUSED), NK, 2, BM), dtype=torch.float32, device=q.device)
-                ws_u = torch.empty((n_qt, B * H, len(FUSED), NK, BM, BJ), dtype=torch.float32, device=q.device)
+                ws_mu = torch.empty((n_qt, B * H, len(FUSED), NK, 2, BM), dtype=torch.float32, device=dev)
+                ws_u = torch.empty((n_qt, B * H, len(FUSED), NK, BM, BJ), dtype=torch.float32, device=dev)
             else:
                 ws_u = ws_mu = ws_m                           # unused
         else:
-            ws_acc = ws_m = ws_l = ws_u = ws_mu = o           # unused
-        start = start.to(device=q.device, dtype=torch.int32).contiguous()
-        nq = nq.to(device=q.device, dtype=torch.int32).contiguous()
-        dummy = torch.empty(1, dtype=torch.float32, device=q.device)
-        args = [q, start, nq]
+            ws_acc = ws_m = ws_l = ws_u = ws_mu = torch.empty(1, dtype=torch.float32, device=dev)   # unused
+        self.dummy = torch.empty(1, dtype=torch.float32, device=dev)
+        args = [None, None, None]                          # q, start, nq: per call
         for (k_c, v_c) in cmp:
             args += [k_c, v_c, k_c.stride(0), k_c.stride(1), k_c.stride(2), v_c.stride(0), v_c.stride(1), v_c.stride(2)]
-        for s, (k, v, kbar) in zip(self.SEL, sel):
+        for s, (k, v, kbar) in zip(fam.SEL, sel):
             args += [k, v]
             if s.SCORE == "mean_pool":
                 assert kbar is not None and kbar.dtype == torch.float32 and kbar.stride(-1) == 1
@@ -244,27 +277,123 @@ class Decode(Family):
             args += [k, v]
         args += [ws_acc, ws_m, ws_l, ws_u, ws_mu, q.stride(0), q.stride(1), q.stride(2)]
         args += list(rk[0].stride()[:3]) + list(rv[0].stride()[:3]) if rk else [0] * 6
+        if page:
+            args += [table, table.stride(0), table.shape[1], rows]
+        else:
+            args += [self.dummy, 0, 0, 0]                 # no table: never read
         args += [C, H, NS, NK, scale * LOG2E]
-        consts = dict(G=G, GP=GP, R=R, BM=BM, BJ=BJ, DQK=self.DQK, DV=DV, BDK=self.BDK, BDV=self.BDV, NP=max(NP, 1),
-                      LOWP=q.is_cuda, num_stages=cfg["num_stages"])
-        if self.GATED:
-            assert gates is not None and gates.shape == (B, C, HQ, self.NG), f"gates must be [B, C, HQ, {self.NG}]"
-            tail = [o, gates.contiguous()]
+        self.args = args
+        # scratch of the select branches' union walk, per program's rows
+        self.wsel = [torch.empty((n_qt * B * H, 2, R, s.TOPKP), dtype=torch.int32, device=dev) for s in fam.SEL]
+        consts = dict(G=G, GP=GP, R=R, BM=BM, BJ=BJ, DQK=fam.DQK, DV=DV, BDK=fam.BDK, BDV=fam.BDV, NP=max(NP, 1),
+                      LOWP=q.is_cuda, PAGE=page, num_stages=cfg["num_stages"], AUX=self.aux, BJM=cfg["BJM"], NJ=cfg["NJ"])
+        # TAIL: the last slice of each program's rows to finish combines them (tickets count the slices)
+        self.tickets = torch.zeros(n_qt * B * H, dtype=torch.int32, device=dev) if SPLIT and cfg["TAIL"] else None
+        self.launches = []
+        if SPLIT:   # (NP > 0: split-K has key ranges to divide)
+            self.launches.append((fam.kernels.decode_split_kernel[(n_qt, B * H, NS)], True,
+                                  dict(consts, BN=cfg["BN_split"], TAIL=cfg["TAIL"], num_warps=cfg["split_warps"])))
+        if not (SPLIT and cfg["TAIL"]):
+            self.launches.append((fam.kernels.decode_kernel[(n_qt, B * H)], False,
+                                  dict(consts, SPLIT=SPLIT, ONEPASS=ONEPASS, BN=cfg["BN"], num_warps=cfg["num_warps"])))
+
+    def __call__(self, q, start, nq, gates=None, out=None):
+        """One call: o [B, C, HQ, DV] (into ``out`` when given) and, with aux, (idx, bo, blse)."""
+        fam, aux = self.fam, self.aux
+        B, C, HQ = self.shape
+        o = out if out is not None else new_output((B, C, HQ, fam.DV), self.dtype, self.device)
+        H = HQ // fam.G
+        idx = [new_idx((B, C, H, s.TOPK), self.device) for s in fam.SEL] if aux else []
+        bo = new_output((fam.NBR, B, C, HQ, fam.DV), self.dtype, self.device) if aux else o
+        blse = new_output((fam.NBR, B, C, HQ), torch.float32, self.device) if aux else o
+        if self.empty:
+            return (o, idx, bo, blse) if aux else (o, None, None, None)
+        args = self.args.copy()
+        args[0], args[1], args[2] = q, start, nq
+        if fam.GATED:
+            assert gates is not None and gates.shape == (B, C, HQ, fam.NG), f"gates must be [B, C, HQ, {fam.NG}]"
+            tail = [o, gates if gates.is_contiguous() else gates.contiguous()]
         else:
             tail = [o]
-        for i, s in enumerate(self.SEL):   # chosen blocks, scratch for the union walk
-            tail += [idx[i] if aux else dummy, torch.empty((n_qt * B * H, 2, R, s.TOPKP), dtype=torch.int32, device=q.device)]
+        for i in range(len(fam.SEL)):   # chosen blocks, scratch for the union walk
+            tail += [idx[i] if aux else self.dummy, self.wsel[i]]
         tail += [bo, blse, B]
-        out = dict(AUX=bool(aux), BJM=cfg["BJM"], NJ=cfg["NJ"])
-        if SPLIT:   # (NP > 0: split-K has key ranges to divide)
-            # TAIL: the last slice of each program's rows to finish combines them (tickets count the slices)
-            # (without TAIL no ticket is read: start stands in, no memset on the hot path)
-            tickets = torch.zeros(n_qt * B * H, dtype=torch.int32, device=q.device) if cfg["TAIL"] else start
-            self.kernels.decode_split_kernel[(n_qt, B * H, NS)](
-                *args, *tail, tickets, **consts, **out, BN=cfg["BN_split"], TAIL=cfg["TAIL"],
-                num_warps=cfg["split_warps"])
-            if cfg["TAIL"]:
-                return (o, idx, bo, blse) if aux else (o, None, None, None)
-        self.kernels.decode_kernel[(n_qt, B * H)](*args, *tail, SPLIT=SPLIT, ONEPASS=ONEPASS, **out, **consts,
-                                                  BN=cfg["BN"], num_warps=cfg["num_warps"])
+        if self.tickets is not None:
+            self.tickets.zero_()
+        for kernel, split, kw in self.launches:
+            if split:   # without TAIL no ticket is read: start stands in
+                kernel(*args, *tail, self.tickets if self.tickets is not None else start, **kw)
+            else:
+                kernel(*args, *tail, **kw)
         return (o, idx, bo, blse) if aux else (o, None, None, None)
+
+
+class AppendLaunch:
+    """Appends of chunks of C tokens bound to a cache's buffers (:meth:`Decode.bind_append`):
+    ``append_kernel`` writes the raw keys and values, takes pages (paged, ``alloc``), pools the
+    mean-pool compressed blocks and the block means, and lists the candidate blocks of the
+    learned-pool branches (``gather`` / ``dest``: flat rows of their keys and entries) that the
+    caller pools and scatters. No host sync."""
+
+    BC = 16   # tokens per tile
+
+    def __init__(self, fam: Decode, raw, cmp, means, *, C, state, table, page, alloc, shared):
+        assert len(raw) == len(fam.CMP) + len(fam.SEL) + len(fam.WIN) and len(cmp) == len(fam.CMP)
+        assert len(means) == sum(1 for s in fam.SEL if not s.score)
+        lens, start_out, lens_out, err, cap = state
+        dev = lens.device
+        k0, v0 = raw[0]
+        assert all(k.stride() == k0.stride() and v.stride() == v0.stride() for k, v in raw), \
+            "raw key (value) buffers must share one layout"
+        for k, v in raw:
+            assert k.stride(-1) == 1 and k.stride(-2) == fam.DQK and v.stride(-1) == 1 and v.stride(-2) == fam.DV, \
+                "raw buffers: (H, D) contiguous"
+        self.fam, self.C, self.dev = fam, C, dev
+        self.B = B = lens.shape[0]
+        # learned pooling: at most MC blocks complete per sequence and chunk
+        self.MC = max(1, max([cdiv(C, c.STRIDE) for c in fam.CMP if not c.MEAN] + [1]))
+        self.gather, self.dest = {}, {}
+        self.n_raw = len(raw)
+        args = [None] * (4 * len(raw))                    # per branch: its new keys / values (per call), buffers
+        for i, (k, v) in enumerate(raw):
+            args[4 * i + 2], args[4 * i + 3] = k, v
+        for c, (kf, vf) in zip(fam.CMP, cmp):
+            kc, vc = kf[:-1], vf[:-1]                      # [rows * entries, H, D] views; the last row is spare
+            e = kc.shape[0] // (k0.shape[0] if page else B)
+            args += [kc, vc, e * kc.stride(0), kc.stride(0), e * vc.stride(0), vc.stride(0)]
+            if not c.MEAN:
+                self.gather[c.name] = torch.zeros((B * self.MC, c.L), dtype=torch.int64, device=dev)
+                self.dest[c.name] = torch.zeros(B * self.MC, dtype=torch.int64, device=dev)
+                args += [self.gather[c.name], self.dest[c.name], kc.shape[0]]
+        for kb in means:
+            args += [kb, kb.stride(0), kb.stride(1)]
+        update = start_out is not None
+        dummy = torch.zeros(1, dtype=torch.int32, device=dev)
+        args += [lens, None, start_out if update else dummy, lens_out if update else dummy, err, cap]
+        self.I_NQ = len(args) - 5
+        if page:
+            free_pages, free_top = alloc if alloc is not None else (dummy, dummy)
+            args += [table, table.stride(0), table.shape[1], k0.shape[0], free_pages, free_top]
+        else:
+            args += [dummy, 0, 0, 0, dummy, dummy]
+        self.I_SRC = len(args)                            # then the new chunk's strides (per call)
+        args += [None] * 4 + [k0.stride(0), k0.stride(1), v0.stride(0), v0.stride(1), C, k0.shape[2]]
+        self.args = args
+        self.n_full = torch.full((B,), C, dtype=torch.int32, device=dev)
+        self.kernel = fam.kernels.append_kernel[(B,)]
+        self.consts = dict(DQK=fam.DQK, DV=fam.DV, BDK=fam.BDK, BDV=fam.BDV, BC=self.BC, PAGE=page,
+                           ALLOC=alloc is not None, BPG=next_pow2(cdiv(C, page) + 1) if page else 1,
+                           SHARED=bool(shared), MC=self.MC, UPDATE=update, num_warps=4)
+
+    def __call__(self, k_new, v_new, nq=None) -> None:
+        """Append the chunk: ``k_new`` / ``v_new`` [B, C, H, D] per raw buffer (lists, in the order
+        bound; (H, D) contiguous; one pair when shared), ``nq`` [B] int32 tokens per sequence (None: C)."""
+        args = self.args.copy()
+        for i, (k, v) in enumerate(zip(k_new, v_new)):
+            args[4 * i], args[4 * i + 1] = k, v
+        for i in range(len(k_new), self.n_raw):         # shared: one source for every branch
+            args[4 * i], args[4 * i + 1] = k_new[0], v_new[0]
+        args[self.I_NQ] = self.n_full if nq is None else nq
+        k, v = k_new[0], v_new[0]
+        args[self.I_SRC:self.I_SRC + 4] = [k.stride(0), k.stride(1), v.stride(0), v.stride(1)]
+        self.kernel(*args, **self.consts)
