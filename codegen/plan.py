@@ -171,6 +171,13 @@ def select_vars(LS: int, TOPK: int) -> dict:
                 MULTI_NT=NT > 1 or any(LS // b > 1 for b in choices[1:]))
 
 
+def indexer_vars(HI: int, DI: int) -> dict:
+    """The indexer's tile constants: ``HIP`` (its HI heads padded to a power of two: rows of a
+    scoring tile per position) and ``BDI`` (DI padded to a power of two, at least 16: the tl.dot
+    width)."""
+    return dict(HI=HI, HIP=next_pow2(HI), DI=DI, BDI=max(16, next_pow2(DI)))
+
+
 def _kernels_run(spec: Spec) -> None:
     """What the generated kernels do not run yet is refused here (the reference runs it)."""
     missing = (["causal = false"] if not spec.causal else []) \

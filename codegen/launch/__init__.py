@@ -25,7 +25,7 @@ def family(name: str):
     return register
 
 
-_MODULES = ("combine", "compress", "decode", "select", "topk", "window")
+_MODULES = ("combine", "compress", "decode", "gather", "index_loss", "indexer", "select", "topk", "window")
 
 
 def _families() -> dict[str, type[Family]]:
