@@ -54,3 +54,14 @@ def test_lengths_and_checkpoints(capsys, args, code_):
     assert code == 1 and f"error[{code_}]" in err and "internal error" not in err
     if code_ == "E632":
         assert "not a regular file" in err
+
+
+def test_written_files_get_the_umask_mode_not_a_private_one(tmp_path):
+    from nsa_dsl.runtime.files import replace_file
+    old = os.umask(0o022)
+    try:
+        path = replace_file(tmp_path / "k.py", "x = 1\n")
+    finally:
+        os.umask(old)
+    assert path.read_text() == "x = 1\n"
+    assert (path.stat().st_mode & 0o777) == 0o644

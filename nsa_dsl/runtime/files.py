@@ -27,6 +27,12 @@ def output_folder(path: Union[str, os.PathLike], what: str = "--emit") -> Path:
     return folder
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def replace_file(path: Union[str, os.PathLike], data: Union[str, bytes], what: str = "--emit") -> Path:
     """Write ``data`` to ``path`` by replacing whatever is there (a file or a link); E640 on failure."""
     path = Path(path)
@@ -34,6 +40,8 @@ def replace_file(path: Union[str, os.PathLike], data: Union[str, bytes], what: s
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
+        # mkstemp makes the file private (0600); a user's output gets the mode open() would give
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as e:
         raise SpecError("E640", f"{what}: cannot write {path} ({e.strerror or e})") from None
