@@ -188,20 +188,26 @@ def _kernels_run(spec: Spec) -> None:
                         hint="use nsa_dsl.reference (SparseAttention(..., backend='reference'))")
 
 
-def lower(spec: Spec, binding: Binding, varlen: bool = False) -> Plan:
+def lower(spec: Spec, binding: Binding, varlen: bool = False, offsets: bool = False) -> Plan:
     """Which kernels run, in dependency order: compression, selection, window, combination.
 
     ``varlen=True``: kernels for packed variable-length sequences (``cu_seqlens``); the attention
     families get the template variable ``VARLEN = True`` (a plan without it renders no varlen
     code, and the variable is part of the cache key). Combination needs no variant. ``CAUSAL``
-    (the spec's) goes to every attention family. Kernel names are spelled here only: the runtime
-    finds a branch's kernels with :meth:`Plan.of_branch`.
+    (the spec's) goes to every attention family. ``offsets=True``: the top-k and selection kernels
+    take query pieces (``OFFSETS = True``: launchers' ``q_start``, fewer queries than keys; not
+    with ``varlen``). A select branch's ``QB`` (its query_block) goes to its top-k and selection
+    kernels. Kernel names are spelled here only: the runtime finds a branch's kernels with
+    :meth:`Plan.of_branch`.
     """
+    if varlen and offsets:
+        raise ValueError("query pieces (offsets) and packed sequences (varlen) do not mix")
     _kernels_run(spec)
     G, DQK, DV = binding.group, binding.qk_dim, binding.v_dim
     tiles = tile_vars(G, DQK, DV)
     seq = {"VARLEN": True} if varlen else {}
     seq["CAUSAL"] = spec.causal             # every attention family: causal or both-sided masks
+    pieces = {"OFFSETS": True} if offsets else {}   # top-k and selection: q_start, Tq != Tk
     kernels = []
     for b in spec.of_kind("compress"):
         kernels.append(_kernel(f"compress_{b.name}", b.name, "compress", **tiles, L=b.block, STRIDE=b.stride, **seq))
@@ -214,9 +220,9 @@ def lower(spec: Spec, binding: Binding, varlen: bool = False) -> Plan:
         kernels.append(_kernel(f"topk_{b.name}", b.name, "topk",
                                G=G, GP=tiles["GP"], DQK=DQK, BDK=tiles["BDK"], L=L, STRIDE=STRIDE, LS=b.block,
                                TOPK=b.top_k, KEEP_FIRST=b.keep_first, KEEP_LAST=b.keep_last, SCORE=SCORE,
-                               **topk_vars(L, STRIDE, b.block, b.top_k, SCORE), **seq))
+                               **topk_vars(L, STRIDE, b.block, b.top_k, SCORE), QB=b.query_block, **pieces, **seq))
         kernels.append(_kernel(f"select_{b.name}", b.name, "select", **tiles, LS=b.block, TOPK=b.top_k,
-                               **select_vars(b.block, b.top_k), **seq))
+                               **select_vars(b.block, b.top_k), QB=b.query_block, **pieces, **seq))
     for b in spec.of_kind("window"):
         kernels.append(_kernel(f"window_{b.name}", b.name, "window", **tiles, W=b.size, SINKS=b.sinks, **seq))
     out = spec.output

@@ -2,7 +2,10 @@
 
 Variables (the plan's): G, GP (G padded to a power of two), DQK, DV, BDK, BDV (head dims padded to
 powers of two), LS (keys per block), TOPK, TOPKP (TOPK padded), BN (the heuristic's key tile), NT,
-BN_CHOICES (key tiles a config may pick), VARLEN (``nsa_dsl.codegen.plan.select_vars``).
+BN_CHOICES (key tiles a config may pick), VARLEN (``nsa_dsl.codegen.plan.select_vars``); CAUSAL,
+QB (the branch's query_block: fwd / dq tiles walk the union of their rows' blocks, found in the
+kernel, so a tile inside one group of QB positions is a dense tile of its blocks) and OFFSETS (the
+launchers take ``q_start``: q holds the positions q_start .. of a sequence whose keys k, v hold).
 
 fwd / dq read their K/V tiles by TMA descriptor loads on the GPU (config ``TMA``): host-built
 ``TensorDescriptor`` objects over k and v as [B, T, H, D] with [1, BN, 1, BD] boxes. Pointer loads
@@ -29,6 +32,24 @@ def _tma_ready(x: torch.Tensor) -> bool:
     """Whether TMA can read ``x``: unit last stride, 16-byte aligned base and other strides."""
     return (x.stride(-1) == 1 and x.data_ptr() % 16 == 0
             and all(st * x.element_size() % 16 == 0 for st in x.stride()[:-1]))
+
+
+def check_piece(q_start, Tq: int, Tk: int, QB: int, offsets: bool, cu_seqlens, what: str) -> None:
+    """Queries that are a piece of a sequence (``q_start``, fewer queries than keys) need kernels
+    generated with OFFSETS; a piece starts at a multiple of the query_block QB and ends by Tk; packed
+    sequences take no pieces. (A home in launch.base would serve the other families too.)"""
+    if not (isinstance(q_start, int) and not isinstance(q_start, bool) and q_start >= 0):
+        raise ValueError(f"q_start must be an int >= 0, got {q_start!r}")
+    if cu_seqlens is not None and q_start:
+        raise ValueError(f"{what}: q_start = {q_start} with cu_seqlens: packed sequences take no query pieces")
+    if not offsets and (q_start or Tq != Tk):
+        raise ValueError(f"these {what} kernels were generated without query pieces (OFFSETS): got q_start = "
+                         f"{q_start}, {Tq} queries and {Tk} keys; lower the plan with offsets=True")
+    if q_start % QB:
+        raise ValueError(f"{what}: q_start = {q_start} starts inside a group of query_block = {QB} positions; "
+                         f"start at a multiple of {QB}")
+    if q_start + Tq > Tk:
+        raise ValueError(f"{what}: queries at positions {q_start} .. {q_start + Tq - 1}, but the keys hold {Tk}")
 
 
 def _union(u: torch.Tensor) -> torch.Tensor:
@@ -63,6 +84,9 @@ class Select(Family):
         self.TOPKP, self.BN, self.NT = v["TOPKP"], v["BN"], v["NT"]
         self.BN_CHOICES: tuple[int, ...] = tuple(v["BN_CHOICES"])
         self.varlen = bool(v.get("VARLEN", False))
+        self.causal = bool(v.get("CAUSAL", True))
+        self.QB = int(v.get("QB", 1))
+        self.offsets = bool(v.get("OFFSETS", False))
 
     # -- configs ---------------------------------------------------------------------------------
     def _heuristic(self, kind: str, gpu: bool, T: int) -> Config:
@@ -77,6 +101,13 @@ class Select(Family):
         GP = self.GP
         r_min = max(1, 16 // GP)
         d = max(self.BDK, self.BDV)
+        if gpu and self.QB > 1:
+            # groups of QB positions share their blocks: tiles of up to 128 rows inside one group
+            # (several groups only where a group has fewer than 16 rows), walking TOPK blocks each
+            R = max(r_min, min(self.QB, 128 // GP))
+            rows = 32 if kind == "dkdv" else R * GP
+            return dict(R=R, RQ=max(1, 32 // GP), CHUNK=max(256, min(4096, self.TOPK * self.LS)), BN=self.BN,
+                        num_warps=4 if rows <= 64 and d <= 128 else 8, num_stages=2, TMA=kind != "dkdv")
         if gpu:   # SHARE: fwd / dq pick R from the selection itself (_shared_rows)
             # H200, T = 64k, G = 16, D = 128, random selections (ms): fwd on 16-row tiles with 2 warps
             # 15.0, 4 warps 16.1; backward with dq on 2 warps and 32-row dkdv tiles 31.1, with 4 warps
@@ -204,15 +235,19 @@ class Select(Family):
         return _union(u), R * K
 
     def _query_plan(self, q: torch.Tensor, H: int, idx: torch.Tensor, R: int,
-                    cu_seqlens: Optional[torch.Tensor]) -> tuple:
-        """(grid, sequence arguments, block-list arguments, RK / RKP) of fwd / dq with R positions."""
+                    cu_seqlens: Optional[torch.Tensor], keys: tuple = ()) -> tuple:
+        """(grid, sequence arguments, block-list arguments, RK / RKP) of fwd / dq with R positions;
+        ``keys``: the sequence arguments of a module with OFFSETS (T, TQ, T0). With QB > 1 the
+        kernels find their blocks themselves (no block lists)."""
         B, T = q.shape[:2]
         if self.varlen:
             cu, lens = packed(cu_seqlens)
             tiles = tile_table(lens, R, T)                                    # (sequence, query tile of R)
             grid, seq = (tiles.shape[0], H), (cu, tiles, lens.numel())
         else:
-            tiles, grid, seq = None, (cdiv(T, R), B * H), (T,)
+            tiles, grid, seq = None, (cdiv(T, R), B * H), keys or (T,)
+        if self.QB > 1:
+            return grid, seq, (), {}
         blk, rk = self.block_lists(idx, R, tiles, cu_seqlens)
         return grid, seq, (blk, blk.stride(0), blk.stride(1), blk.stride(2)), dict(RK=rk, RKP=next_pow2(rk))
 
@@ -228,9 +263,11 @@ class Select(Family):
         blk_seq = torch.searchsorted(cu_blk[1:].long(), torch.arange(NB, device=cu.device), right=True)
         return cu_blk, NB, blk_seq.to(torch.int32), seq_of_rows(cu, T)
 
-    def invert(self, idx: torch.Tensor, chunk: int, cu_seqlens: Optional[torch.Tensor] = None) -> tuple:
-        """The selection, inverted: for each list l = (b * H + h) * NB + j (NB = cdiv(T, LS)), the
-        positions t that chose block j for kv head h, ascending. Packed sequences (VARLEN, B = 1):
+    def invert(self, idx: torch.Tensor, chunk: int, cu_seqlens: Optional[torch.Tensor] = None,
+               n_keys: Optional[int] = None) -> tuple:
+        """The selection, inverted: for each list l = (b * H + h) * NB + j (NB = cdiv(n_keys, LS),
+        n_keys the keys, by default idx's rows), the rows t of idx that chose block j for kv head h,
+        ascending. Packed sequences (VARLEN, B = 1):
         j is the packed block (sequence s's blocks start at cu_blk[s]), NB = T // LS + N bounds
         them, and positions are the sequence's own (row - cu[s]).
 
@@ -248,7 +285,7 @@ class Select(Family):
             cu_blk, NB, _, seq_row = self._packed_blocks(cu, lens, T)
             blk = torch.where(blk >= 0, blk + cu_blk.long()[seq_row].view(1, 1, T, 1), -1)   # packed blocks
         else:
-            NB = cdiv(T, self.LS)
+            NB = cdiv(T if n_keys is None else n_keys, self.LS)
         n_lists = B * H * NB
         base = (torch.arange(B * H, device=dev) * NB).view(B, H, 1, 1)
         key = torch.where(blk >= 0, blk + base, n_lists).flatten()          # -1 -> n_lists (dropped)
@@ -269,16 +306,19 @@ class Select(Family):
         return pos, list_off, item_list.to(torch.int32), item_chunk.to(torch.int32), n_chunks
 
     # -- launchers ---------------------------------------------------------------------------------
-    def _check(self, q, k, v, idx, cu_seqlens):
+    def _check(self, q, k, v, idx, cu_seqlens, q_start: int = 0):
+        """(B, T, HQ, H, keys): q [B, T, HQ, DQK]; keys: the sequence arguments of a module with
+        OFFSETS (Tk, T, q_start), else ()."""
         B, T, HQ, dqk = q.shape
-        H = k.shape[2]
+        Tk, H = k.shape[1], k.shape[2]
         assert HQ == H * self.G, f"select kernels were generated for G = {self.G}: HQ = {HQ}, H = {H}"
         assert dqk == self.DQK and k.shape[3] == self.DQK and v.shape[3] == self.DV, \
             "head dims differ from the generated ones"
-        assert k.shape[:3] == (B, T, H) and v.shape[:3] == (B, T, H)
+        assert k.shape[:3] == (B, Tk, H) and v.shape[:3] == (B, Tk, H)
         assert idx.shape == (B, T, H, self.TOPK), f"idx has shape {tuple(idx.shape)}, expected {(B, T, H, self.TOPK)}"
         check_packed(q, cu_seqlens, self.varlen, "select")
-        return B, T, HQ, H
+        check_piece(q_start, T, Tk, self.QB, self.offsets, cu_seqlens, "select")
+        return B, T, HQ, H, ((Tk, T, q_start) if self.offsets else ())
 
     @staticmethod
     def _strides(q, k, v, idx=None):
@@ -294,18 +334,19 @@ class Select(Family):
         """The constexprs of fwd / dq beyond _consts: rows, the idx tile, key tiles per block."""
         return dict(R=cfg["R"], TOPK=self.TOPK, TOPKP=self.TOPKP, NT=cdiv(self.LS, cfg["BN"]))
 
-    def fwd(self, q, k, v, idx, scale, *, config=None, cu_seqlens=None):
+    def fwd(self, q, k, v, idx, scale, *, config=None, cu_seqlens=None, q_start=0):
         """o [B, T, HQ, DV] (q.dtype), lse [B, T, HQ] (fp32); idx [B, T, H, TOPK] int32.
         Packed sequences (VARLEN): B = 1, cu_seqlens [N + 1]; idx holds each sequence's own block
-        numbers."""
-        B, T, HQ, H = self._check(q, k, v, idx, cu_seqlens)
+        numbers. Query pieces (OFFSETS): q's T rows are the positions q_start .. of the sequence
+        whose keys k, v [B, Tk, H, D] hold (q_start a multiple of QB)."""
+        B, T, HQ, H, keys = self._check(q, k, v, idx, cu_seqlens, q_start)
         q, k, v, idx = unit_last(q), unit_last(k), unit_last(v), unit_last(idx.to(torch.int32))
         o = new_output((B, T, HQ, self.DV), q.dtype, q.device)
         lse = new_output((B, T, HQ), torch.float32, q.device)
         if B * T == 0:
             return o, lse
         cfg, (grid, seq, lists, rk) = self._rows_for(self.resolve_config(q, "fwd", config), idx,
-                                                     lambda R: self._query_plan(q, H, idx, R, cu_seqlens))
+                                                     lambda R: self._query_plan(q, H, idx, R, cu_seqlens, keys))
         k_desc, v_desc, tma = self._kv_descs(k, v, cfg)
         self.kernels.select_fwd_kernel[grid](
             q, k, v, k_desc, v_desc, idx, o, lse, scale * LOG2E, *seq, H, *self._strides(q, k, v, idx), *lists,
@@ -313,21 +354,22 @@ class Select(Family):
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return o, lse
 
-    def bwd(self, q, k, v, idx, o, lse, do, scale, *, config=None, cu_seqlens=None, delta=None, dq_acc=None):
+    def bwd(self, q, k, v, idx, o, lse, do, scale, *, config=None, cu_seqlens=None, delta=None, dq_acc=None,
+            q_start=0):
         """(dq, dk, dv) in q.dtype; recomputes P from lse (natural log, as fwd returns it).
         delta: rowsum(o * do) [B, T, HQ] fp32 when the caller has it; dq_acc: a contiguous q-shaped
         tensor holding other branches' gradient of q, to which this one is added in place (returned
-        as dq)."""
-        B, T, HQ, H = self._check(q, k, v, idx, cu_seqlens)
+        as dq). Query pieces (OFFSETS): as fwd; dk, dv have the keys' rows."""
+        B, T, HQ, H, keys = self._check(q, k, v, idx, cu_seqlens, q_start)
         q, k, v, idx = unit_last(q), unit_last(k), unit_last(v), unit_last(idx.to(torch.int32))
         o, do, lse = o.contiguous(), do.contiguous(), lse.contiguous()
         dq = dq_buffer(q, dq_acc)
-        if B * T == 0:
-            return dq, new_output(k.shape, k.dtype, k.device), new_output(v.shape, v.dtype, v.device)
+        if B * T == 0:                       # no query: nothing reaches the keys
+            return dq, torch.zeros_like(k), torch.zeros_like(v)
         delta = row_delta(self.kernels, o, do, self.DV, self.BDV) if delta is None else delta.contiguous()
 
         cfg, (grid, seq, lists, rk) = self._rows_for(self.resolve_config(q, "dq", config), idx,
-                                                     lambda R: self._query_plan(q, H, idx, R, cu_seqlens))
+                                                     lambda R: self._query_plan(q, H, idx, R, cu_seqlens, keys))
         k_desc, v_desc, tma = self._kv_descs(k, v, cfg)
         self.kernels.select_bwd_dq_kernel[grid](
             q, k, v, k_desc, v_desc, idx, do, lse, delta, dq, scale * LOG2E, scale, *seq, H,
@@ -337,10 +379,11 @@ class Select(Family):
         cfg = self.resolve_config(q, "dkdv", config)
         LS, DQK, DV = self.LS, self.DQK, self.DV
         chunk = cdiv(cfg["CHUNK"], cfg["RQ"]) * cfg["RQ"]
-        pos, list_off, item_list, item_chunk, n_chunks = self.invert(idx, chunk, cu_seqlens)
+        Tk = k.shape[1]
+        pos, list_off, item_list, item_chunk, n_chunks = self.invert(idx, chunk, cu_seqlens, Tk)
         # fp32 accumulators; rows of blocks whose list is split in chunks start at 0 (atomics)
-        dk = new_output((B, T, H, DQK), torch.float32, q.device)
-        dv = new_output((B, T, H, DV), torch.float32, q.device)
+        dk = new_output((B, Tk, H, DQK), torch.float32, q.device)
+        dv = new_output((B, Tk, H, DV), torch.float32, q.device)
         if self.varlen:
             cu, lens = packed(cu_seqlens)
             cu_blk, NB, blk_seq, seq_row = self._packed_blocks(cu, lens, T)
@@ -349,10 +392,10 @@ class Select(Family):
             split = (n_chunks[row_list] > 1)[None, :, :, None]                  # [1, T, H, 1]
             seq = (cu, cu_blk, blk_seq, lens.numel())
         else:
-            NB = cdiv(T, LS)
-            split = (n_chunks > 1).view(B, H, NB, 1).expand(B, H, NB, LS).reshape(B, H, NB * LS)[:, :, :T]
-            split = split.transpose(1, 2)[..., None]                            # [B, T, H, 1]
-            seq = (T,)
+            NB = cdiv(Tk, LS)
+            split = (n_chunks > 1).view(B, H, NB, 1).expand(B, H, NB, LS).reshape(B, H, NB * LS)[:, :, :Tk]
+            split = split.transpose(1, 2)[..., None]                            # [B, Tk, H, 1]
+            seq = keys or (T,)
         dk.masked_fill_(split, 0.)
         dv.masked_fill_(split, 0.)
         self.kernels.select_bwd_dkdv_kernel[(item_list.numel(), cdiv(LS, cfg["BN"]))](

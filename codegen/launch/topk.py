@@ -2,7 +2,9 @@
 
 Variables (the plan's): G, GP, DQK, BDK, LS, TOPK, TOPKP (TOPK padded to a power of two),
 KEEP_FIRST, KEEP_LAST, SCORE ("cmp" | "mean_pool"), L, STRIDE, VARLEN; scored by a compression
-branch also A = L / STRIDE and C = LS / STRIDE (``nsa_dsl.codegen.plan.topk_vars``).
+branch also A = L / STRIDE and C = LS / STRIDE (``nsa_dsl.codegen.plan.topk_vars``); CAUSAL, QB
+(the branch's query_block: groups of QB positions share one choice) and OFFSETS (the launchers
+take ``q_start``: q holds the positions q_start .. of a sequence of more keys).
 
 A module rendered with ``SCORE == "cmp"`` has the launcher ``topk(q, k_cmp, lse_cmp, scale)``,
 one with ``"mean_pool"`` ``topk_mean_pool(q, k)``: :class:`Topk` builds the class of its score.
@@ -14,13 +16,14 @@ from typing import Mapping, Optional
 
 import torch
 
-from nsa_dsl.semantics.reference import num_compressed_blocks
+from nsa_dsl.semantics.reference import _block_means, num_compressed_blocks
 from nsa_dsl.semantics.varlen import compressed_cu_seqlens
 
 from ..ints import cdiv, next_pow2
 from . import family
 from .base import LOG2E, Config, Family, is_tile, launch_options
-from .packed import check_packed, cumsum0, packed, tile_table
+from .packed import check_packed, cumsum0, packed, seq_of_rows, tile_table
+from .select import check_piece
 
 # int64 sort keys of the top-k buffer (the template's merge_chunk): the order-preserving int32 of
 # the score << 32 plus IDX_MAX - block. Below every eligible block (score >= -inf): empty slots,
@@ -63,6 +66,9 @@ class Topk(Family):
         self.LS, self.TOPK, self.TOPKP = v["LS"], v["TOPK"], v["TOPKP"]
         self.KEEP_FIRST, self.KEEP_LAST = v["KEEP_FIRST"], v["KEEP_LAST"]
         self.varlen = bool(v.get("VARLEN", False))
+        self.causal = bool(v.get("CAUSAL", True))
+        self.QB = int(v.get("QB", 1))
+        self.offsets = bool(v.get("OFFSETS", False))
         self.CONFIG: Optional[tuple] = None   # a pinned config (R, BN, BJ, num_warps, dot); None: the heuristic
 
     # -- configs ---------------------------------------------------------------------------------
@@ -72,9 +78,13 @@ class Topk(Family):
     def _min_bj(self) -> int:
         return 1
 
+    def _rows(self, R: int) -> int:
+        """Rows of a tile of R: R positions times the GP heads (mean_pool with QB > 1: R groups)."""
+        return R * self.GP
+
     def _invalid(self, kind: str, cfg: Config) -> Optional[str]:
         R = cfg["R"]
-        if not (isinstance(R, int) and is_tile(R * self.GP) and R & (R - 1) == 0):
+        if not (isinstance(R, int) and R >= 1 and is_tile(self._rows(R)) and R & (R - 1) == 0):
             return "R and the row tile R * GP must be powers of two, R * GP >= 16 (tl.dot)"
         if not (is_tile(cfg["BN"]) and is_tile(cfg["BJ"])):
             return "BN and BJ must be powers of two of at least 16 (tl.dot)"
@@ -96,7 +106,9 @@ class Topk(Family):
         return cands + [dict(NI=n) for n in range(4)]
 
     # -- launchers ---------------------------------------------------------------------------------
-    def _check(self, q: torch.Tensor, H: int, cu_seqlens) -> tuple[int, int]:
+    def _check(self, q: torch.Tensor, H: int, cu_seqlens, q_start: int = 0, Tk: Optional[int] = None) -> tuple:
+        """(B, T, keys): q [B, T, HQ, DQK]; keys: the sequence arguments of a module with OFFSETS
+        (Tk keys, T queries, q_start), else ()."""
         B, T, HQ, dqk = q.shape
         if dqk != self.DQK:
             raise ValueError(f"topk kernels were generated for DQK={self.DQK}; got q {tuple(q.shape)}")
@@ -104,12 +116,14 @@ class Topk(Family):
             raise ValueError(f"topk kernels were generated for G={self.G} query heads per kv head; "
                              f"got {HQ} query heads and {H} kv heads")
         check_packed(q, cu_seqlens, self.varlen, "topk")
-        return B, T
+        Tk = q_start + T if Tk is None else Tk
+        check_piece(q_start, T, Tk, self.QB, self.offsets, cu_seqlens, "topk")
+        return B, T, ((Tk, T, q_start) if self.offsets else ())
 
     def _consts(self, cfg: Config) -> dict:
         return dict(G=self.G, GP=self.GP, DQK=self.DQK, BDK=self.BDK, LS=self.LS, TOPK=self.TOPK,
                     TOPKP=self.TOPKP, KEEP_FIRST=self.KEEP_FIRST, KEEP_LAST=self.KEEP_LAST, **SORT_KEYS,
-                    NI=cfg.get("NI", 0), R=cfg["R"], BM=self.GP * cfg["R"], BN=cfg["BN"], BJ=cfg["BJ"],
+                    NI=cfg.get("NI", 0), R=cfg["R"], BM=self._rows(cfg["R"]), BN=cfg["BN"], BJ=cfg["BJ"],
                     **launch_options(cfg))
 
 
@@ -171,43 +185,56 @@ class TopkCmp(Topk):
         BN following BJ)."""
         return self._prune(kind, self._candidates(self._bn), T, smem, dtype_bytes)
 
-    def topk(self, q, k_cmp, lse_cmp, scale, cu_seqlens=None, *, config=None) -> torch.Tensor:
+    def topk(self, q, k_cmp, lse_cmp, scale, cu_seqlens=None, *, config=None, q_start=0,
+             n_keys=None) -> torch.Tensor:
         """Select blocks scored by the compression branch -> idx [B, T, H, TOPK] int32, ascending,
         -1 padded. Packed sequences (VARLEN): B = 1, cu_seqlens [N + 1], k_cmp [1, sum NC_s, H, DQK]
-        (each sequence's compressed blocks in turn); idx holds each sequence's own block numbers."""
+        (each sequence's compressed blocks in turn); idx holds each sequence's own block numbers.
+        Query pieces (OFFSETS): q's and lse_cmp's T rows are the positions q_start .. of a sequence
+        of n_keys keys (default q_start + T), whose compressed blocks k_cmp holds."""
         DQK, L, STRIDE = self.DQK, self.L, self.STRIDE
         if q.stride(-1) != 1:
             q = q.contiguous()
         if k_cmp.stride(-1) != 1:
             k_cmp = k_cmp.contiguous()
         H = k_cmp.shape[2]
-        B, T = self._check(q, H, cu_seqlens)
+        B, T, keys = self._check(q, H, cu_seqlens, q_start, n_keys)
         if self.varlen:
             NC = k_cmp.shape[1]                                   # sum of NC_s, checked by the caller
             if k_cmp.shape[0] != 1 or k_cmp.shape[-1] != DQK:
                 raise ValueError(f"k_cmp must be [1, NC, H, DQK]; got {tuple(k_cmp.shape)}")
         else:
-            NC = num_compressed_blocks(T, L, STRIDE)
+            Tk = keys[0] if keys else T
+            NC = num_compressed_blocks(Tk, L, STRIDE)
             if k_cmp.shape[:2] != (B, NC) or k_cmp.shape[-1] != DQK:
-                raise ValueError(f"k_cmp must be [B, NC, H, DQK] with NC = {NC} for T = {T}; got {tuple(k_cmp.shape)}")
+                raise ValueError(f"k_cmp must be [B, NC, H, DQK] with NC = {NC} for {Tk} keys; got {tuple(k_cmp.shape)}")
         lse_cmp = lse_cmp.float().contiguous()
         idx = new_idx((B, T, H, self.TOPK), q.device)
         cfg = self.resolve_config(q, "topk", config)
         if NC == 0:                                           # nothing visible: every score is 0
             k_cmp = q.new_zeros((B, 1, H, DQK))
+        groups, PR = self._groups(cfg["R"])                   # positions per program
         if self.varlen:
             if T == 0:
                 return idx
             cu, lens = packed(cu_seqlens)
             cu_cmp = compressed_cu_seqlens(cu, L, STRIDE)         # int32, as cu
-            tiles = tile_table(lens, cfg["R"], T)                 # (sequence, query tile of R positions)
+            tiles = tile_table(lens, PR, T)                       # (sequence, query tile of PR positions)
             grid, seq = (tiles.shape[0], H), (cu, cu_cmp, tiles, lens.numel())
         else:
-            grid, seq = (cdiv(T, cfg["R"]), B * H), (T,)
+            grid, seq = (cdiv(T, PR), B * H), keys or (T,)
         self.kernels.topk_cmp_kernel[grid](
             q, k_cmp, lse_cmp, idx, *q.stride()[:3], *k_cmp.stride()[:3], *seq, H, scale * LOG2E,
-            L=L, STRIDE=STRIDE, A=self.A, C=self.C, LOWP=cfg["dot"], **self._consts(cfg))
+            L=L, STRIDE=STRIDE, A=self.A, C=self.C, LOWP=cfg["dot"], **groups, **self._consts(cfg))
         return idx
+
+    def _groups(self, R: int) -> tuple[dict, int]:
+        """QB > 1: the constexprs RG (groups per program) and NSUB (tiles of R positions per
+        group), and the positions per program; QB = 1: none, and R."""
+        if self.QB == 1:
+            return {}, R
+        RG, NSUB = max(1, R // self.QB), max(1, self.QB // R)
+        return dict(QB=self.QB, RG=RG, NSUB=NSUB), RG * self.QB
 
 
 class TopkMeanPool(Topk):
@@ -215,57 +242,103 @@ class TopkMeanPool(Topk):
 
     TUNE_KINDS = {"topk_mean_pool": ("topk",)}
 
+    def _rows(self, R: int) -> int:
+        """QB > 1: a tile is R groups, one row each (q summed over the group's positions and heads)."""
+        return R if self.QB > 1 else R * self.GP
+
     def _heuristic(self, kind: str, gpu: bool, T: int) -> Config:
-        """The untuned config {R, BN, BJ, num_warps, dot}: BM = GP * R query rows, BJ select blocks
-        per chunk; dot: the input_precision of the fp32 q . kbar tl.dot."""
+        """The untuned config {R, BN, BJ, num_warps, dot}: BM = GP * R query rows (QB > 1: R
+        groups), BJ select blocks per chunk; dot: the input_precision of the fp32 q . kbar tl.dot."""
         pinned = self._pinned()
         if pinned is not None:
             return pinned
-        R = max(1, 128 // self.GP)              # interpreter too: few, large programs
+        R = 64 if self.QB > 1 else max(1, 128 // self.GP)   # interpreter too: few, large programs
         return dict(R=R, BN=16, BJ=32 if gpu else 16, num_warps=4, dot="tf32" if gpu else "ieee")
 
     def smem_bytes(self, kind: str, cfg: Config, dtype_bytes: int = 2) -> int:
         """Shared memory of a config, estimated: the fp32 q tile plus num_stages - 1 buffers
         (Triton's default 3 stages) of the fp32 block means the chunk loop loads."""
-        BM, bufs, BDK = cfg["R"] * self.GP, max(1, (cfg.get("num_stages") or 3) - 1), self.BDK
+        BM, bufs, BDK = self._rows(cfg["R"]), max(1, (cfg.get("num_stages") or 3) - 1), self.BDK
         return (BM * BDK + bufs * BDK * cfg["BJ"]) * 4
 
     def config_space(self, kind: str, T: int, *, smem: Optional[int] = None, dtype_bytes: int = 2) -> list[Config]:
         """Candidate configs for the tuner (GPU), partial dicts over the heuristic (``_candidates``)."""
         return self._prune(kind, self._candidates(None), T, smem, dtype_bytes)
 
-    def topk_mean_pool(self, q, k, cu_seqlens=None, *, config=None) -> torch.Tensor:
+    def _means(self, k: torch.Tensor, cu_seqlens) -> tuple[torch.Tensor, int, tuple]:
+        """(kbar fp32 [B, NF, H, DQK] contiguous, NF, packed offsets): the means of the blocks that
+        score: the complete ones (causal) or all, the last one over the keys it holds. Packed
+        sequences: each sequence's blocks in turn (offsets (cu_f,): sequence s has blocks
+        [cu_f[s], cu_f[s + 1])); NF bounds their number without a host sync."""
+        B, Tk, H, DQK = k.shape
+        LS = self.LS
+        if not self.varlen:
+            NF = Tk // LS if self.causal else cdiv(Tk, LS)
+            if NF == 0:                          # no complete block: every score is -inf
+                return k.new_zeros((B, 1, H, DQK), dtype=torch.float32), 0, ()
+            return _block_means(k[:, :NF * LS].float(), LS).contiguous(), NF, ()
+        cu, lens = packed(cu_seqlens)
+        N = lens.numel()
+        cu_f = cumsum0(lens // LS if self.causal else (lens + LS - 1) // LS)
+        NF = Tk // LS + (0 if self.causal else N)              # a bound on sum of the blocks
+        if NF == 0:
+            return k.new_zeros((B, 1, H, DQK), dtype=torch.float32), 0, (cu_f,)
+        f = torch.arange(NF, device=k.device)
+        s = torch.searchsorted(cu_f[1:].long(), f, right=True).clamp(max=N - 1)   # sequence of block f
+        j = f - cu_f.long()[s]                                                    # its block in the sequence
+        n = (lens[s] - j * LS).clamp(0, LS)                                       # its keys (0: past the last)
+        rows = (cu.long()[s] + j * LS)[:, None] + torch.arange(LS, device=k.device)
+        w = (torch.arange(LS, device=k.device) < n[:, None]).float()              # [NF, LS]
+        kbar = (k[0, rows.clamp(max=Tk - 1)].float() * w[:, :, None, None]).sum(1) / n.clamp(min=1)[:, None, None]
+        return kbar[None].contiguous(), NF, (cu_f,)
+
+    def _group_sums(self, q: torch.Tensor, H: int, cu_seqlens) -> tuple[torch.Tensor, int, tuple]:
+        """QB > 1: (qg fp32 [B, NG, H, DQK] contiguous: q summed over each group's positions and
+        the kv head's G heads, NG, packed offsets (cu_grp,): sequence s has groups [cu_grp[s],
+        cu_grp[s + 1]); NG bounds their number)."""
+        B, T = q.shape[:2]
+        QB = self.QB
+        per_head = q.float().unflatten(2, (H, self.G)).sum(3)                    # [B, T, H, DQK]
+        if not self.varlen:
+            NG = cdiv(T, QB)
+            per_head = torch.nn.functional.pad(per_head, (0, 0, 0, 0, 0, NG * QB - T))
+            return per_head.unflatten(1, (NG, QB)).sum(2).contiguous(), NG, ()
+        cu, lens = packed(cu_seqlens)
+        cu_grp = cumsum0((lens + QB - 1) // QB)
+        NG = T // QB + lens.numel()                                             # a bound on the groups
+        s = seq_of_rows(cu, T)
+        grp = cu_grp.long()[s] + (torch.arange(T, device=q.device) - cu.long()[s]) // QB
+        qg = per_head.new_zeros((1, NG, H, self.DQK)).index_add_(1, grp, per_head)
+        return qg, NG, (cu_grp,)
+
+    def topk_mean_pool(self, q, k, cu_seqlens=None, *, config=None, q_start=0) -> torch.Tensor:
         """Select blocks scored by q . mean(block keys) -> idx [B, T, H, TOPK] int32, ascending, -1
         padded. Packed sequences (VARLEN): B = 1, cu_seqlens [N + 1]; blocks and their means are
-        each sequence's own."""
-        DQK, LS = self.DQK, self.LS
+        each sequence's own. Query pieces (OFFSETS): q's T rows are the positions q_start .. of the
+        sequence whose keys k holds."""
         if q.stride(-1) != 1:
             q = q.contiguous()
         H = k.shape[2]
-        B, T = self._check(q, H, cu_seqlens)
+        B, T, keys = self._check(q, H, cu_seqlens, q_start, k.shape[1])
         idx = new_idx((B, T, H, self.TOPK), q.device)
         cfg = self.resolve_config(q, "topk", config)
-        NF = T // LS                         # complete blocks (packed: a bound on sum(len_s // LS), no host sync)
-        if self.varlen:
-            if T == 0:
-                return idx
-            cu, lens = packed(cu_seqlens)
-            cu_f = cumsum0(lens // LS)       # the complete blocks of every sequence, packed: offsets
-            if NF > 0:
-                f = torch.arange(NF, device=q.device)
-                s = torch.searchsorted(cu_f[1:].long(), f, right=True)            # sequence of block f (N: none)
-                s = s.clamp(max=lens.numel() - 1)
-                start = cu.long()[s] + (f - cu_f.long()[s]) * LS                  # its first row
-                rows = (start[:, None] + torch.arange(LS, device=q.device)).clamp(max=T - 1)   # [NF, LS]
-                kbar = k[0, rows].float().mean(1)[None].contiguous()             # [1, NF, H, DQK]
-            tiles = tile_table(lens, cfg["R"], T)                 # (sequence, query tile of R positions)
-            grid, seq = (tiles.shape[0], H), (cu, cu_f, tiles, lens.numel(), H)
+        if self.varlen and T == 0:
+            return idx
+        kbar, NF, cu_f = self._means(k, cu_seqlens)
+        if self.QB > 1:                      # a group scores as one row: its q summed
+            q, rows, cu_g = self._group_sums(q, H, cu_seqlens)
         else:
-            if NF > 0:
-                kbar = k[:, :NF * LS].float().unflatten(1, (NF, LS)).mean(2).contiguous()   # [B, NF, H, DQK]
-            grid, seq = (cdiv(T, cfg["R"]), B * H), (T, H, NF)
-        if NF == 0:                          # no complete block: every score is -inf
-            kbar = q.new_zeros((B, 1, H, DQK), dtype=torch.float32)
+            rows, cu_g = T, ()
+        if self.varlen:
+            cu, lens = packed(cu_seqlens)
+            if self.QB > 1:                  # tiles of R groups
+                tiles = tile_table((lens + self.QB - 1) // self.QB, cfg["R"], rows)
+            else:                            # tiles of R positions
+                tiles = tile_table(lens, cfg["R"], T)
+            grid, seq = (tiles.shape[0], H), (cu, *cu_f, *cu_g, tiles, lens.numel(), H)
+        else:
+            grid, seq = (cdiv(rows, cfg["R"]), B * H), (*(keys or (T,)), H, NF)
         self.kernels.topk_mean_pool_kernel[grid](
-            q, kbar, idx, *q.stride()[:3], *seq, PREC=cfg["dot"], **self._consts(cfg))
+            q, kbar, idx, *q.stride()[:3], *seq, PREC=cfg["dot"], **({"QB": self.QB} if self.QB > 1 else {}),
+            **self._consts(cfg))
         return idx
