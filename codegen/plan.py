@@ -181,8 +181,7 @@ def indexer_vars(HI: int, DI: int) -> dict:
 def _kernels_run(spec: Spec) -> None:
     """What the generated kernels do not run yet is refused here (the reference runs it)."""
     missing = (["causal = false"] if not spec.causal else []) \
-        + [f"query_block = {b.query_block} ({b.name})" for b in spec.of_kind("select") if b.query_block != 1] \
-        + [f"indexer {b.name}" for b in spec.of_kind("indexer")]
+        + [f"query_block = {b.query_block} ({b.name})" for b in spec.of_kind("select") if b.query_block != 1]
     if missing:
         raise SpecError("E614", f"the generated kernels do not run {', '.join(missing)} yet",
                         hint="use nsa_dsl.reference (SparseAttention(..., backend='reference'))")
@@ -212,6 +211,14 @@ def lower(spec: Spec, binding: Binding, varlen: bool = False, offsets: bool = Fa
     for b in spec.of_kind("compress"):
         kernels.append(_kernel(f"compress_{b.name}", b.name, "compress", **tiles, L=b.block, STRIDE=b.stride, **seq))
     for b in spec.of_kind("select"):
+        if spec.score_kind(b) == "indexer":      # tokens: indexer scoring, gather attention, the index loss
+            ix = indexer_vars(spec.branch(b.score).heads, spec.branch(b.score).dim)
+            kernels.append(_kernel(f"indexer_{b.name}", b.name, "indexer", **ix, TOPK=b.top_k,
+                                   KEEP_FIRST=b.keep_first, KEEP_LAST=b.keep_last, **seq))
+            kernels.append(_kernel(f"gather_{b.name}", b.name, "gather", **tiles, TOPK=b.top_k, **seq))
+            kernels.append(_kernel(f"index_loss_{b.name}", b.name, "index_loss", G=G, GP=tiles["GP"], DQK=DQK,
+                                   BDK=tiles["BDK"], **ix, TOPK=b.top_k, **seq))
+            continue
         if b.score == "mean_pool":
             L, STRIDE, SCORE = b.block, b.block, "mean_pool"
         else:

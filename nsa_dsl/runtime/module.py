@@ -120,6 +120,38 @@ class LearnedPool(nn.Module):
         return f"{self.kind}, block={self.block}, stride={self.stride}, dim={self.dim}"
 
 
+class IndexerProjection(nn.Module):
+    """The inputs of an indexer branch (DeepSeek-V3.2's lightning indexer) from the hidden state
+    ``x [B, T, hidden]``: ``q_idx [B, T, HI, DI]`` (``q_proj``: hidden -> HI * DI), ``k_idx
+    [B, T, DI]`` (``k_proj``: hidden -> DI, one key per position shared by the HI heads) and the
+    per-head weights ``w_idx [B, T, HI]`` (``w_proj``: hidden -> HI, times ``(HI * DI) ** -0.5``,
+    the scale V3.2 gives its weights: ``n_heads ** -0.5 * softmax_scale``).
+
+    Init: the three ``Linear`` layers (no bias) keep PyTorch's default init, as V3.2's indexer
+    does; with the fixed ``(HI * DI) ** -0.5`` the scores ``I = sum_j w_j relu(q_j . k)`` keep one
+    scale whatever HI and DI, so the first selections are varied (not all ties, which a zero
+    init would give: every position would keep its first tokens) and the index loss reaches all
+    three projections from the first step (``w`` through ``relu(q . k)``, ``q`` and ``k``
+    through ``w``).
+    """
+
+    def __init__(self, hidden: int, heads: int, dim: int, device=None, dtype=None):
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        self.heads, self.dim = heads, dim
+        self.q_proj = nn.Linear(hidden, heads * dim, bias=False, **fk)
+        self.k_proj = nn.Linear(hidden, dim, bias=False, **fk)
+        self.w_proj = nn.Linear(hidden, heads, bias=False, **fk)
+
+    def forward(self, x: torch.Tensor):
+        B, T, _ = x.shape
+        return (self.q_proj(x).view(B, T, self.heads, self.dim), self.k_proj(x),
+                self.w_proj(x) * (self.heads * self.dim) ** -0.5)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, dim={self.dim}"
+
+
 def _branch_dict(modules: dict[str, nn.Module]) -> nn.ModuleDict:
     """A ModuleDict keyed by branch name.
 
@@ -195,6 +227,9 @@ class SparseAttention(nn.Module):
             right after the projections, before rotary (a per-head norm over the last dim, as
             Qwen3's ``RMSNorm(head_dim)``); registered as submodules. None: no norm.
         pool_hidden: width of the ``pool = mlp`` hidden layer (default ``hidden_size``).
+        index_rotary: apply ``rotary`` to the indexer's queries and keys too (``q_idx [B, T, HI,
+            DI]``, ``k_idx`` as ``[B, T, 1, DI]``: the rotary must take DI-wide heads), as V3.2
+            does; default False.
         cp_mesh: context parallelism over a 1-D DeviceMesh (e.g. ``mesh["cp"]``) or a
             ProcessGroup: ``x`` is then this rank's shard of the sequence (chunks ``r`` and
             ``2N-1-r`` of ``2N``: ``context_parallel.shard_sequence``; ``cu_seqlens`` stays global)
@@ -206,7 +241,10 @@ class SparseAttention(nn.Module):
     Parameters (``state_dict`` names): ``q_proj``, ``k_proj``, ``v_proj`` (``nn.Linear``, or
     ``nn.ModuleDict`` branch -> ``nn.Linear`` with ``separate_kv``), ``k_pool`` / ``v_pool``
     (branch -> :class:`LearnedPool`, for compress branches with ``pool = linear | mlp``),
-    ``gate_proj`` (``output = gate(...)`` only), ``o_proj``.
+    ``gate_proj`` (``output = gate(...)`` only), ``o_proj``; ``indexer`` (indexer branch ->
+    :class:`IndexerProjection`: its ``q_proj``, ``k_proj``, ``w_proj``, init documented there).
+    A spec with an indexer trains it through ``y, aux = layer(x, return_aux=True)``: add
+    ``aux.index_loss[<select branch>].mean()`` (its KL, [B, T]) to the training loss.
 
     Gate init: ``gate_proj`` has zero weight and bias ``logit(1 / max(C, 2))``, so at init
     every gate is ``1/C`` (``C`` branches; 1/2 for a single gated branch, where 1 would need an
@@ -223,6 +261,7 @@ class SparseAttention(nn.Module):
                  separate_kv: bool = False, bias: bool = False,
                  rotary: Optional[Rotary] = None, backend: str = "auto",
                  scale: Optional[float] = None, pool_hidden: Optional[int] = None,
+                 index_rotary: bool = False,
                  q_norm: Optional[nn.Module] = None, k_norm: Optional[nn.Module] = None,
                  cp_mesh=None, device=None, dtype=None):
         super().__init__()
@@ -264,7 +303,7 @@ class SparseAttention(nn.Module):
         fk = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(hidden_size, HQ * Dqk, bias=bias, **fk)
         if self.separate_kv:
-            names = spec.branch_names
+            names = spec.attention_names          # an indexer reads no keys / values
             self.k_proj = _branch_dict({n: nn.Linear(hidden_size, H * Dqk, bias=bias, **fk) for n in names})
             self.v_proj = _branch_dict({n: nn.Linear(hidden_size, H * Dv, bias=bias, **fk) for n in names})
         else:
@@ -277,6 +316,9 @@ class SparseAttention(nn.Module):
                                     for b in learned})
         self.v_pool = _branch_dict({b.name: LearnedPool(b.pool, b.block, b.stride, Dv, width, **fk)
                                     for b in learned})
+        self.indexer = _branch_dict({b.name: IndexerProjection(hidden_size, b.heads, b.dim, **fk)
+                                     for b in spec.of_kind("indexer")})
+        self.index_rotary = bool(index_rotary)
 
         self.num_gates = len(spec.output.branches)
         if spec.output.kind == "gate":
@@ -380,16 +422,35 @@ class SparseAttention(nn.Module):
         if self.gate_proj is not None:
             gates = self.gate_proj(x).view(B, T, HQ, self.num_gates)    # logits: the op applies sigmoid
 
-        out = self._attention(q, k, v, gates, compressed, return_aux, cu_seqlens)
+        index = self.index_inputs(x, self._positions(T, cu, x.device)) if len(self.indexer) else {}
+        out = self._attention(q, k, v, gates, compressed, return_aux, cu_seqlens, index)
         o, aux = out if return_aux else (out, None)
         y = self.o_proj(o.reshape(B, T, HQ * Dv))
         return (y, aux) if return_aux else y
 
-    def _attention(self, q, k, v, gates, compressed, return_aux, cu_seqlens=None):
+    def _attention(self, q, k, v, gates, compressed, return_aux, cu_seqlens=None, index=None):
         """The one call of the attention op: ``nsa_dsl.reference`` or the compiled kernels."""
         op = self._op_for(q)
         packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+        if index:
+            packed["index"] = index
         return op(q, k, v, gates, compressed=compressed, scale=self.scale, return_aux=return_aux, **packed)
+
+    def index_inputs(self, x: torch.Tensor, positions=None) -> dict:
+        """Indexer branch -> ``(q_idx, k_idx, w_idx)`` of ``x [B, T, hidden]`` (empty without
+        an indexer); with ``index_rotary``, rotated at ``positions`` ([T], or one [T] per batch row)."""
+        out = {}
+        for name, proj in self.indexer.items():
+            qi, ki, wi = proj(x)
+            if self.index_rotary and self.rotary is not None:
+                if isinstance(positions, torch.Tensor):
+                    qi, ki = self.rotary(qi, ki[:, :, None], positions)
+                else:
+                    rows = [self.rotary(qi[b:b + 1], ki[b:b + 1, :, None], p) for b, p in enumerate(positions)]
+                    qi, ki = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+                ki = ki[:, :, 0]
+            out[name] = (qi, ki, wi)
+        return out
 
     def _op_for(self, q: torch.Tensor):
         use_kernels = self.backend == "kernels" or (self.backend == "auto" and q.is_cuda)
@@ -406,12 +467,15 @@ class SparseAttention(nn.Module):
         return t[name] if isinstance(t, dict) else t
 
     def _rotate(self, q, k, T: int, cu=None):
+        return self._apply_rotary(q, k, self._positions(T, cu, q.device))
+
+    @staticmethod
+    def _positions(T: int, cu, device) -> torch.Tensor:
+        """Each row's position: ``arange(T)``, or packed (``cu``) restarting at 0 in each sequence."""
         if cu is None:
-            positions = torch.arange(T, device=q.device)
-        else:                                          # packed: restart at 0 in each sequence
-            from nsa_dsl.semantics.varlen import positions as packed_positions
-            positions = packed_positions(cu, q.device)
-        return self._apply_rotary(q, k, positions)
+            return torch.arange(T, device=device)
+        from nsa_dsl.semantics.varlen import positions as packed_positions
+        return packed_positions(cu, device)
 
     def _apply_rotary(self, q, k, positions):
         """``rotary(q, k, positions)``; per-branch keys (``separate_kv``) concatenated along the
@@ -453,9 +517,13 @@ class SparseAttention(nn.Module):
 
         def cast(t):                      # the projections' dtype (autocast) -> the cache's
             return {n: a.to(cache.dtype) for n, a in t.items()} if isinstance(t, dict) else t.to(cache.dtype)
+        index = self.index_inputs(x, [torch.arange(C, device=x.device) + s for s in cache.lengths_host]) \
+            if len(self.indexer) else {}
         with torch.no_grad():
-            step = cache.append(cast(k), cast(v), n_new=n_new, pool=self._pool_blocks if len(self.k_pool) else None)
-        if self.backend == "kernels" or (self.backend == "auto" and x.is_cuda):
+            step = cache.append(cast(k), cast(v), n_new=n_new, pool=self._pool_blocks if len(self.k_pool) else None,
+                                k_idx={n: ki.to(cache.dtype) for n, (_, ki, _) in index.items()})
+        # "auto" decodes an indexer spec with decode_torch: the decode kernels do not score tokens yet (E627)
+        if self.backend == "kernels" or (self.backend == "auto" and x.is_cuda and not index):
             if self._decode_op is None:
                 self._decode_op = DecodeOp(self.spec)
             out = self._decode_op(q.to(cache.dtype), cache, step, None if gates is None else gates.to(cache.dtype),
@@ -463,7 +531,8 @@ class SparseAttention(nn.Module):
         else:
             out = decode_torch(self.spec, q.to(cache.dtype), cache, step,
                                None if gates is None else gates.to(cache.dtype), scale=self.scale,
-                               return_aux=return_aux)
+                               return_aux=return_aux,
+                               index={n: (qi.to(cache.dtype), wi.to(cache.dtype)) for n, (qi, _, wi) in index.items()})
         o, aux = out if return_aux else (out, None)
         y = self.o_proj(o.to(x.dtype).reshape(B, C, HQ * Dv))
         return (y, aux) if return_aux else y
@@ -512,6 +581,8 @@ class SparseAttention(nn.Module):
             elif b.kind == "select":
                 parts.append(f"{b.name}=select(block={b.block}, top_k={b.top_k}, score={b.score}, "
                              f"keep_first={b.keep_first}, keep_last={b.keep_last})")
+            elif b.kind == "indexer":
+                parts.append(f"{b.name}=indexer(heads={b.heads}, dim={b.dim})")
             else:
                 parts.append(f"{b.name}=window(size={b.size}, sinks={b.sinks})")
         o = s.output

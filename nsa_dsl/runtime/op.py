@@ -120,7 +120,10 @@ class CompiledOp:
         def key(branch: str, family: str) -> str:
             return keys[plan.of_branch(branch)[family]]
         branches = [ops.BranchKernels("compress", b.name, key(b.name, "compress")) for b in spec.of_kind("compress")]
-        branches += [ops.BranchKernels("select", b.name, key(b.name, "select"), key(b.name, "topk"), b.score, b.top_k)
+        branches += [ops.BranchKernels("select", b.name, key(b.name, "gather"), key(b.name, "indexer"), b.score, b.top_k,
+                                       loss=key(b.name, "index_loss"))
+                     if spec.score_kind(b) == "indexer" else
+                     ops.BranchKernels("select", b.name, key(b.name, "select"), key(b.name, "topk"), b.score, b.top_k)
                      for b in spec.of_kind("select")]
         branches += [ops.BranchKernels("window", b.name, key(b.name, "window")) for b in spec.of_kind("window")]
         return ops.Program(tuple(branches), tuple(spec.output.branches), key("output", "combine"),
@@ -155,10 +158,13 @@ class CompiledOp:
                  compressed: Optional[Mapping[str, tuple[Tensor, Tensor]]] = None,
                  scale: Optional[float] = None, return_aux: bool = False,
                  indices: Optional[Mapping[str, Tensor]] = None,
-                 cu_seqlens: Optional[Tensor] = None, cp_group=None):
+                 cu_seqlens: Optional[Tensor] = None, cp_group=None,
+                 index: Optional[Mapping[str, tuple[Tensor, Tensor, Tensor]]] = None):
         """The spec's attention, as ``nsa_dsl.reference`` computes it (see there for the
         arguments). ``indices``: select branch -> the caller's selection (no scoring runs; entries
         out of range or after the position's block are ignored, repeats count once).
+        ``index``: indexer branch -> ``(q_idx [B, T, HI, DI], k_idx [B, T, DI], w_idx [B, T, HI])``;
+        with ``return_aux``, ``aux.index_loss`` holds the loss that trains them.
         ``cu_seqlens [N + 1]`` (int32 or int64, on q's device): packed variable-length sequences
         with ``B = 1``, each computed as if alone (``nsa_dsl.semantics.varlen``); compressed keys / values
         then hold each sequence's blocks in turn, ``[1, sum Nc_s, H, D]``.
@@ -179,7 +185,8 @@ class CompiledOp:
                 raise _err("E601", "q must be a 4-D tensor [1, T, HQ, Dqk] with cu_seqlens")
             cu = _varlen.check_cu_seqlens(cu_seqlens, q)
             cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
-        call = check_call(spec, q, k, v, gates, compressed=compressed, indices=indices, cu=cu, kernels=True)
+        call = check_call(spec, q, k, v, gates, compressed=compressed, indices=indices, index=index, cu=cu,
+                          kernels=True)
         binding = bind(spec, call.HQ, call.H, call.Dqk, call.Dv)
         plan, keys = self._kernels(binding, cu is not None)
         scale = check_scale(scale, call.Dqk)
@@ -207,19 +214,20 @@ class CompiledOp:
 
         training = torch.is_grad_enabled() and any(
             isinstance(x, Tensor) and x.requires_grad for x in (q, g, *(t for pair in kv.values() for t in pair)))
-        if training and self.fuse_backward and not return_aux and not given:
+        if training and self.fuse_backward and not return_aux and not given and not call.index:
             # the whole op as one autograd node: its backward hands each branch its delta from
             # the combination's and sums the gradient of q inside the dq kernels
             flat = [t for b in prog.branches for t in kv[b.name]]
             return ops.attention(prog_key, q, flat, g, scale, cu_seqlens if cu is not None else None)[0]
         fused = None if training or return_aux else self._fused_window()
-        outs, lses, idxs, o = ops.run_forward(prog, q, kv, g, scale, *seq, given=given,
+        outs, lses, idxs, o = ops.run_forward(prog, q, kv, g, scale, *seq, given=given, index=call.index,
                                               combine_in=fused.name if fused is not None else None)
         if o is not None:
             return o
         o = ops.combine_fwd(prog.combine, [outs[n] for n in spec.output.branches], g)
         if return_aux:
-            return o, Aux(indices=idxs, lse=lses, outputs=outs, spec=spec)
+            losses = ops.index_losses(prog, q, kv, idxs, lses, call.index, scale, *seq)
+            return o, Aux(indices=idxs, lse=lses, outputs=outs, index_loss=losses, spec=spec)
         return o
 
     def _given(self, name: str, idx: Tensor, T: int, cu) -> Tensor:

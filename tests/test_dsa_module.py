@@ -1,0 +1,109 @@
+"""DSA in ``SparseAttention``: the layer owns the indexer's projections, ``aux.index_loss`` trains
+them, the kernels' training step equals the reference's, packed sequences equal each sequence
+alone, and decoding token by token (and in chunks) over the KV cache equals the full forward."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nsa_dsl
+from nsa_dsl import SparseAttention, SpecError
+
+SPEC = """attention dsa_m {
+    branch idx = indexer(heads = 3, dim = 16)
+    branch tok = select(block = 1, top_k = 5, score = idx, keep_first = 1, keep_last = 1)
+    branch swa = window(size = 3)
+    output = gate(sigmoid, tok, swa)
+}"""
+
+
+def rotary(q, k, positions):
+    """A rotary of any even head dim (q, k: [B, T, heads, D]; positions [T])."""
+    D = q.shape[-1]
+    f = positions.to(q.dtype)[:, None] * (10000.0 ** (-torch.arange(0, D, 2, device=q.device, dtype=q.dtype) / D))
+    cos, sin = f.cos()[None, :, None, :], f.sin()[None, :, None, :]
+
+    def rot(x):
+        a, b = x[..., 0::2], x[..., 1::2]
+        return torch.stack((a * cos - b * sin, a * sin + b * cos), -1).flatten(-2)
+    return rot(q), rot(k)
+
+
+def layer(backend="reference", dtype=torch.float64, **kw):
+    torch.manual_seed(0)
+    return SparseAttention(nsa_dsl.parse(SPEC), 32, heads=4, kv_heads=2, qk_dim=16, backend=backend, dtype=dtype, **kw)
+
+
+def test_the_layer_owns_the_indexer_projections():
+    m = layer()
+    names = {n for n, _ in m.named_parameters() if n.startswith("indexer.")}
+    assert names == {"indexer.idx.q_proj.weight", "indexer.idx.k_proj.weight", "indexer.idx.w_proj.weight"}
+    p = m.indexer["idx"]
+    assert (p.q_proj.out_features, p.k_proj.out_features, p.w_proj.out_features) == (3 * 16, 16, 3)
+    x = torch.randn(2, 7, 32, dtype=torch.float64)
+    qi, ki, wi = m.index_inputs(x)["idx"]
+    assert qi.shape == (2, 7, 3, 16) and ki.shape == (2, 7, 16) and wi.shape == (2, 7, 3)
+    torch.testing.assert_close(wi, p.w_proj(x) * (3 * 16) ** -0.5)
+    assert "idx=indexer(heads=3, dim=16)" in repr(m)
+    # separate_kv: key / value projections for the attention branches only
+    assert set(layer(separate_kv=True).k_proj.keys()) == {"tok", "swa"}
+
+
+def test_a_training_step_trains_the_indexer_and_the_kernels_equal_the_reference():
+    x = torch.randn(1, 9, 32)
+    grads = {}
+    for backend in ("reference", "kernels"):
+        m = layer(backend, torch.float32, rotary=rotary, index_rotary=True)
+        y, aux = m(x, return_aux=True)
+        (y.square().mean() + aux.index_loss["tok"].mean()).backward()
+        grads[backend] = {n: p.grad for n, p in m.named_parameters()}
+        assert all(grads[backend][n].abs().sum() > 0 for n in grads[backend] if n.startswith("indexer."))
+    for n, g in grads["kernels"].items():
+        torch.testing.assert_close(g, grads["reference"][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_packed_sequences_equal_each_sequence_alone():
+    m = layer(rotary=rotary, index_rotary=True)
+    cu = torch.tensor([0, 4, 11, 12])
+    x = torch.randn(1, 12, 32, dtype=torch.float64)
+    y, aux = m(x, cu_seqlens=cu, return_aux=True)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        y1, aux1 = m(x[:, a:b], return_aux=True)
+        torch.testing.assert_close(y[:, a:b], y1)
+        torch.testing.assert_close(aux.index_loss["tok"][:, a:b], aux1.index_loss["tok"])
+
+
+@pytest.mark.parametrize("chunks", [[1] * 13, [5, 1, 4, 3]], ids=["token-by-token", "chunks"])
+def test_decoding_equals_the_full_forward(chunks):
+    m = layer(rotary=rotary, index_rotary=True)
+    x = torch.randn(2, 13, 32, dtype=torch.float64)
+    y, aux = m(x, return_aux=True)
+    cache = m.new_cache(2, 16)
+    outs, t = [], 0
+    for c in chunks:
+        y_c, aux_c = m(x[:, t:t + c], cache=cache, return_aux=True)
+        assert torch.equal(aux_c.indices["tok"], aux.indices["tok"][:, t:t + c])
+        outs.append(y_c)
+        t += c
+    torch.testing.assert_close(torch.cat(outs, 1), y)
+    torch.testing.assert_close(cache.k_idx["idx"][:, :13], m.index_inputs(x, torch.arange(13))["idx"][1])
+
+
+def test_ragged_decoding():
+    m = layer()
+    x = torch.randn(2, 6, 32, dtype=torch.float64)
+    cache = m.new_cache(2, 8)
+    y0 = m(x[:, :3], cache=cache, n_new=[3, 1])              # sequence 1 takes one token
+    y1 = m(x[:, 3:4], cache=cache)
+    torch.testing.assert_close(y0[0], m(x[:1, :3])[0])
+    full = m(torch.cat([x[1:, :1], x[1:, 3:4]], 1))
+    torch.testing.assert_close(y0[1, 0], full[0, 0])
+    torch.testing.assert_close(y1[1, 0], full[0, 1])
+
+
+def test_the_decode_kernels_refuse_an_indexer_spec_clearly():
+    m = layer("kernels", torch.float32)
+    cache = m.new_cache(1, 4)
+    with pytest.raises(SpecError) as e:
+        m(torch.randn(1, 1, 32), cache=cache)
+    assert e.value.code == "E627" and "decode_torch" in str(e.value)
