@@ -130,7 +130,7 @@ def test_greedy_generate_through_the_nsa_cache_equals_recomputing(family):
     ids = tokens(2, 11)
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=13, do_sample=False, return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = getattr(out, nsa_tf.CACHE_ARG)
     assert all(isinstance(slot, nsa_tf.NSACacheLayer) for slot in cache.layers)
     assert cache.get_seq_length() == 23 and cache.layers[0].nsa.lengths_host == (23, 23)
     assert torch.equal(out.sequences, greedy_recompute(model, ids, 13))
@@ -227,7 +227,7 @@ def test_packed_batch_equals_each_sequence_alone(family):
 
 
 def test_packed_batch_from_flash_attention_kwargs_and_its_gradients():
-    """cu_seq_lens_q as transformers' DataCollatorWithFlattening gives it; the loss is per sequence."""
+    """cu_seq_lens_q as transformers' flash-attention kwargs give it, or nsa-dsl's cu_seqlens=."""
     model = nsa("qwen3").train()
     seqs = [tokens(1, n, seed=20 + n) for n in (9, 14)]
     packed = torch.cat(seqs, 1)
@@ -236,6 +236,7 @@ def test_packed_batch_from_flash_attention_kwargs_and_its_gradients():
                 use_cache=False).logits
     alone = torch.cat([model(s, use_cache=False).logits for s in seqs], 1)
     torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(packed, cu_seqlens=cu, use_cache=False).logits, alone, rtol=1e-5, atol=1e-5)
     got.sum().backward()
     assert model.model.layers[0].self_attn.gate_proj.weight.grad.abs().sum() > 0
 
