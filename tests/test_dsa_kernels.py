@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_utils import load_family, rand, rel_err
+from kernel_utils import load_family, rand, rel_err, run_sm90_check
 from nsa_dsl.codegen.plan import indexer_vars
 from nsa_dsl.semantics import reference as S
 
@@ -276,38 +276,107 @@ def test_index_loss_packed_sequences():
             assert rel_err(g[:, a:b], r) < 1e-5, (a, b)
 
 
+# ----------------------------------------------------------------------------- sm_90 compile (CPU)
+
+_SM90 = r"""
+import nsa_dsl
+from nsa_dsl.codegen import launch
+from nsa_dsl.codegen.cache import render_plan
+from nsa_dsl.codegen.loader import load_module
+from nsa_dsl.codegen.plan import bind, lower
+from nsa_dsl.codegen.sm90 import compile_kernel, ptxas_usage, signature, spill_bytes
+from nsa_dsl.codegen.launch.topk import SORT_KEYS
+
+from importlib.resources import files
+spec = nsa_dsl.load(str(files("nsa_dsl.examples") / "dsa.nsa"))   # G = 64, DQK = 192, DV = 128, HI = 64, DI = 128
+for G in (64,):
+    plan = lower(spec, bind(spec, 64, 64 // G, 192, 128))
+    src = render_plan(plan)
+    P = {n: "*bf16" for n in ("q", "k", "v", "o", "do", "dq", "q_idx", "k_idx", "w_idx", "dq_idx", "dw_idx")}
+    P.update({n: "*fp32" for n in ("lse", "delta", "dk", "dv", "loss", "lse_i", "psum", "dloss", "dk_idx")})
+    P.update(idx="*i32", key="*i64", seq_bos="*i64", seq_len="*i32")
+    for k in plan.kernels:
+        if k.family not in ("indexer", "gather", "index_loss"):
+            continue
+        fam = launch.launchers(k.family, k.vars(), load_module(src[k.name], f"sm90_{k.name}_{G}"))
+        v = k.vars()
+        for kind in fam.KINDS:
+            cfg = fam._heuristic(kind, True, 65536)
+            if k.family == "indexer":
+                fn = fam.kernels.indexer_score_kernel
+                consts = dict(IDX_MAX=SORT_KEYS["IDX_MAX"], INELIGIBLE=SORT_KEYS["INELIGIBLE"], BT=cfg["BT"], BN=cfg["BN"],
+                              **{n: v[n] for n in ("HI", "HIP", "DI", "BDI", "KEEP_FIRST", "KEEP_LAST")})
+            elif k.family == "gather":
+                fn = getattr(fam.kernels, f"gather_{kind}_kernel")
+                consts = dict(fam._consts(cfg), ACC=True)
+            else:
+                fn = getattr(fam.kernels, f"index_loss_{kind}_kernel")
+                consts = fam._consts(cfg)
+            opts = {n: consts.pop(n) for n in ("num_warps", "num_stages") if n in consts}
+            opts = opts or {n: cfg[n] for n in ("num_warps", "num_stages")}
+            kern = compile_kernel(fn, consts, signature(fn, consts, P), **opts)
+            usage = ptxas_usage(kern)
+            print(G, k.name, kind, cfg, kern.metadata.shared, usage)
+            assert kern.metadata.shared <= 232448 and spill_bytes(usage) <= 64, (k.name, kind, usage)
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(HAS_CUDA, reason="on the device the kernels run for real")
+def test_dsa_kernels_compile_for_sm90(tmp_path):
+    """examples/dsa.nsa's indexer, gather and index-loss kernels (G = 64, DQK = 192: the largest
+    tiles) at their GPU heuristics compile for sm_90 through ptxas: within shared memory, (almost)
+    no spills."""
+    run_sm90_check(_SM90, [], tmp_path)
+
+
 # ----------------------------------------------------------------------------- GPU (bf16 / fp16)
+
+def _within(x, low, ref):
+    """The kernel's error against float64 is at most 5e-3 or twice the same dtype's reference's."""
+    err, own = rel_err(x, ref), rel_err(low, ref)
+    assert err <= max(5e-3, 2 * own), (err, own)
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize("B, T, H, G, D, HI, DI, K", [(2, 1000, 2, 16, 128, 64, 128, 256), (1, 4097, 1, 1, 64, 8, 64, 2048),
-                                                      (1, 777, 4, 3, 128, 16, 32, 100)])
+                                                      (1, 777, 4, 3, 128, 16, 32, 100), (1, 1500, 1, 64, 128, 64, 128, 512)])
 def test_gpu_dsa_kernels(B, T, H, G, D, HI, DI, K, causal, dtype):
     """The three families at the GPU heuristics against float64: the choice (near ties at the
-    dtype's rounding), the attention and its gradients, the index loss and its gradients."""
+    dtype's rounding), the attention and its gradients, the index loss and its gradients (each
+    within 5e-3 or twice the error of the reference run in the same dtype)."""
     dev = "cuda"
     qi, ki, wi = (x.to(dtype) for x in index_inputs(B, T, HI, DI, seed=1, device=dev))
     idx = indexer(HI, DI, K, 1, 1, causal).topk(qi, ki, wi)
     ref, scores = reference_tokens(qi, ki, wi, K, 1, 1, causal)
-    assert_tokens(idx, ref.to(dev), scores, 1, 1, causal, rtol=1e-2)
+    assert_tokens(idx, ref.to(dev), scores, 1, 1, causal, rtol=1e-3)
     q, k, v, do = (rand(s, seed=i, device=dev).to(dtype) for i, s in
                    enumerate([(B, T, H * G, D), (B, T, H, D), (B, T, H, D), (B, T, H * G, D)]))
     scale = D ** -0.5
     g = gather(G, D, D, K, causal)
     o, lse = g.fwd(q, k, v, idx, scale)
     dq, dk, dv = g.bwd(q, k, v, idx, o, lse, do, scale)
-    qr, kr, vr = (x.double().requires_grad_() for x in (q, k, v))
-    ro, rlse = S.select_attention(qr, kr, vr, idx, 1, scale, causal)
-    ro.backward(do.double())
-    for x, r in zip((o, lse, dq, dk, dv), (ro, rlse, qr.grad, kr.grad, vr.grad)):
-        assert rel_err(x, r) < 5e-3
+
+    def attention(dt):
+        r = [x.to(dt).requires_grad_() for x in (q, k, v)]
+        ro, rlse = S.select_attention(*r, idx, 1, scale, causal)
+        ro.backward(do.to(dt))
+        return (ro, rlse, *(x.grad for x in r))
+    for x, low, r in zip((o, lse, dq, dk, dv), attention(dtype), attention(torch.float64)):
+        _within(x, low, r)
     L = loss_family(G, D, HI, DI, K, causal)
     dl = rand((B, T), seed=7, device=dev)
     loss, lse_i, psum = L.fwd(q, k, idx, lse, qi, ki, wi, scale)
     grads = L.bwd(q, k, idx, lse, qi, ki, wi, lse_i, psum, dl, scale)
-    rloss, rgrads = reference_loss(q, k, idx, qi, ki, wi, dl, scale, causal)
-    assert rel_err(loss, rloss) < 5e-3
-    for x, r in zip(grads, rgrads):
-        assert rel_err(x, r) < 1e-2
+
+    def index_loss(dt):
+        r = [x.to(dt).requires_grad_() for x in (qi, ki, wi)]
+        out = S.index_loss(q.to(dt), k.to(dt), idx, scale, *r, causal)
+        out.backward(dl.to(dt))
+        return (out, *(x.grad for x in r))
+    for x, low, r in zip((loss, *grads), index_loss(dtype), index_loss(torch.float64)):
+        _within(x, low, r)

@@ -107,3 +107,32 @@ def test_the_decode_kernels_refuse_an_indexer_spec_clearly():
     with pytest.raises(SpecError) as e:
         m(torch.randn(1, 1, 32), cache=cache)
     assert e.value.code == "E627" and "decode_torch" in str(e.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_training_step_and_decoding():
+    """On a GPU ("auto": the kernels) a training step equals the reference's (fp32 inputs, the
+    kernels' tl.dot in tf32: 1e-2), and decoding (decode_torch for an indexer spec) equals the
+    full forward."""
+    import copy
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+    m = layer("auto", torch.float32, rotary=rotary, index_rotary=True).cuda()
+    ref = copy.deepcopy(m)
+    ref.backend = "reference"
+    x = torch.randn(2, 300, 32, device="cuda")
+    outs = []
+    for layer_ in (m, ref):
+        y, aux = layer_(x, return_aux=True)
+        (y.square().mean() + aux.index_loss["tok"].mean()).backward()
+        outs.append((y, aux.index_loss["tok"], {n: p.grad for n, p in layer_.named_parameters()}))
+    (y, loss, grads), (ry, rloss, rgrads) = outs
+    assert rel(y, ry) < 1e-2 and rel(loss, rloss) < 1e-2
+    for n, g in grads.items():
+        assert rel(g, rgrads[n]) < 2e-2, n
+    with torch.no_grad():
+        cache = m.new_cache(2, 300)
+        steps = torch.cat([m(x[:, i:i + 50], cache=cache) for i in range(0, 300, 50)], 1)
+    assert rel(steps, y) < 1e-2

@@ -14,7 +14,6 @@ import nsa_dsl
 from kernel_utils import rand, rel_err
 from nsa_dsl import SpecError
 from nsa_dsl.codegen.plan import bind, lower
-from nsa_dsl.semantics import reference as S
 
 DSA = """attention dsa_t {{
     causal = {causal}

@@ -251,10 +251,12 @@ class CompiledOp:
     # -- autotuning ------------------------------------------------------------------------------
     def tune(self, q: Tensor, k: TensorOrDict, v: TensorOrDict, gates: Optional[Tensor] = None, *,
              backward: bool = True, compressed: Optional[Mapping[str, tuple[Tensor, Tensor]]] = None,
-             scale: Optional[float] = None, cu_seqlens: Optional[Tensor] = None) -> list:
+             scale: Optional[float] = None, cu_seqlens: Optional[Tensor] = None,
+             index: Optional[Mapping[str, tuple[Tensor, Tensor, Tensor]]] = None) -> list:
         """Autotune the kernels for the shapes of these inputs (GPU; their values only feed the
         timed calls): runs the forward, and the backward unless ``backward=False``, once, with
-        every kernel's config space timed on the real intermediate tensors (``nsa_dsl.codegen.tuning``).
+        every kernel's config space timed on the real intermediate tensors (``nsa_dsl.codegen.tuning``;
+        an indexer spec takes its ``index`` inputs and tunes the index loss's kernels too).
         The winners are stored per GPU, kernel module, kernel kind, dtype and bucket of B * T
         beside the kernel cache, so later calls, in this process or another, run them.
         Returns a ``nsa_dsl.codegen.tuning.Result`` per kernel kind."""
@@ -270,10 +272,13 @@ class CompiledOp:
         v = {n: leaf(x) for n, x in v.items()} if isinstance(v, Mapping) else leaf(v)
         gates = None if gates is None else leaf(gates)
         compressed = {n: (leaf(a), leaf(b)) for n, (a, b) in compressed.items()} if compressed else None
+        index = {n: tuple(leaf(x) for x in t) for n, t in index.items()} if index else None
         with tuning.session() as s:
-            o = self(q, k, v, gates, compressed=compressed, scale=scale, cu_seqlens=cu_seqlens)
+            out = self(q, k, v, gates, compressed=compressed, scale=scale, cu_seqlens=cu_seqlens, index=index,
+                       return_aux=index is not None)
+            o, extra = (out[0], sum(x.sum() for x in out[1].index_loss.values())) if index else (out, 0)
             if backward:
-                o.backward(torch.randn_like(o))
+                ((o * torch.randn_like(o)).sum() + extra).backward()
         return s.results
 
 def _unit_last_stride(x: Tensor) -> Tensor:
