@@ -30,6 +30,8 @@ a GPU does in about a minute. (A ``--curriculum 0.5`` over the pairs made no dif
     nsa-dsl show tiny.nsa --seq-len 256 --from-model tiny.pt
     torchrun --nproc-per-node 2 examples/train_tiny_lm.py --device cuda --ddp    # or --fsdp (FSDP2)
     torchrun --nproc-per-node 2 examples/check_distributed.py --device cuda      # DDP/FSDP2 gradients
+    torchrun --nproc-per-node 4 examples/train_tiny_lm.py --device cuda --cp 2 --fsdp --seq-len 4096
+        # context parallel: each sequence split over 2 ranks, 2 data-parallel groups of 2
 
 Schedule: linear warmup (``--warmup``), cosine decay to 10% at the end of ``--steps``, or of
 ``--max-time`` seconds when the clock runs out first (the decay follows whichever is further
@@ -39,6 +41,14 @@ training loss and answer accuracy over the steps since the previous line (every 
 so the accuracy is held-out too) and the seconds since training started; ``--log-json FILE``
 writes the same curve and each model's summary (final accuracy on held-out batches, steps,
 seconds, training tokens/s).
+
+Context parallelism (``--cp N``, under torchrun): the world is a data x context mesh of
+``world / N`` x ``N`` ranks; each sequence of a data group is split over its ``N`` ranks
+(``nsa_dsl.runtime.context_parallel``: rank ``r`` holds chunks ``r`` and ``2N-1-r`` of ``2N``),
+the SparseAttention layers all-gather K/V (``cp_mesh``), the token shift fetches each chunk's
+predecessor row from its rank, and gradients are averaged over every rank (DDP, or FSDP2 with
+``--fsdp``: the flattened data x context mesh, as torchtitan does), the loss being each rank's
+share of the global mean over the answers.
 
 On a CPU, SparseAttention's backend "auto" runs nsa_dsl.reference (pure PyTorch); on CUDA
 it runs the generated Triton kernels (compiled by one forward/backward pass before the clock
@@ -236,14 +246,15 @@ class Block(nn.Module):
     compressed and selected blocks. Both models (nsa, sdpa) get the same mix.
     """
 
-    def __init__(self, cfg: Config, spec, attn: str):
+    def __init__(self, cfg: Config, spec, attn: str, cp_mesh=None):
         super().__init__()
         rotary = Rotary(cfg.hidden // cfg.heads)
+        self.cp_mesh = cp_mesh
         self.ln1 = nn.LayerNorm(cfg.hidden)
         self.shift = nn.Parameter(torch.full((cfg.hidden,), 0.5)) if cfg.token_shift else None
         if attn == "nsa":
             self.attn = nsa_dsl.SparseAttention(spec, cfg.hidden, heads=cfg.heads, kv_heads=cfg.kv_heads,
-                                                rotary=rotary)
+                                                rotary=rotary, cp_mesh=cp_mesh)
         else:
             self.attn = SDPAAttention(cfg.hidden, cfg.heads, cfg.kv_heads, rotary)
         self.ln2 = nn.LayerNorm(cfg.hidden)
@@ -253,23 +264,39 @@ class Block(nn.Module):
     def forward(self, x, return_aux: bool = False):
         h = self.ln1(x)
         if self.shift is not None:
-            h = h + self.shift * F.pad(h[:, :-1], (0, 0, 1, 0))
+            h = h + self.shift * previous_rows(h, self.cp_mesh)
         a, aux = self.attn(h, return_aux=True) if return_aux else (self.attn(h), None)
         x = x + a
         x = x + self.mlp(self.ln2(x))
         return (x, aux) if return_aux else x
 
 
-class TinyLM(nn.Module):
-    """Embedding, ``layers`` pre-norm blocks (attention + MLP), final norm, tied output head."""
+def previous_rows(h, cp_mesh=None):
+    """Each row's predecessor in the whole sequence (zeros before the first). Context parallel
+    (``h`` this rank's chunks ``r`` and ``2N-1-r``): the row before each chunk is the last row
+    of the chunk before it, on another rank: the chunks' last rows are all-gathered (2N rows,
+    in global order; the backward reduce-scatters their gradients)."""
+    if cp_mesh is None:
+        return F.pad(h[:, :-1], (0, 0, 1, 0))
+    from nsa_dsl.runtime import context_parallel as cpar
+    group, world, rank = cpar.process_group(cp_mesh)
+    c = h.shape[1] // 2
+    ends = cpar.gather_sequence(torch.stack([h[:, c - 1], h[:, -1]], 1), group)     # [B, 2N, D]
+    before = F.pad(ends, (0, 0, 1, 0))[:, [rank, 2 * world - 1 - rank]]             # chunk j: end of j - 1
+    return torch.cat([before[:, :1], h[:, :c - 1], before[:, 1:], h[:, c:-1]], 1)
 
-    def __init__(self, cfg: Config, spec, attn: str = "nsa"):
+
+class TinyLM(nn.Module):
+    """Embedding, ``layers`` pre-norm blocks (attention + MLP), final norm, tied output head.
+    ``cp_mesh``: context parallel, ``tokens`` are this rank's shard of each sequence."""
+
+    def __init__(self, cfg: Config, spec, attn: str = "nsa", cp_mesh=None):
         super().__init__()
         if attn not in ("nsa", "sdpa"):
             raise ValueError(f"attn must be 'nsa' or 'sdpa', got {attn!r}")
         self.cfg, self.spec, self.attn_kind = cfg, spec, attn
         self.embed = nn.Embedding(cfg.vocab, cfg.hidden)
-        self.blocks = nn.ModuleList(Block(cfg, spec, attn) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(Block(cfg, spec, attn, cp_mesh) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.hidden)
         nn.init.normal_(self.embed.weight, std=0.02)
 
@@ -288,11 +315,12 @@ class TinyLM(nn.Module):
         return (logits, auxes) if return_aux else logits
 
 
-def answer_loss(logits, targets):
-    """Mean cross entropy over the answer positions; ``(loss, correct, count)``."""
+def answer_loss(logits, targets, reduction: str = "mean"):
+    """Cross entropy over the answer positions (mean, or ``reduction="sum"``); ``(loss, correct,
+    count)``."""
     flat = logits.reshape(-1, logits.shape[-1]).float()
     tgt = targets.reshape(-1)
-    loss = F.cross_entropy(flat, tgt, ignore_index=-100)
+    loss = F.cross_entropy(flat, tgt, ignore_index=-100, reduction=reduction)
     mask = tgt != -100
     correct = (flat.argmax(-1)[mask] == tgt[mask]).sum()
     return loss, correct, mask.sum()
@@ -331,25 +359,53 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     active: bool = False
+    cp: int = 1                # context-parallel ranks per sequence (--cp)
+    cp_mesh: object = None     # the "cp" dim of the data x context DeviceMesh
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def dp(self) -> int:       # data-parallel groups: each takes its share of the batch
+        return self.world // self.cp
+
+    @property
+    def dp_rank(self) -> int:  # the mesh is (dp, cp), row-major: rank = dp_rank * cp + cp_rank
+        return self.rank // self.cp
+
+    def shard(self, x):
+        """This rank's part of a batch ``x [batch, T]``: its data group's rows, then (``--cp``) its
+        chunks of each sequence."""
+        per = x.shape[0] // self.dp
+        x = x[self.dp_rank * per:(self.dp_rank + 1) * per]
+        if self.cp_mesh is None:
+            return x
+        from nsa_dsl.runtime.context_parallel import shard_sequence
+        return shard_sequence(x, self.cp_mesh)
+
 
 def _setup_dist(args) -> Dist:
-    if not (args.ddp or args.fsdp):
+    if not (args.ddp or args.fsdp or args.cp > 1):
         return Dist()
     import torch.distributed as dist
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise SystemExit("--ddp/--fsdp need torchrun (or RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT "
+        raise SystemExit("--ddp/--fsdp/--cp need torchrun (or RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT "
                          "in the environment): torchrun --nproc-per-node N examples/train_tiny_lm.py --ddp")
     backend = "nccl" if args.device == "cuda" else "gloo"
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if args.device == "cuda":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend)
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, True)
+    d = Dist(dist.get_rank(), dist.get_world_size(), local_rank, True)
+    if args.cp > 1:
+        if d.world % args.cp:
+            dist.destroy_process_group()
+            raise SystemExit(f"--cp {args.cp} does not divide the world size {d.world}")
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh(args.device, (d.world // args.cp, args.cp), mesh_dim_names=("dp", "cp"))
+        d.cp, d.cp_mesh = args.cp, mesh["cp"]
+    return d
 
 
 def _wrap(model: TinyLM, args, d: Dist, device):
@@ -362,7 +418,7 @@ def _wrap(model: TinyLM, args, d: Dist, device):
             fully_shard(blk)
         fully_shard(model)
         return model
-    if args.ddp:
+    if args.ddp or d.cp > 1:           # --cp alone: DDP over every rank (data x context)
         from torch.nn.parallel import DistributedDataParallel as DDP
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model
@@ -422,7 +478,7 @@ def train(cfg: Config, spec, attn: str, args, d: Dist, log=print) -> dict:
     compiles the kernels (no optimizer step: the model does not change)."""
     device = torch.device(args.device, d.local_rank) if args.device == "cuda" else torch.device("cpu")
     torch.manual_seed(args.seed)                       # same init on every rank and for both models
-    model = TinyLM(cfg, spec, attn).to(device)
+    model = TinyLM(cfg, spec, attn, d.cp_mesh).to(device)
     wrapped = _wrap(model, args, d, device)
     opt = torch.optim.AdamW(wrapped.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = args.warmup if getattr(args, "warmup", None) is not None else max(1, min(100, args.steps // 10))
@@ -435,18 +491,17 @@ def train(cfg: Config, spec, attn: str, args, d: Dist, log=print) -> dict:
         p = min(1.0, max((step - warmup) / max(1, args.steps - warmup), p_time))
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
-    if args.batch % d.world:
-        raise SystemExit(f"--batch {args.batch} is not divisible by the world size {d.world}")
-    per_rank = args.batch // d.world
+    if args.batch % d.dp:
+        raise SystemExit(f"--batch {args.batch} is not divisible by the data-parallel size {d.dp}")
+    per_rank = args.batch // d.dp
     data = torch.Generator().manual_seed(args.seed + 1)   # same global batch on every rank
     compile_s = 0.0
     if device.type == "cuda":                          # compile the kernels outside the clock
         t0 = time.perf_counter()
         tokens, targets = make_batch(cfg, args.batch, torch.Generator().manual_seed(args.seed + 2))
-        sl = slice(d.rank * per_rank, (d.rank + 1) * per_rank)
         with _autocast(device):
-            logits = wrapped(tokens[sl].to(device))
-        answer_loss(logits, targets[sl].to(device))[0].backward()
+            logits = wrapped(d.shard(tokens).to(device))
+        answer_loss(logits, d.shard(targets).to(device), "sum")[0].backward()
         opt.zero_grad(set_to_none=True)
         _sync(device)
         compile_s = time.perf_counter() - t0
@@ -460,9 +515,10 @@ def train(cfg: Config, spec, attn: str, args, d: Dist, log=print) -> dict:
     for step in range(1, args.steps + 1):
         pairs = _pairs_at(cfg, args, max((step - 1) / args.steps, p_time))
         step_cfg = cfg if pairs == cfg.pairs else replace(cfg, pairs=pairs, queries=min(cfg.queries, pairs))
-        tokens, targets = make_batch(step_cfg, args.batch, data)
-        tokens = tokens[d.rank * per_rank:(d.rank + 1) * per_rank].to(device, non_blocking=True)
-        targets = targets[d.rank * per_rank:(d.rank + 1) * per_rank].to(device, non_blocking=True)
+        tokens, targets = make_batch(step_cfg, args.batch, data)     # the global batch, on every rank
+        answers = int((targets >= 0).sum())
+        tokens = d.shard(tokens).to(device, non_blocking=True)
+        targets = d.shard(targets).to(device, non_blocking=True)
         _sync(device)
         t0 = time.perf_counter()
         lr = lr_at(step, p_time)
@@ -470,7 +526,11 @@ def train(cfg: Config, spec, attn: str, args, d: Dist, log=print) -> dict:
             group["lr"] = lr
         with _autocast(device):
             logits = wrapped(tokens)
-        loss, correct, count = answer_loss(logits, targets)
+        if d.cp > 1:    # a rank may hold no answer: its sum over all answers, x ranks (DDP/FSDP average)
+            loss, correct, count = answer_loss(logits, targets, "sum")
+            loss = loss * (d.world / answers)
+        else:
+            loss, correct, count = answer_loss(logits, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(wrapped.parameters(), 1.0)
@@ -516,17 +576,16 @@ def train(cfg: Config, spec, attn: str, args, d: Dist, log=print) -> dict:
     with torch.no_grad():
         for _ in range(args.eval_batches):
             tokens, targets = make_batch(cfg, args.batch, evalg)
-            sl = slice(d.rank * per_rank, (d.rank + 1) * per_rank)
             with _autocast(device):
-                logits = wrapped(tokens[sl].to(device))
-            loss, correct, count = answer_loss(logits, targets[sl].to(device))
-            sums[0] += loss.item() * count.item()
+                logits = wrapped(d.shard(tokens).to(device))
+            loss, correct, count = answer_loss(logits, d.shard(targets).to(device), "sum")
+            sums[0] += loss.item()
             sums[1] += correct.item()
             sums[2] += count.item()
     loss_sum, correct, count = _all_sum(sums, d, device)
     # the full state dict is a collective under FSDP: every rank gathers, rank 0 saves
     state = _full_state_dict(model, wrapped, args) if args.save and attn == "nsa" else None
-    tps = (timed_steps * per_rank * cfg.seq_len / timed_s) if timed_s > 0 else float("nan")   # per GPU
+    tps = (timed_steps * per_rank * cfg.seq_len / d.cp / timed_s) if timed_s > 0 else float("nan")   # per GPU
     return {"model": model, "losses": losses, "curve": curve, "eval_loss": loss_sum / max(count, 1),
             "accuracy": correct / max(count, 1), "answers": int(count), "sequences": n_eval,
             "steps": steps_done, "train_s": t_train, "wall_s": time.perf_counter() - t_start,
@@ -635,6 +694,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "thread beats several there; the previous setting is restored at the end)")
     p.add_argument("--ddp", action="store_true", help="DistributedDataParallel; launch with torchrun")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard; launch with torchrun")
+    p.add_argument("--cp", type=int, default=1, metavar="N",
+                   help="context parallel: split each sequence over N ranks (torchrun; the world is data x N "
+                        "ranks; gradients averaged by DDP, or FSDP2 with --fsdp); --seq-len a multiple of 2N")
     return p
 
 
@@ -642,6 +704,11 @@ def main(argv: Optional[Sequence[str]] = None, log=print) -> dict:
     args = build_parser().parse_args(argv)
     if args.ddp and args.fsdp:
         raise SystemExit("choose one of --ddp and --fsdp")
+    if args.cp < 1:
+        raise SystemExit(f"--cp {args.cp}: expected a number of ranks >= 1")
+    if args.cp > 1 and (args.compare or args.attn != "nsa"):
+        raise SystemExit("--cp splits the SparseAttention layers' sequences; the SDPA model has no context "
+                         "parallelism here: drop --compare / --attn sdpa")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -669,6 +736,9 @@ def main(argv: Optional[Sequence[str]] = None, log=print) -> dict:
                          f"key-value pairs must lie beyond its widest window ({cfg.min_gap} keys) from the "
                          f"{cfg.queries} questions, which takes --seq-len {min_seq_len(cfg)} or more; pass "
                          f"--seq-len {min_seq_len(cfg)} (or use a spec with a smaller window, or fewer --pairs)")
+    if cfg.seq_len % (2 * args.cp):
+        raise SystemExit(f"error: --cp {args.cp} cuts each sequence into {2 * args.cp} equal chunks: pass a --seq-len "
+                         f"that is a multiple of {2 * args.cp}")
     threads = torch.get_num_threads()
     if args.threads or args.device == "cpu":
         torch.set_num_threads(args.threads or 1)
@@ -680,7 +750,8 @@ def main(argv: Optional[Sequence[str]] = None, log=print) -> dict:
                 f"{cfg.min_gap} tokens back, {cfg.queries} queries; chance {1 / cfg.n_values:.3f}")
             log(f"model: {cfg.layers} layers, hidden {cfg.hidden}, heads {cfg.heads}, kv_heads {cfg.kv_heads}, "
                 f"vocab {cfg.vocab}; batch {args.batch} on {args.device}"
-                + (f" x {d.world} ranks ({'fsdp' if args.fsdp else 'ddp'})" if d.active else ""))
+                + (f" x {d.world} ranks ({f'cp {d.cp} x dp {d.dp}, ' if d.cp > 1 else ''}"
+                   f"{'fsdp' if args.fsdp else 'ddp'})" if d.active else ""))
             log(f"spec: {spec.name} ({', '.join(f'{b.name}={b.kind}' for b in spec.branches)})")
         results = {}
         for attn in runs:

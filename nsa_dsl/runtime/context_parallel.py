@@ -137,10 +137,10 @@ def gather_finish(s: _Started) -> torch.Tensor:
     ``r`` and ``2N-1-r``, so chunks ``0 .. N-1`` are the ranks' first halves and ``N .. 2N-1``
     their second halves in reverse rank order."""
     y = s.value
-    if s.world > 1:
-        y = y.unflatten(0, (s.world, 2, -1))              # [N, 2, c, B, ...]
-        y = torch.cat([y[:, 0], y[:, 1].flip(0)], 0).flatten(0, 1)
-    return y.movedim(0, 1)
+    if s.world == 1:
+        return y.movedim(0, 1).contiguous()
+    y = y.unflatten(0, (s.world, 2, -1)).movedim(3, 0)    # [B, N, 2, c, ...]
+    return torch.cat([y[:, :, 0], y[:, :, 1].flip(1)], 1).flatten(1, 2)   # one contiguous copy
 
 
 def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
