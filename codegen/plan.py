@@ -212,6 +212,10 @@ def lower(spec: Spec, binding: Binding, varlen: bool = False, offsets: bool = Fa
         kernels.append(_kernel(f"compress_{b.name}", b.name, "compress", **tiles, L=b.block, STRIDE=b.stride, **seq))
     for b in spec.of_kind("select"):
         if spec.score_kind(b) == "indexer":      # tokens: indexer scoring, gather attention, the index loss
+            if offsets:                          # their launchers take whole sequences only
+                raise SpecError("E614", f"the generated kernels do not run query pieces (q_start) of the "
+                                        f"indexer-scored branch {b.name} yet",
+                                hint="use nsa_dsl.reference (SparseAttention(..., backend='reference'))")
             ix = indexer_vars(spec.branch(b.score).heads, spec.branch(b.score).dim)
             kernels.append(_kernel(f"indexer_{b.name}", b.name, "indexer", **ix, TOPK=b.top_k,
                                    KEEP_FIRST=b.keep_first, KEEP_LAST=b.keep_last, **seq))

@@ -66,6 +66,9 @@ def test_plan_lowers_the_indexer_branch():
     assert (v["HI"], v["HIP"], v["DI"], v["BDI"], v["TOPK"], v["KEEP_FIRST"], v["KEEP_LAST"]) == (3, 4, 16, 16, 5, 1, 2)
     assert plan.kernel("gather_tok").vars()["G"] == 3 and plan.kernel("index_loss_tok").vars()["HIP"] == 4
     assert lower(spec, bind(spec, 6, 2, 16, 32), varlen=True).kernel("gather_tok").vars()["VARLEN"]
+    with pytest.raises(SpecError) as e:               # query pieces (q_start): not in these kernels yet
+        lower(spec, bind(spec, 6, 2, 16, 32), offsets=True)
+    assert e.value.code == "E614" and "tok" in str(e.value)
 
 
 def test_op_equals_the_reference_with_every_gradient():
