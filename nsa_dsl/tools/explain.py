@@ -305,6 +305,14 @@ def cp_rows(spec: Spec, lengths: Iterable[int], ranks: Iterable[int], dims: cost
     return out
 
 
+def cp_markdown(spec: Spec, lengths: Iterable[int], ranks: Iterable[int], dims: cost.Dims,
+                kv_sets: int = 1) -> str:
+    """``cp_rows`` as a markdown table (benchmarks/RESULTS.md)."""
+    rows = cp_rows(spec, lengths, ranks, dims, kv_sets)
+    return "\n".join(["| " + " | ".join(CP_COLUMNS) + " |", "|" + "---|" * len(CP_COLUMNS)]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
+
+
 def cp_ranks(n: int) -> list[int]:
     """The rank counts a table shows up to ``n``: every count to 8, then powers of two, and ``n``."""
     return sorted({r for r in range(1, min(n, 8) + 1)} | {1 << i for i in range(n.bit_length()) if 1 << i <= n} | {n})
