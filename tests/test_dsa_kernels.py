@@ -157,8 +157,11 @@ def run_gather(B, T, H, G, DQK, DV, K, causal, dtype=torch.float32, idx=None, se
     return [rel_err(x, r) for x, r in zip((o, lse, dq, dk, dv), (ro, rlse, qr.grad, kr.grad, vr.grad))]
 
 
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
-@pytest.mark.parametrize("B, T, H, G, DQK, DV, K", GATHER_CASES, ids=[str(c) for c in GATHER_CASES])
+# the long case runs causal only (the interpreter's time): T = 1 and 17 and packed cover causal = false
+GATHER_RUNS = [(*c, causal) for c in GATHER_CASES for causal in (True, False) if causal or c[1] < 100]
+
+
+@pytest.mark.parametrize("B, T, H, G, DQK, DV, K, causal", GATHER_RUNS, ids=[str(c) for c in GATHER_RUNS])
 def test_gather_attention_matches_reference(B, T, H, G, DQK, DV, K, causal):
     errs = run_gather(B, T, H, G, DQK, DV, K, causal, seed=T)
     assert max(errs) < 1e-5, errs
@@ -239,8 +242,10 @@ def reference_loss(q, k, idx, qi, ki, wi, dl, scale, causal):
     return loss, [x.grad for x in r]
 
 
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
-@pytest.mark.parametrize("B, T, H, G, DQK, HI, DI, K", LOSS_CASES, ids=[str(c) for c in LOSS_CASES])
+LOSS_RUNS = [(*c, causal) for c in LOSS_CASES for causal in (True, False) if causal or c[1] < 60]
+
+
+@pytest.mark.parametrize("B, T, H, G, DQK, HI, DI, K, causal", LOSS_RUNS, ids=[str(c) for c in LOSS_RUNS])
 def test_index_loss_matches_reference(B, T, H, G, DQK, HI, DI, K, causal):
     args, loss, grads = run_loss(B, T, H, G, DQK, HI, DI, K, causal, seed=T)
     rloss, rgrads = reference_loss(*args, causal)
