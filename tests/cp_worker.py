@@ -223,18 +223,21 @@ def _layer(spec_text, cp_mesh, **kw):
 
 
 def layer_vs_cp(c, spec_text, B, T, cu=None, **kw):
-    """module-level: y, dx and every parameter gradient (summed over the group)."""
+    """module-level: y, dx, aux.index_loss and every parameter gradient (summed over the group);
+    the loss adds the index losses (an indexer trains through them)."""
     single, sharded = _layer(spec_text, None, **kw), _layer(spec_text, GROUP, **kw)
     g = torch.Generator().manual_seed(2)
     x = rnd(g, B, T, 32)
     dy = rnd(g, B, T, 32, grad=False)
     pk = {} if cu is None else {"cu_seqlens": torch.tensor(cu, dtype=torch.int32)}
-    y = single(x, **pk)
-    (y * dy).sum().backward()
+    y, aux = single(x, return_aux=True, **pk)
+    ((y * dy).sum() + sum(x.sum() for x in aux.index_loss.values())).backward()
     xl = shard(x.detach()).requires_grad_()
-    yl = sharded(xl, **pk)
+    yl, al = sharded(xl, return_aux=True, **pk)
     c.near("y", yl, shard(y))
-    (yl * shard(dy)).sum().backward()
+    for n, t in aux.index_loss.items():
+        c.near(f"index_loss[{n}]", al.index_loss[n], shard(t))
+    ((yl * shard(dy)).sum() + sum(x.sum() for x in al.index_loss.values())).backward()
     c.near("dx", xl.grad, shard(x.grad))
     cp.all_reduce_gradients(sharded, GROUP, average=False)
     for (n, a), (_, b) in zip(sharded.named_parameters(), single.named_parameters()):
@@ -251,6 +254,10 @@ def case_layer_learned_packed(c):
 
 def case_layer_separate_kv(c):
     layer_vs_cp(c, PAPER, 1, 64, separate_kv=True)
+
+
+def case_layer_indexer_packed(c):
+    layer_vs_cp(c, DSA, 1, 64, cu=CU, index_rotary=True)
 
 
 def case_op_learned(c):

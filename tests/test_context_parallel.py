@@ -244,7 +244,7 @@ def _free_port():
 
 # every case on 2 ranks; on 4, the paper spec, learned pooling, packing and the 2 x 2 mesh
 CASES = {2: list(W.CASES.keys() - {"fsdp_mesh"}),
-         4: ["paper", "paper_packed", "layer_learned_packed", "indexer_packed", "qblock", "stats", "fsdp_mesh"]}
+         4: ["paper", "paper_packed", "layer_learned_packed", "layer_indexer_packed", "qblock", "stats", "fsdp_mesh"]}
 
 
 @functools.lru_cache(maxsize=None)

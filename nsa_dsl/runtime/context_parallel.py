@@ -460,7 +460,7 @@ def _check_compressed(spec: Spec, compressed: dict, layout: Layout) -> None:
 def layer_forward(layer, x: torch.Tensor, *, cu_seqlens=None, return_aux: bool = False):
     """``SparseAttention.forward`` of a layer built with ``cp_mesh``: ``x [B, T/N, hidden]`` is this
     rank's shard; returns its rows of ``y``. The K/V gathers are issued right after the keys are
-    rotated, so the gate projection runs while they are in flight."""
+    rotated, so the indexer's and the gates' projections run while they are in flight."""
     layer._check_input(x)
     pg, world, rank = process_group(layer.cp_mesh)
     B, T_local, _ = x.shape
@@ -472,17 +472,20 @@ def layer_forward(layer, x: torch.Tensor, *, cu_seqlens=None, return_aux: bool =
     ks = k if isinstance(k, dict) else {"": k}
     vs = v if isinstance(v, dict) else {"": v}
     started = {(w, n): gather_start(t, pg, world) for w, d in (("k", ks), ("v", vs)) for n, t in d.items()}
+    index = layer.index_inputs(x, layout.positions(x.device)) if len(layer.indexer) else {}
+    started.update({("index", n): gather_start(t[1], pg, world) for n, t in index.items()})
     gates = None
     if layer.gate_proj is not None:
         gates = layer.gate_proj(x).view(B, T_local, layer.heads, layer.num_gates)
     got = {key: gather_finish(s) for key, s in started.items()}
     k_all = got[("k", "")] if "" in ks else {n: got[("k", n)] for n in ks}
     v_all = got[("v", "")] if "" in vs else {n: got[("v", n)] for n in vs}
+    index = {n: (qi, got[("index", n)], wi) for n, (qi, _, wi) in index.items()}
     cu = None if layout.cu is None else list(layout.cu)
     compressed = {n: (layer.k_pool[n](_of(k_all, n), cu), layer.v_pool[n](_of(v_all, n), cu))
                   for n in layer.k_pool.keys()} or None
     out = attention_gathered(op, layer.spec, q, k_all, v_all, gates, layout, compressed=compressed,
-                             scale=layer.scale, return_aux=return_aux)
+                             scale=layer.scale, return_aux=return_aux, index=index)
     o, aux = out if return_aux else (out, None)
     y = layer.o_proj(o.reshape(B, T_local, layer.heads * layer.v_dim))
     return (y, aux) if return_aux else y

@@ -175,7 +175,7 @@ class CompiledOp:
             from nsa_dsl.runtime import context_parallel
             return context_parallel.attention(self, q, k, v, gates, group=cp_group, compressed=compressed,
                                               scale=scale, return_aux=return_aux, indices=indices,
-                                              cu_seqlens=cu_seqlens)
+                                              index=index, cu_seqlens=cu_seqlens)
         spec = self.spec
         if isinstance(q, Tensor):
             check_kernel_device(q, q.dtype)
