@@ -107,6 +107,18 @@ def test_forward_backward(family):
         assert layer.q_norm.weight.grad is not None and layer.k_norm.weight.grad.abs().sum() > 0
 
 
+def test_autocast_with_float32_weights():
+    """bf16 autocast over float32 weights (mixed-precision training): Qwen3's q/k norms return
+    float32 beside a bf16 v; the layer hands the op one dtype."""
+    model = nsa("qwen3").train()
+    ids = tokens(2, 20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids, use_cache=False)
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    assert model.model.layers[0].self_attn.k_norm.weight.grad.abs().sum() > 0
+
+
 def test_adopts_the_dense_weights_and_records_the_spec():
     model = dense("qwen2")
     attn = model.model.layers[1].self_attn
@@ -147,6 +159,21 @@ def test_generate_with_mean_pooling_and_a_cache_that_grows():
     assert cache.layers[0].nsa.max_len >= 21
 
 
+def test_generate_replaces_sliding_window_slots():
+    """A config with sliding layers (Qwen2's use_sliding_window): generate()'s DynamicCache has
+    sliding slots; the NSA layers take them over (the spec decides what each query reads)."""
+    torch.manual_seed(0)
+    cfg = Qwen2Config(**BASE, use_sliding_window=True, sliding_window=6, max_window_layers=1)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.generation_config.eos_token_id = None
+    nsa_tf.convert(model, SPEC_MEAN, backend="reference")
+    ids = tokens(2, 9, seed=12)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    assert all(isinstance(s, nsa_tf.NSACacheLayer) for s in getattr(out, nsa_tf.CACHE_ARG).layers)
+    assert torch.equal(out.sequences, greedy_recompute(model, ids, 8))
+
+
 def test_cached_chunks_equal_the_full_forward():
     """Prefill a piece of the prompt, then one token at a time: every logit as the full forward."""
     model = nsa("qwen3")
@@ -158,6 +185,25 @@ def test_cached_chunks_equal_the_full_forward():
         got += [model(ids[:, 7:12], use_cache=True, **{nsa_tf.CACHE_ARG: cache}).logits]
         got += [model(ids[:, t:t + 1], use_cache=True, **{nsa_tf.CACHE_ARG: cache}).logits for t in range(12, 20)]
     torch.testing.assert_close(torch.cat(got, 1), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_padded_chunk_after_the_prompt():
+    """A later chunk with padding (row 0's last 2 tokens): only real tokens enter the cache, and
+    the real tokens' outputs are those of each row's real tokens alone."""
+    model = nsa("qwen2")
+    ids = tokens(2, 12, seed=9)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, 10:] = 0
+    cache = nsa_tf.NSAModelCache(model)
+    with torch.no_grad():
+        first = model.model(ids[:, :7], attention_mask=mask[:, :7], use_cache=True, **{nsa_tf.CACHE_ARG: cache})
+        second = model(ids[:, 7:], attention_mask=mask, use_cache=True, **{nsa_tf.CACHE_ARG: cache}).logits
+        want0 = model(ids[:1, :10], use_cache=False).logits[0, 7:]
+        want1 = model(ids[1:], use_cache=False).logits[0, 7:]
+    assert first.last_hidden_state.shape == (2, 7, 64)
+    assert cache.layers[0].nsa.lengths_host == (10, 12) and cache.get_seq_length() == 12
+    torch.testing.assert_close(second[0, :3], want0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second[1], want1, rtol=1e-5, atol=1e-5)
 
 
 def test_padded_generate_equals_each_prompt_alone():

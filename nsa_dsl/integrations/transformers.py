@@ -161,6 +161,13 @@ class NSAAttention(SparseAttention):
         self.head_dim = head_dim
         self.is_causal = True
 
+    def project(self, x: torch.Tensor):
+        """SparseAttention's projections, then q and k in v's dtype: under autocast with float32
+        weights a q/k norm (Qwen3's RMSNorm: ``weight * x``) returns float32 beside a bf16 v,
+        and the op takes one dtype (dense attention gets the same cast from autocast's SDPA)."""
+        q, k, v = super().project(x)
+        return q.to(v.dtype), k.to(v.dtype), v
+
     def new_parameter_names(self) -> list[str]:
         """State-dict names (relative to this layer) of the parameters the spec added."""
         return [n for n in self.state_dict() if n.split(".")[0] not in ADOPTED]
@@ -188,18 +195,23 @@ class NSAAttention(SparseAttention):
             return y.reshape(B, T, D), None
         return SparseAttention.forward(self, x), None
 
-    def prefill(self, x: torch.Tensor, nsa: NSACache) -> torch.Tensor:
+    def prefill(self, x: torch.Tensor, nsa: NSACache, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """A chunk that starts every sequence of ``nsa`` (an empty cache): the full op for the
-        outputs (the training kernels on CUDA, differentiable), then the chunk's keys and values
-        appended to the cache. Specs with an indexer take SparseAttention's cached path."""
-        if self.spec.of_kind("indexer"):
-            return SparseAttention.forward(self, x, cache=nsa)
-        y = SparseAttention.forward(self, x)
+        outputs (the training kernels on CUDA, differentiable; padded rows packed as in
+        :func:`_run_padded`), then the keys and values of the real tokens appended to the cache.
+        (Specs with an indexer do not come here: SparseAttention's cached path fills their
+        indexer keys.)"""
+        if valid is None:
+            y, n_new = SparseAttention.forward(self, x), None
+        else:
+            y = _run_padded(self, x, valid)
+            x, n_new = _compact(x, valid)
         with torch.no_grad():
             q, k, v = self.project(x)
-            if self.rotary is not None:
+            if self.rotary is not None:                 # every row starts at position 0
                 q, k = self._rotate(q, k, x.shape[1])
-            nsa.append(k.to(nsa.dtype), v.to(nsa.dtype), pool=self._pool_blocks if len(self.k_pool) else None)
+            nsa.append(k.to(nsa.dtype), v.to(nsa.dtype), n_new=n_new,
+                       pool=self._pool_blocks if len(self.k_pool) else None)
         return y
 
 
@@ -266,6 +278,17 @@ def _run_padded(layer: NSAAttention, x: torch.Tensor, valid: torch.Tensor) -> to
     return out
 
 
+def _compact(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Each row's real tokens moved to its front, in order (the rest: pads); with their counts."""
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+    return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1])), valid.sum(1).tolist()
+
+
+def _compact_mask(counts: list[int], C: int, device) -> torch.Tensor:
+    """``[B, C]`` bool: the first ``counts[b]`` positions of row ``b`` (where _compact put them)."""
+    return torch.arange(C, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]
+
+
 def _nsa_attention(module, query, key, value, attention_mask, **kwargs):
     """``AttentionInterface`` entry for ``"nsa_dsl"``: only an attention layer convert() did not
     replace calls it."""
@@ -326,17 +349,16 @@ class NSACacheLayer(CacheLayerMixin):
         self._layer = weakref.ref(layer)
         nsa = self._reserve(layer, B, C)
         self.seen += C
+        if max(nsa.lengths_host) == 0 and not layer.spec.of_kind("indexer"):
+            return layer.prefill(x, nsa, valid)
         if valid is None:
-            if max(nsa.lengths_host) == 0:
-                return layer.prefill(x, nsa)
             return SparseAttention.forward(layer, x, cache=nsa)
-        # real tokens first in each row (stable), appended with n_new; outputs scattered back, pads 0
-        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
-        counts = valid.sum(1)
-        idx = order[..., None].expand(-1, -1, x.shape[-1])
-        y = SparseAttention.forward(layer, x.gather(1, idx), cache=nsa, n_new=counts.tolist())
-        y = y * (torch.arange(C, device=x.device)[None, :] < counts[:, None])[..., None].to(y.dtype)
-        return torch.zeros_like(y).scatter(1, idx, y)
+        # real tokens first in each row, appended with n_new; outputs put back in place, pads 0
+        xc, counts = _compact(x, valid)
+        y = SparseAttention.forward(layer, xc, cache=nsa, n_new=counts)
+        out = y.new_zeros(y.shape)
+        out[valid] = y[_compact_mask(counts, C, x.device)]
+        return out
 
     def _reserve(self, layer: NSAAttention, B: int, C: int) -> NSACache:
         if self.nsa is None:
