@@ -27,7 +27,7 @@ JSON), progress to tqdm bars on stderr.
 
     python examples/train_code_lm.py                                  # CPU: a few steps, small sizes
     python examples/train_code_lm.py --device cuda --max-time 300 --log-json code.json
-        # CUDA defaults: T = 8192 and 16384, 65536 tokens a step, 8 layers, hidden 512, 8 heads
+        # CUDA defaults: T = 8192 and 16384, 600 steps of 65536 tokens, 8 layers, hidden 512, 8 heads
         # (head dim 64), 2 kv heads; spec examples/nsa_paper_mean.nsa; a 32k-byte generate() prompt
     python examples/train_code_lm.py --device cuda --steps 0 --seq-len 8192   # generate() timing only
 
@@ -302,8 +302,8 @@ def train_one(corpus: Corpus, shape: ModelShape, spec, attn: str, T: int, batch:
     curve, train_s, timed_s, timed_steps, seen_loss = [], 0.0, 0.0, 0, [0.0, 0]
     p_time, done = 0.0, 0
     model.train()
-    bar = tqdm(total=steps, desc=f"{attn} T={T}", unit="step", dynamic_ncols=True, leave=False,
-               disable=args.quiet)
+    bar = tqdm(total=steps, desc=f"{attn} T={T}", unit="step", dynamic_ncols=True, leave=False, disable=args.quiet,
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)     # a log file gets a line every 30 s
     for step in range(1, steps + 1):
         inputs, targets = train_batch(corpus, batch, T, data)
         lr = lr_at(step, p_time)
@@ -492,8 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=None, help="default 512 on cuda, 64 on cpu")
     p.add_argument("--heads", type=int, default=None, help="default 8 on cuda, 4 on cpu (head dim hidden/heads)")
     p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per model (default 2000 on cuda, 6 on "
-                                                           "cpu); 0: no training (generate() timing only)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per model (default 600 on cuda: about "
+                                                           "1.3 passes over the standard library; 6 on cpu); 0: no "
+                                                           "training (generate() timing only)")
     p.add_argument("--batch-tokens", type=int, default=None,
                    help="tokens per step at every T: batch = batch_tokens // T (default 65536 on cuda)")
     p.add_argument("--batch", type=int, default=None, help="sequences per step (overrides --batch-tokens)")
@@ -502,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-time", type=float, default=None, metavar="SECONDS",
                    help="stop training each model after this many seconds of training")
     p.add_argument("--eval-every", type=int, default=None, help="steps between validation points (default "
-                                                                "100 on cuda, 3 on cpu)")
+                                                                "50 on cuda, 3 on cpu)")
     p.add_argument("--eval-windows", type=int, default=None, help="validation windows of T (default 32 on cuda, 2 on cpu)")
     p.add_argument("--probe-files", type=int, default=None, help="held-out files of >= T bytes in the long-range "
                                                                  "probe (default 32 on cuda, 4 on cpu)")
@@ -521,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _defaults(args) -> None:
     cuda = args.device == "cuda"
     for name, gpu, cpu in (("seq_len", [8192, 16384], [128]), ("layers", 8, 2), ("hidden", 512, 64), ("heads", 8, 4),
-                           ("steps", 2000, 6), ("eval_every", 100, 3), ("eval_windows", 32, 2),
+                           ("steps", 600, 6), ("eval_every", 50, 3), ("eval_windows", 32, 2),
                            ("probe_files", 32, 4), ("gen_prompt", 32768, 96), ("gen_tokens", 256, 4),
                            ("batch_tokens", 65536, 256)):
         if getattr(args, name) is None:
