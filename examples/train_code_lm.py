@@ -19,10 +19,10 @@ For every ``--seq-len`` (default 8192 and 16384 on CUDA) it reports, per model:
   at least ``T`` bytes (``--probe-files`` of them), where distant context in the same file
   helps; the first half's bpb is given alongside;
 
-and then ``generate()`` throughput on one prompt of ``--gen-prompt`` bytes (default 32768 on CUDA)
-with ``--gen-tokens`` new tokens, both models in bf16: prefill seconds, decode tokens/s (the NSA
-model decodes through its NSA KV cache, the SDPA model through transformers' DynamicCache), peak
-memory. Everything goes to ``--log-json``, the curves to a PNG (``--plot``, default next to the
+and then ``generate()`` throughput on prompts of ``--gen-prompt`` bytes (default 32768 on CUDA)
+with ``--gen-tokens`` new tokens, at each ``--gen-batch`` (default 1 and 16 on CUDA), both models
+in bf16: prefill seconds, decode tokens/s (the NSA model decodes through its NSA KV cache, the
+SDPA model through transformers' DynamicCache), peak memory. Everything goes to ``--log-json``, the curves to a PNG (``--plot``, default next to the
 JSON), progress to tqdm bars on stderr.
 
     python examples/train_code_lm.py                                  # CPU: a few steps, small sizes
@@ -405,6 +405,13 @@ def time_generate(model, prompt: torch.Tensor, new_tokens: int, device) -> dict:
             "tokens": out.sequences[0, prompt.shape[1]:].tolist()}
 
 
+def gen_prompts(corpus: Corpus, batch: int, length: int) -> torch.Tensor:
+    """``[batch, length]``: consecutive windows of the held-out text (repeated if it is short)."""
+    n = max(1, min(batch, corpus.val.numel() // length))
+    rows = corpus.val[:n * length].long().view(n, length)
+    return rows.repeat((batch + n - 1) // n, 1)[:batch]
+
+
 # ---------------------------------------------------------------------------------- output
 
 def _clean(x):
@@ -458,18 +465,19 @@ def summary_lines(runs: dict, gen: Optional[dict]) -> list[str]:
                          f"{lr.get('first_half_bpb', float('nan')):>9.4f}")
     if gen:
         lines.append("")
-        lines.append(f"generate(): prompt {gen['prompt']} bytes, {gen['new_tokens']} new tokens, batch {gen['batch']}")
-        for attn in ("nsa", "sdpa"):
-            g = gen.get(attn)
-            if g:
-                dec = g["decode_tokens_per_s"]
-                lines.append(f"  {attn:>5}: prefill {g['prefill_s']:.3f} s, decode {dec or float('nan'):,.1f} tok/s, "
-                             f"total {g['tokens_per_s']:,.1f} tok/s"
-                             + (f", peak {g['peak_mem_gib']:.2f} GiB" if g["peak_mem_gib"] is not None else "")
-                             + f" ({g['cache']})")
-        if gen.get("nsa") and gen.get("sdpa") and gen["nsa"]["decode_tokens_per_s"] and gen["sdpa"]["decode_tokens_per_s"]:
-            lines.append(f"  decode nsa/sdpa {gen['nsa']['decode_tokens_per_s'] / gen['sdpa']['decode_tokens_per_s']:.2f}x, "
-                         f"prefill sdpa/nsa {gen['sdpa']['prefill_s'] / gen['nsa']['prefill_s']:.2f}x")
+        lines.append(f"generate(): prompt {gen['prompt']} bytes, {gen['new_tokens']} new tokens")
+        for B, pair in gen["batches"].items():
+            for attn in ("nsa", "sdpa"):
+                g = pair.get(attn)
+                if g:
+                    lines.append(f"  batch {B:>3} {attn:>5}: prefill {g['prefill_s']:.3f} s, decode "
+                                 f"{g['decode_tokens_per_s'] or float('nan'):,.1f} tok/s, total {g['tokens_per_s']:,.1f} tok/s"
+                                 + (f", peak {g['peak_mem_gib']:.2f} GiB" if g["peak_mem_gib"] is not None else "")
+                                 + f" ({g['cache']})")
+            if pair.get("nsa") and pair.get("sdpa") and pair["nsa"]["decode_tokens_per_s"] and pair["sdpa"]["decode_tokens_per_s"]:
+                lines.append(f"  batch {B:>3}: decode nsa/sdpa "
+                             f"{pair['nsa']['decode_tokens_per_s'] / pair['sdpa']['decode_tokens_per_s']:.2f}x, "
+                             f"prefill sdpa/nsa {pair['sdpa']['prefill_s'] / pair['nsa']['prefill_s']:.2f}x")
     return lines
 
 
@@ -510,7 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-prompt", type=int, default=None, help="generate() prompt bytes (default 32768 on cuda, "
                                                                 "96 on cpu; 0: no generate() timing)")
     p.add_argument("--gen-tokens", type=int, default=None, help="new tokens (default 256 on cuda, 4 on cpu)")
-    p.add_argument("--gen-batch", type=int, default=1, help="prompts per generate() call")
+    p.add_argument("--gen-batch", type=int, nargs="+", default=None,
+                   help="prompts per generate() call, each timed (default 1 16 on cuda: one sequence, and a batch "
+                        "where reading the KV cache dominates a decoding step; 1 on cpu)")
     p.add_argument("--log-json", metavar="FILE", help="write curves, summaries and generate() timings as JSON")
     p.add_argument("--plot", metavar="PNG", help="the curves as a PNG (default: --log-json with .png)")
     p.add_argument("--seed", type=int, default=0)
@@ -524,7 +534,7 @@ def _defaults(args) -> None:
     for name, gpu, cpu in (("seq_len", [8192, 16384], [128]), ("layers", 8, 2), ("hidden", 512, 64), ("heads", 8, 4),
                            ("steps", 600, 6), ("eval_every", 50, 3), ("eval_windows", 32, 2),
                            ("probe_files", 32, 4), ("gen_prompt", 32768, 96), ("gen_tokens", 256, 4),
-                           ("batch_tokens", 65536, 256)):
+                           ("batch_tokens", 65536, 256), ("gen_batch", [1, 16], [1])):
         if getattr(args, name) is None:
             setattr(args, name, gpu if cuda else cpu)
 
@@ -584,15 +594,16 @@ def main(argv: Optional[Sequence[str]] = None, log=print) -> dict:
         if args.gen_prompt and args.gen_tokens:
             if corpus.val.numel() < args.gen_prompt:
                 raise SystemExit(f"error: --gen-prompt {args.gen_prompt} exceeds the held-out text ({corpus.val.numel()} tokens)")
-            prompt = corpus.val[:args.gen_prompt].long()[None].repeat(args.gen_batch, 1)
-            gen = {"prompt": args.gen_prompt, "new_tokens": args.gen_tokens, "batch": args.gen_batch,
-                   "trained_at": lengths[-1] if last else None}
+            gen = {"prompt": args.gen_prompt, "new_tokens": args.gen_tokens,
+                   "trained_at": lengths[-1] if last else None, "batches": {}}
             for attn in attns:
                 model = last.pop(attn, None) or make_model(shape, attn, spec, args.seed, device)
                 if device.type == "cuda":
                     model = to_bf16(model)
-                log(f"== generate(): {attn}, prompt {args.gen_prompt} bytes, {args.gen_tokens} new tokens")
-                gen[attn] = time_generate(model, prompt, args.gen_tokens, device)
+                for B in args.gen_batch:
+                    log(f"== generate(): {attn}, batch {B}, prompt {args.gen_prompt} bytes, {args.gen_tokens} new tokens")
+                    prompt = gen_prompts(corpus, B, args.gen_prompt)
+                    gen["batches"].setdefault(str(B), {})[attn] = time_generate(model, prompt, args.gen_tokens, device)
                 del model
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -73,7 +73,7 @@ def test_cpu_run_writes_the_numbers_the_device_run_reports(ex, data, tmp_path):
     doc = ex.main(["--device", "cpu", "--data", str(data), "--val-percent", "30", "--seq-len", "64",
                    "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--steps", "4",
                    "--batch", "2", "--eval-every", "2", "--eval-windows", "2", "--probe-files", "2",
-                   "--gen-prompt", "40", "--gen-tokens", "3", "--max-time", "600", "--quiet",
+                   "--gen-prompt", "40", "--gen-tokens", "3", "--gen-batch", "1", "2", "--max-time", "600", "--quiet",
                    "--log-json", str(log)], log=lines.append)
     assert torch.get_num_threads() == threads                     # restored
     assert json.loads(log.read_text()) == doc
@@ -87,20 +87,23 @@ def test_cpu_run_writes_the_numbers_the_device_run_reports(ex, data, tmp_path):
         assert all(0 < p["val_bpb"] < 9 and p["train_s"] >= 0 for p in r["curve"])
         assert r["long_range"]["files"] >= 1 and 0 < r["long_range"]["second_half_bpb"] < 9
     gen = doc["generate"]
-    assert gen["prompt"] == 40 and gen["new_tokens"] == 3
-    assert gen["nsa"]["cache"] == "NSACacheLayer" and gen["sdpa"]["cache"] == "DynamicLayer"
-    for attn in ("nsa", "sdpa"):
-        g = gen[attn]
-        assert g["prefill_s"] > 0 and g["decode_tokens_per_s"] > 0 and len(g["tokens"]) == 3
+    assert gen["prompt"] == 40 and gen["new_tokens"] == 3 and set(gen["batches"]) == {"1", "2"}
+    for B, pair in gen["batches"].items():
+        assert pair["nsa"]["cache"] == "NSACacheLayer" and pair["sdpa"]["cache"] == "DynamicLayer"
+        for attn in ("nsa", "sdpa"):
+            g = pair[attn]
+            assert g["batch"] == int(B) and g["prompt"] == 40 and len(g["tokens"]) == 3
+            assert g["prefill_s"] > 0 and g["decode_tokens_per_s"] > 0
     text = "\n".join(lines)
     assert "long-range probe" in text and "generate(): prompt 40 bytes, 3 new tokens" in text
+    assert "batch   2: decode nsa/sdpa" in text
 
 
 def test_generate_only_and_errors(ex, data):
     doc = ex.main(["--device", "cpu", "--data", str(data), "--val-percent", "30", "--seq-len", "32",
                    "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--steps", "0",
                    "--attn", "nsa", "--gen-prompt", "24", "--gen-tokens", "2", "--quiet"], log=lambda s: None)
-    assert doc["runs"] == {} and doc["generate"]["nsa"]["cache"] == "NSACacheLayer"
+    assert doc["runs"] == {} and doc["generate"]["batches"]["1"]["nsa"]["cache"] == "NSACacheLayer"
     with pytest.raises(SystemExit, match="shorter than --seq-len"):
         ex.main(["--device", "cpu", "--data", str(data), "--seq-len", "100000", "--steps", "1", "--quiet"],
                 log=lambda s: None)
