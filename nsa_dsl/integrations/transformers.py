@@ -27,8 +27,8 @@ What :func:`convert` does, for a causal LM of the Llama, Mistral, Qwen2 and Qwen
   ``logit(1/C)``, so every branch gate is ``1/C`` for any input and the layer starts as the plain
   average of its ``C`` branch outputs; learned pooling ``k_pool``/``v_pool`` (``pool = linear``)
   starts as exact mean pooling with a zero position embedding (``pool = mlp``: PyTorch's default
-  Linear init, zero position embedding); any other projection a spec adds (indexers) keeps
-  SparseAttention's init;
+  Linear init, zero position embedding); an indexer's projections keep SparseAttention's init
+  (``IndexerProjection``), and train on the index loss: ``loss = out.loss + index_loss(model)``;
 * ``config.nsa_dsl`` records the spec (its text and block name): ``save_pretrained`` writes it
   into ``config.json`` and :func:`from_pretrained` rebuilds the NSA model from it;
 * the model's attention implementation becomes ``"nsa_dsl"``, registered in transformers'
@@ -91,7 +91,7 @@ if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover
     raise ImportError(f"nsa_dsl.integrations.transformers needs transformers 5.x, found {transformers.__version__}: "
                       "pip install 'nsa-dsl[transformers]'")
 
-__all__ = ["convert", "from_pretrained", "NSAAttention", "NSACacheLayer", "NSAModelCache",
+__all__ = ["convert", "from_pretrained", "index_loss", "NSAAttention", "NSACacheLayer", "NSAModelCache",
            "ATTN_IMPLEMENTATION", "CONFIG_KEY", "CACHE_ARG", "SUPPORTED_MODEL_TYPES", "spec_of"]
 
 #: The attention implementation a converted model runs under (``config._attn_implementation``).
@@ -160,6 +160,7 @@ class NSAAttention(SparseAttention):
         self.layer_idx = layer_idx
         self.head_dim = head_dim
         self.is_causal = True
+        self.index_loss: Optional[torch.Tensor] = None
 
     def project(self, x: torch.Tensor):
         """SparseAttention's projections, then q and k in v's dtype: under autocast with float32
@@ -191,9 +192,20 @@ class NSAAttention(SparseAttention):
             return _run_padded(self, x, pad), None
         if cu is not None:
             B, T, D = x.shape
-            y = SparseAttention.forward(self, x.reshape(1, B * T, D), cu_seqlens=cu)
+            y = self.full(x.reshape(1, B * T, D), cu_seqlens=cu)
             return y.reshape(B, T, D), None
-        return SparseAttention.forward(self, x), None
+        return self.full(x), None
+
+    def full(self, x: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+        """SparseAttention's forward without a cache. A spec with an indexer, training: the
+        layer keeps its index loss (the mean KL of each indexer-scored select branch, with its
+        graph) in ``self.index_loss`` for :func:`index_loss` to collect; else it is None."""
+        self.index_loss = None
+        if len(getattr(self, "indexer", ())) and self.training and torch.is_grad_enabled():
+            y, aux = SparseAttention.forward(self, x, cu_seqlens=cu_seqlens, return_aux=True)
+            self.index_loss = sum(loss.mean() for loss in aux.index_loss.values())
+            return y
+        return SparseAttention.forward(self, x, cu_seqlens=cu_seqlens)
 
     def prefill(self, x: torch.Tensor, nsa: NSACache, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """A chunk that starts every sequence of ``nsa`` (an empty cache): the full op for the
@@ -202,7 +214,7 @@ class NSAAttention(SparseAttention):
         (Specs with an indexer do not come here: SparseAttention's cached path fills their
         indexer keys.)"""
         if valid is None:
-            y, n_new = SparseAttention.forward(self, x), None
+            y, n_new = self.full(x), None
         else:
             y = _run_padded(self, x, valid)
             x, n_new = _compact(x, valid)
@@ -213,6 +225,18 @@ class NSAAttention(SparseAttention):
             nsa.append(k.to(nsa.dtype), v.to(nsa.dtype), n_new=n_new,
                        pool=self._pool_blocks if len(self.k_pool) else None)
         return y
+
+
+def index_loss(model) -> torch.Tensor:
+    """The index losses of the model's NSA layers from its last training forward, summed (0 for
+    specs without an indexer): ``loss = out.loss + index_loss(model)`` trains the indexers (their
+    top-k selection passes no gradient to them otherwise). Each layer's is cleared."""
+    losses = []
+    for layer in model.modules():
+        if isinstance(layer, NSAAttention) and getattr(layer, "index_loss", None) is not None:
+            losses.append(layer.index_loss)
+            layer.index_loss = None
+    return sum(losses) if losses else torch.zeros((), device=next(model.parameters()).device)
 
 
 def _check_shapes(spec: Spec, **model_shapes) -> None:
@@ -272,7 +296,7 @@ def _run_padded(layer: NSAAttention, x: torch.Tensor, valid: torch.Tensor) -> to
     """Padded rows without a cache: each row's real tokens packed as one sequence; pads output 0."""
     counts = valid.sum(1)
     cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
-    y = SparseAttention.forward(layer, x[valid][None], cu_seqlens=cu)
+    y = layer.full(x[valid][None], cu_seqlens=cu)
     out = x.new_zeros(x.shape[0], x.shape[1], y.shape[-1])
     out[valid] = y[0].to(out.dtype)
     return out
