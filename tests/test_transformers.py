@@ -107,6 +107,19 @@ def test_forward_backward(family):
         assert layer.q_norm.weight.grad is not None and layer.k_norm.weight.grad.abs().sum() > 0
 
 
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = nsa("llama").train()
+    ids = tokens(2, 20)
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[n], rtol=1e-5, atol=1e-6)
+
+
 def test_autocast_with_float32_weights():
     """bf16 autocast over float32 weights (mixed-precision training): Qwen3's q/k norms return
     float32 beside a bf16 v; the layer hands the op one dtype."""
