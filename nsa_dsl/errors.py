@@ -123,15 +123,19 @@ CODES: dict[str, str] = {
     'E721': 'an attention mask the NSA layers of a transformers model cannot take (not 2-D, or padding together with packed sequences)',
     'E722': '`from_pretrained`: a folder that holds no converted model (no `nsa_dsl` config field) or lacks its NSA weights',
     'E723': 'a transformers cache used against the NSA layers (dense keys in a slot, `update()`, `crop()`, not a `Cache`)',
-    'E801': 'a bad `NSACache` argument (sizes, dtype)',
+    'E801': 'a bad `NSACache` / `PagedNSACache` argument (sizes, dtype, page size, page order, sequences to free)',
     'E802': 'per-branch keys/values for the cache malformed',
     'E803': 'keys/values appended with the wrong shape, device or dtype',
     'E804': '`n_new` that is not integer counts in range',
-    'E805': "an append past the cache's `max_len`",
+    'E805': "an append past the cache's `max_len` (its capacity)",
     'E806': 'learned pooling needed but no `pool=` given to `append`',
     'E809': "a cache that does not belong to the layer's spec or batch",
-    'E811': 'a decode step of another cache, from before its `reset()`, or beyond its lengths',
+    'E811': 'a decode step of another cache, from before its `reset()` / `free()` (or, from a kernel append, its next append), or beyond its lengths',
     'E812': 'a KV cache for a spec that is not causal',
+    'E813': 'a block table, its lengths or page pools malformed (not int32 [B, W] / [B] on the pools\' device, not a `PagedNSACache`)',
+    'E814': 'a block table entry that is not a page of the pool, or a page held by two sequences',
+    'E815': "a length past the block table's pages (W * page_size positions)",
+    'E816': 'the page pool has no free page left for an append',
 }
 
 

@@ -265,6 +265,7 @@ class DecodeLaunch:
         else:
             ws_acc = ws_m = ws_l = ws_u = ws_mu = torch.empty(1, dtype=torch.float32, device=dev)   # unused
         self.dummy = torch.empty(1, dtype=torch.float32, device=dev)
+        self.scratch = {id(t) for t in (ws_acc, ws_m, ws_l, ws_u, ws_mu, self.dummy)}   # the launch's own
         args = [None, None, None]                          # q, start, nq: per call
         for (k_c, v_c) in cmp:
             args += [k_c, v_c, k_c.stride(0), k_c.stride(1), k_c.stride(2), v_c.stride(0), v_c.stride(1), v_c.stride(2)]
@@ -297,8 +298,13 @@ class DecodeLaunch:
             self.launches.append((fam.kernels.decode_kernel[(n_qt, B * H)], False,
                                   dict(consts, SPLIT=SPLIT, ONEPASS=ONEPASS, BN=cfg["BN"], num_warps=cfg["num_warps"])))
 
-    def __call__(self, q, start, nq, gates=None, out=None):
-        """One call: o [B, C, HQ, DV] (into ``out`` when given) and, with aux, (idx, bo, blse)."""
+    def tensors(self) -> list:
+        """The cache's tensors the bound launches read (not their own workspaces), each once."""
+        return [] if self.empty else _tensors(self.args, self.scratch)
+
+    def __call__(self, q, start, nq, gates=None, out=None, bufs=None):
+        """One call: o [B, C, HQ, DV] (into ``out`` when given) and, with aux, (idx, bo, blse).
+        ``bufs``: tensors standing in for :meth:`tensors` (a traced custom op's functional copies)."""
         fam, aux = self.fam, self.aux
         B, C, HQ = self.shape
         o = out if out is not None else new_output((B, C, HQ, fam.DV), self.dtype, self.device)
@@ -308,7 +314,7 @@ class DecodeLaunch:
         blse = new_output((fam.NBR, B, C, HQ), torch.float32, self.device) if aux else o
         if self.empty:
             return (o, idx, bo, blse) if aux else (o, None, None, None)
-        args = self.args.copy()
+        args = self.args.copy() if bufs is None else _substitute(self.args, self.tensors(), bufs)
         args[0], args[1], args[2] = q, start, nq
         if fam.GATED:
             assert gates is not None and gates.shape == (B, C, HQ, fam.NG), f"gates must be [B, C, HQ, {fam.NG}]"
@@ -332,8 +338,8 @@ class AppendLaunch:
     """Appends of chunks of C tokens bound to a cache's buffers (:meth:`Decode.bind_append`):
     ``append_kernel`` writes the raw keys and values, takes pages (paged, ``alloc``), pools the
     mean-pool compressed blocks and the block means, and lists the candidate blocks of the
-    learned-pool branches (``gather`` / ``dest``: flat rows of their keys and entries) that the
-    caller pools and scatters. No host sync."""
+    learned-pool branches (``gather`` / ``dest`` by compress branch index: flat rows of their keys
+    and entries) that the caller pools and scatters. No host sync."""
 
     BC = 16   # tokens per tile
 
@@ -357,14 +363,14 @@ class AppendLaunch:
         args = [None] * (4 * len(raw))                    # per branch: its new keys / values (per call), buffers
         for i, (k, v) in enumerate(raw):
             args[4 * i + 2], args[4 * i + 3] = k, v
-        for c, (kf, vf) in zip(fam.CMP, cmp):
+        for ci, (c, (kf, vf)) in enumerate(zip(fam.CMP, cmp)):
             kc, vc = kf[:-1], vf[:-1]                      # [rows * entries, H, D] views; the last row is spare
             e = kc.shape[0] // (k0.shape[0] if page else B)
             args += [kc, vc, e * kc.stride(0), kc.stride(0), e * vc.stride(0), vc.stride(0)]
             if not c.MEAN:
-                self.gather[c.name] = torch.zeros((B * self.MC, c.L), dtype=torch.int64, device=dev)
-                self.dest[c.name] = torch.zeros(B * self.MC, dtype=torch.int64, device=dev)
-                args += [self.gather[c.name], self.dest[c.name], kc.shape[0]]
+                self.gather[ci] = torch.zeros((B * self.MC, c.L), dtype=torch.int64, device=dev)
+                self.dest[ci] = torch.zeros(B * self.MC, dtype=torch.int64, device=dev)
+                args += [self.gather[ci], self.dest[ci], kc.shape[0]]
         for kb in means:
             args += [kb, kb.stride(0), kb.stride(1)]
         update = start_out is not None
@@ -385,10 +391,16 @@ class AppendLaunch:
                            ALLOC=alloc is not None, BPG=next_pow2(cdiv(C, page) + 1) if page else 1,
                            SHARED=bool(shared), MC=self.MC, UPDATE=update, num_warps=4)
 
-    def __call__(self, k_new, v_new, nq=None) -> None:
+    def tensors(self) -> list:
+        """Every tensor the bound append reads or writes besides a call's own (the cache's buffers,
+        the candidates' rows), each once."""
+        return _tensors(self.args, ())
+
+    def __call__(self, k_new, v_new, nq=None, bufs=None) -> None:
         """Append the chunk: ``k_new`` / ``v_new`` [B, C, H, D] per raw buffer (lists, in the order
-        bound; (H, D) contiguous; one pair when shared), ``nq`` [B] int32 tokens per sequence (None: C)."""
-        args = self.args.copy()
+        bound; (H, D) contiguous; one pair when shared), ``nq`` [B] int32 tokens per sequence (None: C).
+        ``bufs``: tensors standing in for :meth:`tensors` (a traced custom op's functional copies)."""
+        args = self.args.copy() if bufs is None else _substitute(self.args, self.tensors(), bufs)
         for i, (k, v) in enumerate(zip(k_new, v_new)):
             args[4 * i], args[4 * i + 1] = k, v
         for i in range(len(k_new), self.n_raw):         # shared: one source for every branch
@@ -397,3 +409,18 @@ class AppendLaunch:
         k, v = k_new[0], v_new[0]
         args[self.I_SRC:self.I_SRC + 4] = [k.stride(0), k.stride(1), v.stride(0), v.stride(1)]
         self.kernel(*args, **self.consts)
+
+
+def _tensors(args, skip) -> list:
+    """The tensors of an argument list, each once, in order, except those whose id is in ``skip``."""
+    seen = {}
+    for t in args:
+        if isinstance(t, torch.Tensor) and id(t) not in skip:
+            seen.setdefault(id(t), t)
+    return list(seen.values())
+
+
+def _substitute(args: list, tensors: list, bufs: list) -> list:
+    """``args`` with each of ``tensors`` replaced by its stand-in in ``bufs`` (same order)."""
+    sub = {id(t): b for t, b in zip(tensors, bufs)}
+    return [sub.get(id(a), a) if isinstance(a, torch.Tensor) else a for a in args]

@@ -233,9 +233,15 @@ class DecodeOp:
         append only), bound once and kept by the cache."""
         key = ("runner", id(self), C, heads, scale, aux, _config_key(config))
         run = cache._runners.get(key)
-        if run is None:
-            run = cache._runners[key] = DecodeRunner(self, cache, C, heads, scale=scale, aux=aux, config=config)
+        if run is None:     # under torch.compile: a graph break the first time (the binding allocates)
+            run = _new_runner(self, cache, key, C, heads, scale, aux, config)
         return run
+
+
+@torch.compiler.disable
+def _new_runner(op: DecodeOp, cache: NSACache, key, C, heads, scale, aux, config) -> "DecodeRunner":
+    run = cache._runners[key] = DecodeRunner(op, cache, C, heads, scale=scale, aux=aux, config=config)
+    return run
 
 
 class DecodeRunner:
@@ -269,12 +275,14 @@ class DecodeRunner:
                                    alloc=(cache.free_pages, cache.free_top) if paged else None,
                                    shared=cache.shared_kv)
         self.n_full = self.app.n_full
-        self.learned = [b for b in spec.of_kind("compress") if b.pool != "mean"]
+        self.learned = [(i, b) for i, b in enumerate(spec.of_kind("compress")) if b.pool != "mean"]
         self.dec = None
         if heads is not None:
             self.scale = check_scale(scale, cache.qk_dim)
             q = torch.empty((cache.batch_size, C, heads, cache.qk_dim), dtype=cache.dtype, device=cache.device)
             self.dec = op._launch(cache, q, self.scale, aux, config, cache.capacity)
+            _key(self.dec)
+        _key(self.app)                                # the custom ops' names for them (torch.compile)
 
     def counts(self, n_new) -> Optional[Tensor]:
         """``n_new`` as the kernels take it: None (every sequence takes C), an int32 device tensor."""
@@ -316,9 +324,9 @@ class DecodeRunner:
         caller's ``n_new`` as given)."""
         cache = self.cache()
         known = self._host_counts(cache, n_host)
-        complete = [b for b in self.learned if known is None or _blocks_between(known[0], known[1], b)]
+        complete = [(i, b) for i, b in self.learned if known is None or _blocks_between(known[0], known[1], b)]
         if complete and pool is None:
-            raise _err("E806", f"branch '{complete[0].name}' pools with '{complete[0].pool}': the append needs "
+            raise _err("E806", f"branch '{complete[0][1].name}' pools with '{complete[0][1].pool}': the append needs "
                                "pool=callable(name, k_blocks, v_blocks) for its new blocks",
                        hint="SparseAttention(..., cache=...) passes its learned pooling")
         if known is None:
@@ -329,9 +337,9 @@ class DecodeRunner:
                 P = cache.page_size
                 cache._taken(sum(-(-(s + n) // P) + (s // -P) for s, n in zip(old, n_host)))
             cache._lengths = [s + n for s, n in zip(old, n_host)]
-        self.app([_unit_rows(ks[n]) for n in self.raw], [_unit_rows(vs[n]) for n in self.raw], nq)
-        for b in complete:                            # learned pooling of the candidate blocks the kernel listed
-            _pool_candidates(cache, b.name, self.app, pool)
+        _run_append(self.app, [_unit_rows(ks[n]) for n in self.raw], [_unit_rows(vs[n]) for n in self.raw], nq)
+        for i, b in complete:                         # learned pooling of the candidate blocks the kernel listed
+            _pool_candidates(cache, b.name, self.app.gather[i], self.app.dest[i], pool)
 
     def __call__(self, q: Tensor, k, v, gates: Optional[Tensor] = None, *, n_new=None,
                  pool: Optional[Pool] = None):
@@ -343,7 +351,7 @@ class DecodeRunner:
         self.append(ks, vs, nq, pool, n_host=n_new)
         if q.stride() != self.dec.q_strides:
             q = q.contiguous()
-        o, idx, bo, blse = self.dec(q, cache.step_start, self.n_full if nq is None else nq, gates)
+        o, idx, bo, blse = _run_decode(self.dec, q, cache.step_start, self.n_full if nq is None else nq, gates)
         return (o, _aux_of(self.spec, idx, bo, blse)) if self.aux else o
 
 
@@ -355,11 +363,10 @@ def _any_module(op: DecodeOp, cache: NSACache):
     return op.module(op.spec.heads or cache.kv_heads, cache.kv_heads, cache.qk_dim, cache.v_dim)
 
 
-def _pool_candidates(cache: NSACache, name: str, app, pool: Pool) -> None:
+def _pool_candidates(cache: NSACache, name: str, g: Tensor, d: Tensor, pool: Pool) -> None:
     """Learned pooling of compress branch ``name``'s candidate blocks listed by the append kernel
-    (their keys' flat rows ``gather``, their entries' ``dest``; candidates a chunk does not
-    complete go to the spare row): PyTorch ops, no host sync."""
-    g, d = app.gather[name], app.dest[name]
+    (their keys' flat rows ``g``, their entries' ``d``; candidates a chunk does not complete go to
+    the spare row): PyTorch ops, no host sync."""
     k_c, v_c = pool(name, cache.flat(cache.k[name])[g], cache.flat(cache.v[name])[g])   # [B * MC, L, H, D] each
     kf, vf = cache._flat_cmp[name]
     kf.index_copy_(0, d, k_c.to(cache.dtype))
@@ -460,25 +467,93 @@ class _EngineRun:
                                    [pages.k_mean[b.name] for b in spec.of_kind("select") if b.score == "mean_pool"],
                                    C=C, state=(cache_seqlens, None, None, pages.err, cap), table=block_table,
                                    page=pages.page_size, alloc=None, shared=pages.shared_kv)
-        self.learned = [b for b in spec.of_kind("compress") if b.pool != "mean"]
+        self.learned = [(i, b) for i, b in enumerate(spec.of_kind("compress")) if b.pool != "mean"]
         qc = q if q.stride(-1) == 1 else q.contiguous()
         cmp = [(pages.k_cmp[b.name], pages.v_cmp[b.name]) for b in spec.of_kind("compress")]
         sel = [(pages.k[b.name], pages.v[b.name], pages.k_mean.get(b.name)) for b in spec.of_kind("select")]
         win = [(pages.k[b.name], pages.v[b.name]) for b in spec.of_kind("window")]
         self.dec = fam.bind(qc, cmp, sel, win, scale, t_max=cap, table=block_table, page=pages.page_size)
         self.seqlens = cache_seqlens
+        _key(self.app), _key(self.dec)
 
     def __call__(self, q, k, v, gates, n_new, pool):
         pages = self.pages()
         if k is not None:
             if self.learned and pool is None:
-                raise _err("E806", f"branch '{self.learned[0].name}' pools with '{self.learned[0].pool}': the call "
+                raise _err("E806", f"branch '{self.learned[0][1].name}' pools with '{self.learned[0][1].pool}': the call "
                                    "needs pool=callable(name, k_blocks, v_blocks) for the blocks it completes")
             ks, vs = pages._per_branch(k, "k"), pages._per_branch(v, "v")
-            self.app([_unit_rows(ks[n]) for n in self.raw], [_unit_rows(vs[n]) for n in self.raw], n_new)
-            for b in self.learned:
-                _pool_candidates(pages, b.name, self.app, pool)
+            _run_append(self.app, [_unit_rows(ks[n]) for n in self.raw], [_unit_rows(vs[n]) for n in self.raw], n_new)
+            for i, b in self.learned:
+                _pool_candidates(pages, b.name, self.app.gather[i], self.app.dest[i], pool)
         if q.stride() != self.dec.q_strides:
             q = q.contiguous()
-        o, _, _, _ = self.dec(q, self.seqlens, self.app.n_full if n_new is None else n_new, gates)
-        return o
+        return _run_decode(self.dec, q, self.seqlens, self.app.n_full if n_new is None else n_new, gates)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile: the bound launches as custom ops (eager calls launch directly: no dispatch cost)
+# ---------------------------------------------------------------------------------------------
+
+_BOUND: "weakref.WeakValueDictionary[str, object]" = weakref.WeakValueDictionary()   # kept alive by their caches
+
+
+def _key(launch) -> str:
+    """The string a custom op finds a bound launch by (dynamo traces a string, not the object);
+    registered when the launch is bound, outside any trace."""
+    key = getattr(launch, "_op_key", None)
+    if key is None:
+        key = launch._op_key = f"{type(launch).__name__}.{id(launch)}"
+        _BOUND[key] = launch
+    return key
+
+
+def _run_append(app, k_new: list, v_new: list, nq: Optional[Tensor]) -> None:
+    if torch.compiler.is_compiling():
+        torch.ops.nsa_dsl.decode_append(app._op_key, k_new, v_new, nq, app.tensors())
+    else:
+        app(k_new, v_new, nq)
+
+
+def _run_decode(dec, q: Tensor, start: Tensor, nq: Tensor, gates: Optional[Tensor]):
+    if not torch.compiler.is_compiling():
+        return dec(q, start, nq, gates)
+    outs = torch.ops.nsa_dsl.decode_attend(dec._op_key, q, start, nq, gates, dec.tensors())
+    if not dec.aux:
+        return outs[0], None, None, None
+    n = len(dec.fam.SEL)
+    return outs[0], outs[1:1 + n], outs[1 + n], outs[2 + n]
+
+
+@torch.library.custom_op("nsa_dsl::decode_append", mutates_args=("bufs",))
+def decode_append(key: str, k_new: list[Tensor], v_new: list[Tensor], nq: Optional[Tensor],
+                  bufs: list[Tensor]) -> None:
+    """A bound append (``AppendLaunch``): writes the cache's buffers ``bufs`` (all it touches)."""
+    _BOUND[key](k_new, v_new, nq, bufs=bufs)
+
+
+@decode_append.register_fake
+def _decode_append_fake(key, k_new, v_new, nq, bufs) -> None:
+    return None
+
+
+@torch.library.custom_op("nsa_dsl::decode_attend", mutates_args=())
+def decode_attend(key: str, q: Tensor, start: Tensor, nq: Tensor, gates: Optional[Tensor],
+                  bufs: list[Tensor]) -> list[Tensor]:
+    """A bound decode (``DecodeLaunch``) over the cache's buffers ``bufs``: [o] (with aux: [o, idx of
+    each select branch, branch outputs, lse])."""
+    dec = _BOUND[key]
+    o, idx, bo, blse = dec(q, start, nq, gates, bufs=bufs)
+    return [o, *idx, bo, blse] if dec.aux else [o]
+
+
+@decode_attend.register_fake
+def _decode_attend_fake(key, q, start, nq, gates, bufs) -> list[Tensor]:
+    dec = _BOUND[key]
+    fam, (B, C, HQ) = dec.fam, dec.shape
+    o = q.new_empty(B, C, HQ, fam.DV)
+    if not dec.aux:
+        return [o]
+    H = HQ // fam.G
+    return [o, *[q.new_empty(B, C, H, s.TOPK, dtype=torch.int32) for s in fam.SEL],
+            q.new_empty(fam.NBR, B, C, HQ, fam.DV), q.new_empty(fam.NBR, B, C, HQ, dtype=torch.float32)]

@@ -41,7 +41,7 @@ from nsa_dsl.language.checks import check_spec
 from nsa_dsl.language.parser import as_spec
 from nsa_dsl.language.ir import Spec
 from nsa_dsl.runtime.decoding import DecodeOp, decode_torch
-from nsa_dsl.runtime.kv_cache import NSACache
+from nsa_dsl.runtime.kv_cache import NSACache, PagedNSACache, _host_driven
 
 BACKENDS = ("auto", "reference", "kernels")
 LEARNED_POOLS = ("linear", "mlp")
@@ -353,14 +353,20 @@ class SparseAttention(nn.Module):
         nn.init.zeros_(self.gate_proj.weight)
         nn.init.constant_(self.gate_proj.bias, math.log(p / (1.0 - p)))
 
-    def new_cache(self, batch_size: int, max_len: int, *, dtype=None, device=None) -> NSACache:
-        """A KV cache (``nsa_dsl.runtime.kv_cache.NSACache``) for ``batch_size`` sequences of up to
-        ``max_len`` tokens, for ``layer(x_chunk, cache=cache)``: the layer's dtype and device
-        unless given; one raw key/value pair, or one per branch with ``separate_kv``."""
+    def new_cache(self, batch_size: int, max_len: int, *, page_size: Optional[int] = None,
+                  num_pages: Optional[int] = None, dtype=None, device=None) -> NSACache:
+        """A KV cache for ``batch_size`` sequences of up to ``max_len`` tokens, for
+        ``layer(x_chunk, cache=cache)``: the layer's dtype and device unless given; one raw
+        key/value pair, or one per branch with ``separate_kv``. ``page_size`` None: contiguous
+        (``nsa_dsl.runtime.kv_cache.NSACache``); P: pages of P positions through a block table
+        (``PagedNSACache``: ``num_pages`` in the pool, default as many as the contiguous cache
+        holds; pages taken as sequences grow, given back by ``cache.free(seqs)``; docs/SERVING.md)."""
         w = self.q_proj.weight
-        return NSACache(self.spec, batch_size, max_len, kv_heads=self.kv_heads, qk_dim=self.qk_dim,
-                        v_dim=self.v_dim, shared_kv=not self.separate_kv,
-                        dtype=dtype or w.dtype, device=device or w.device)
+        kw = dict(kv_heads=self.kv_heads, qk_dim=self.qk_dim, v_dim=self.v_dim, shared_kv=not self.separate_kv,
+                  dtype=dtype or w.dtype, device=device or w.device)
+        if page_size is None:
+            return NSACache(self.spec, batch_size, max_len, **kw)
+        return PagedNSACache(self.spec, batch_size, max_len, page_size=page_size, num_pages=num_pages, **kw)
 
     # -- forward ----------------------------------------------------------------------------
 
@@ -502,18 +508,12 @@ class SparseAttention(nn.Module):
         HQ, Dv = self.heads, self.v_dim
         q, k, v = self.project(x)
         if self.rotary is not None:       # each token at its own position: starts[b] + i
-            starts = cache.lengths_host
-            if len(set(starts)) <= 1:
-                q, k = self._apply_rotary(q, k, torch.arange(C, device=q.device) + (starts[0] if starts else 0))
-            else:
-                rows = [self._apply_rotary(q[b:b + 1], self._of_rows(k, b), torch.arange(C, device=q.device) + s)
-                        for b, s in enumerate(starts)]
-                q = torch.cat([r[0] for r in rows])
-                k = {n: torch.cat([r[1][n] for r in rows]) for n in k} if isinstance(k, dict) \
-                    else torch.cat([r[1] for r in rows])
+            q, k = self._rotate_cached(q, k, cache, C)
         gates = None
         if self.gate_proj is not None:
             gates = self.gate_proj(x).view(B, C, HQ, self.num_gates)     # logits: the op applies sigmoid
+        if not self.spec.of_kind("indexer") and (self.backend == "kernels" or (self.backend == "auto" and x.is_cuda)):
+            return self._forward_kernels(x, q, k, v, gates, cache, n_new, return_aux)
 
         def cast(t):                      # the projections' dtype (autocast) -> the cache's
             return {n: a.to(cache.dtype) for n, a in t.items()} if isinstance(t, dict) else t.to(cache.dtype)
@@ -536,6 +536,41 @@ class SparseAttention(nn.Module):
         o, aux = out if return_aux else (out, None)
         y = self.o_proj(o.to(x.dtype).reshape(B, C, HQ * Dv))
         return (y, aux) if return_aux else y
+
+    def _forward_kernels(self, x, q, k, v, gates, cache: NSACache, n_new, return_aux: bool):
+        """The cached forward on the decode kernels: append and attend bound to the cache
+        (``DecodeRunner``): no host sync, nothing read from the host's lengths while a CUDA graph
+        is captured or torch.compile traces, so either can capture ``layer(x, cache=cache)``."""
+        if self._decode_op is None:
+            self._decode_op = DecodeOp(self.spec)
+        B, C, _ = x.shape
+        run = self._decode_op.runner(cache, C, self.heads, scale=self.scale, aux=return_aux)
+
+        def cast(t):                      # the projections' dtype (autocast) -> the cache's
+            return {n: a.to(cache.dtype) for n, a in t.items()} if isinstance(t, dict) else t.to(cache.dtype)
+        with torch.no_grad():
+            out = run(q.to(cache.dtype), cast(k), cast(v), None if gates is None else gates.to(cache.dtype),
+                      n_new=n_new, pool=self._pool_blocks if len(self.k_pool) else None)
+        o, aux = out if return_aux else (out, None)
+        y = self.o_proj(o.to(x.dtype).reshape(B, C, self.heads * self.v_dim))
+        return (y, aux) if return_aux else y
+
+    def _rotate_cached(self, q, k, cache: NSACache, C: int):
+        """Rotary at each token's own position ``start[b] + i``: from the host's lengths when it
+        drives (one call, or one per sequence when their starts differ); while a CUDA graph is
+        captured or torch.compile traces, from the device's (``positions [B, C]``: the rotary
+        must broadcast it over the heads)."""
+        if not _host_driven():
+            return self._apply_rotary(q, k, cache.lengths[:, None].long() + torch.arange(C, device=q.device))
+        starts = cache.lengths_host
+        if len(set(starts)) <= 1:
+            return self._apply_rotary(q, k, torch.arange(C, device=q.device) + (starts[0] if starts else 0))
+        rows = [self._apply_rotary(q[b:b + 1], self._of_rows(k, b), torch.arange(C, device=q.device) + s)
+                for b, s in enumerate(starts)]
+        q = torch.cat([r[0] for r in rows])
+        k = {n: torch.cat([r[1][n] for r in rows]) for n in k} if isinstance(k, dict) \
+            else torch.cat([r[1] for r in rows])
+        return q, k
 
     def _pool_blocks(self, name: str, kb: torch.Tensor, vb: torch.Tensor):
         """The cache's learned pooling of new blocks: ``kb [P, l, H, D]``, one block per row."""
