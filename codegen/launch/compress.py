@@ -1,7 +1,12 @@
 """Compression-branch attention (``templates/compress.py.j2``): configs and launchers.
 
 Variables (the plan's): G, GP (G padded to a power of two), DQK, DV, BDK, BDV (head dims padded
-to powers of two), L (compress block), STRIDE, VARLEN.
+to powers of two), L (compress block), STRIDE, VARLEN, CAUSAL (false: every query sees every
+complete block).
+
+Query offsets (plain mode): ``q_start = s`` makes q's rows the positions s .. s + T - 1 of a
+sequence whose compressed keys are k_cmp, v_cmp (all its blocks: at least those the last query
+sees); causal visibility uses the positions, outputs and dq have q's rows.
 
 Query-tile programs (fwd, dq) hold BM = GP * R rows against key tiles of BN compressed blocks;
 key-tile programs (dkdv) hold BN blocks against QS query positions (a multiple of R) and write
@@ -20,7 +25,7 @@ from ..ints import cdiv
 from . import family
 from .base import LOG2E, Config, Family, dq_buffer, is_tile, new_output, row_delta, unit_last
 from .packed import check_packed, packed, tile_table
-from .window import Window
+from .window import Window, check_q_start
 
 _FIELDS = ("R", "BN", "num_warps", "num_stages", "QS")   # a pinned config given as a tuple
 
@@ -125,7 +130,7 @@ class Compress(Family):
         int32 [N + 1], NC_s = (len_s - L) // STRIDE + 1 (0 when len_s < L)."""
         return compressed_cu_seqlens(packed(cu_seqlens)[0], self.L, self.STRIDE)
 
-    def _check(self, q, k_cmp, v_cmp, cu_seqlens):
+    def _check(self, q, k_cmp, v_cmp, cu_seqlens, q_start: int = 0):
         B, T, HQ, dqk = q.shape
         DQK, DV, G = self.DQK, self.DV, self.G
         if dqk != DQK or k_cmp.shape[-1] != DQK or v_cmp.shape[-1] != DV:
@@ -136,16 +141,17 @@ class Compress(Family):
             raise ValueError(f"compress kernels were generated for G={G} query heads per kv head; "
                              f"got {HQ} query heads and {H} kv heads")
         check_packed(q, cu_seqlens, self.varlen, "compress")
+        check_q_start(q_start, cu_seqlens)
         if self.varlen:
             NC = k_cmp.shape[1]                                   # sum of NC_s, checked by the caller
             if v_cmp.shape[:3] != (B, NC, H) or k_cmp.shape[0] != B:
                 raise ValueError(f"k_cmp/v_cmp must be [1, NC, H, D] alike; got {tuple(k_cmp.shape)} "
                                  f"and {tuple(v_cmp.shape)}")
-        else:
-            NC = self.n_compressed(T)
-            if k_cmp.shape[:3] != (B, NC, H) or v_cmp.shape[:3] != (B, NC, H):
-                raise ValueError(f"k_cmp/v_cmp must be [B, NC, H, D] with NC = {NC} for T = {T}; "
-                                 f"got {tuple(k_cmp.shape)} and {tuple(v_cmp.shape)}")
+        else:   # the blocks of the keys up to the last query at least (more: keys past the queries)
+            NC, need = k_cmp.shape[1], self.n_compressed(q_start + T)
+            if NC < need or k_cmp.shape[:3] != (B, NC, H) or v_cmp.shape[:3] != (B, NC, H):
+                raise ValueError(f"k_cmp/v_cmp must be [B, NC, H, D] alike with NC >= {need} (the blocks of "
+                                 f"positions 0 .. {q_start + T - 1}); got {tuple(k_cmp.shape)} and {tuple(v_cmp.shape)}")
         return B, T, H, NC
 
     def _consts(self, cfg: Config) -> dict:
@@ -154,38 +160,42 @@ class Compress(Family):
                     BDK=self.BDK, BDV=self.BDV, R=cfg["R"], BM=self.GP * cfg["R"], BN=cfg["BN"],
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
-    def _query_grid(self, B, T, H, NC, R, cu_seqlens):
+    def _query_grid(self, B, T, H, NC, R, cu_seqlens, q_start):
         """Grid (query tiles of R positions x kv heads) and the sequence arguments of fwd / dq."""
         if self.varlen:
             cu, lens = packed(cu_seqlens)
             tiles = tile_table(lens, R, T)                        # (sequence, query tile of R positions)
             return (tiles.shape[0], H), (cu, self.compressed_cu_seqlens(cu), tiles, lens.numel())
-        return (cdiv(T, R), B * H), (T, NC)
+        return (cdiv(T, R), B * H), (T, NC, q_start)
 
-    def fwd(self, q, k_cmp, v_cmp, scale, cu_seqlens=None, *, config=None):
-        """Causal attention over compressed blocks -> (o [B, T, HQ, DV] in q.dtype, lse [B, T, HQ] fp32).
+    def fwd(self, q, k_cmp, v_cmp, scale, cu_seqlens=None, *, config=None, q_start: int = 0):
+        """Attention over compressed blocks (causal: those ending at or before the query; not causal:
+        all) -> (o [B, T, HQ, DV] in q.dtype, lse [B, T, HQ] fp32).
         Packed sequences (VARLEN): B = 1, cu_seqlens [N + 1]; k_cmp / v_cmp [1, sum NC_s, H, D], the
-        blocks of sequence s at [cu_cmp[s], cu_cmp[s + 1]) (compressed_cu_seqlens)."""
+        blocks of sequence s at [cu_cmp[s], cu_cmp[s + 1]) (compressed_cu_seqlens). q_start (plain
+        mode): q's rows are positions q_start .. of the sequence."""
         q, k_cmp, v_cmp = unit_last(q), unit_last(k_cmp), unit_last(v_cmp)
-        B, T, H, NC = self._check(q, k_cmp, v_cmp, cu_seqlens)
+        B, T, H, NC = self._check(q, k_cmp, v_cmp, cu_seqlens, q_start)
         o = new_output((B, T, H * self.G, self.DV), q.dtype, q.device)
         lse = new_output((B, T, H * self.G), torch.float32, q.device)
         cfg = self.resolve_config(q, "fwd", config)
         if self.varlen and T == 0:
             return o, lse
-        grid, seq = self._query_grid(B, T, H, NC, cfg["R"], cu_seqlens)
+        grid, seq = self._query_grid(B, T, H, NC, cfg["R"], cu_seqlens, q_start)
         self.kernels.compress_fwd_kernel[grid](
             q, k_cmp, v_cmp, o, lse,
             *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *o.stride()[:3],
             *seq, H, scale * LOG2E, **self._consts(cfg))
         return o, lse
 
-    def bwd(self, q, k_cmp, v_cmp, o, lse, do, scale, cu_seqlens=None, *, config=None, delta=None, dq_acc=None):
-        """Gradients of fwd -> (dq, dk_cmp, dv_cmp), each in its input's dtype. delta: rowsum(o * do)
+    def bwd(self, q, k_cmp, v_cmp, o, lse, do, scale, cu_seqlens=None, *, config=None, delta=None, dq_acc=None,
+            q_start: int = 0):
+        """Gradients of fwd -> (dq, dk_cmp, dv_cmp), each in its input's dtype (dk_cmp, dv_cmp: from
+        q's rows only, positions q_start .. in plain mode). delta: rowsum(o * do)
         [B, T, HQ] fp32 when the caller has it; dq_acc: a contiguous q-shaped tensor holding other
         branches' gradient of q, to which this one is added in place (returned as dq)."""
         q, k_cmp, v_cmp, do = unit_last(q), unit_last(k_cmp), unit_last(v_cmp), unit_last(do)
-        B, T, H, NC = self._check(q, k_cmp, v_cmp, cu_seqlens)
+        B, T, H, NC = self._check(q, k_cmp, v_cmp, cu_seqlens, q_start)
         lse = lse.float().contiguous()
         # [B, T, HQ]: rowsum(o * do), fp32
         delta = row_delta(self.kernels, o, do, self.DV, self.BDV) if delta is None else delta.contiguous()
@@ -193,7 +203,7 @@ class Compress(Family):
         cfg = self.resolve_config(q, "dq", config)
         if self.varlen and T == 0:
             return dq, k_cmp.new_zeros(k_cmp.shape), v_cmp.new_zeros(v_cmp.shape)
-        grid, seq = self._query_grid(B, T, H, NC, cfg["R"], cu_seqlens)
+        grid, seq = self._query_grid(B, T, H, NC, cfg["R"], cu_seqlens, q_start)
         self.kernels.compress_bwd_dq_kernel[grid](
             q, k_cmp, v_cmp, do, lse, delta, dq,
             *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
@@ -203,7 +213,7 @@ class Compress(Family):
 
         cfg = self.resolve_config(q, "dkdv", config)
         QS, BN = cfg["QS"], cfg["BN"]
-        NS = cdiv(T, QS)                                  # query splits (of the longest sequence: <= T)
+        NS = cdiv(T, QS)                                  # query splits (of q's rows; packed: the longest sequence's <= T)
         dk = new_output((NS, B, NC, H, self.DQK), torch.float32, q.device)   # partial sums per query split
         dv = new_output((NS, B, NC, H, self.DV), torch.float32, q.device)
         if self.varlen:

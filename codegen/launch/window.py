@@ -1,7 +1,12 @@
 """Sliding-window attention (``templates/window.py.j2``): configs and launchers.
 
 Variables (the plan's): G, GP (G padded to a power of two), DQK, DV, BDK, BDV (head dims padded
-to powers of two), W, SINKS, VARLEN.
+to powers of two), W, SINKS, VARLEN, CAUSAL (false: the band reaches W - 1 keys past the query
+too and every sink is seen).
+
+Query offsets (plain mode): ``q_start = s`` makes q [B, Tq, HQ, D] the positions s .. s + Tq - 1 of
+a sequence whose keys are k, v [B, Tk, H, D] (Tk >= s + Tq): masks use the positions, o / lse / dq
+have q's rows, dk / dv the keys' (from q's rows only). Packed sequences take no offset.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ class Window(Family):
         self.G, self.GP, self.DQK, self.DV = v["G"], v["GP"], v["DQK"], v["DV"]
         self.BDK, self.BDV, self.W, self.SINKS = v["BDK"], v["BDV"], v["W"], v["SINKS"]
         self.varlen = bool(v.get("VARLEN", False))
+        self.causal = bool(v.get("CAUSAL", True))
 
     # -- configs ---------------------------------------------------------------------------------
     def _heuristic(self, kind: str, gpu: bool, T: int) -> Config:
@@ -93,24 +99,31 @@ class Window(Family):
         return self._prune(kind, cands, T, smem, dtype_bytes)
 
     # -- launchers ---------------------------------------------------------------------------------
-    def _check(self, q, k, v, cu_seqlens):
+    def _check(self, q, k, v, cu_seqlens, q_start: int = 0):
+        """(B, Tq, Tk, HQ, H): q [B, Tq, HQ, DQK] holds the positions q_start .. of a sequence whose
+        keys are k [B, Tk, H, DQK], v [B, Tk, H, DV] (Tk >= q_start + Tq; packed: Tk = Tq)."""
         B, T, HQ, dqk = q.shape
-        H = k.shape[2]
+        Tk, H = k.shape[1], k.shape[2]
         assert HQ == H * self.G, f"window kernels were generated for G = {self.G}: HQ = {HQ}, H = {H}"
         assert dqk == self.DQK and k.shape[3] == self.DQK and v.shape[3] == self.DV, \
             "head dims differ from the generated ones"
-        assert k.shape[:3] == (B, T, H) and v.shape[:3] == (B, T, H)
         check_packed(q, cu_seqlens, self.varlen, "window")
-        return B, T, HQ, H
+        check_q_start(q_start, cu_seqlens)
+        assert k.shape[:3] == (B, Tk, H) and v.shape[:3] == (B, Tk, H), "k and v must be [B, Tk, H, D] alike"
+        if Tk < q_start + T or (self.varlen and Tk != T):
+            raise ValueError(f"queries at positions {q_start} .. {q_start + T - 1} need their keys: k, v hold {Tk}"
+                             + (" (packed: as many as q's rows)" if self.varlen else ""))
+        return B, T, Tk, HQ, H
 
-    def _grid(self, q, H, size, cu_seqlens):
-        """Grid (tiles of `size` positions x kv heads) and the sequence arguments of a kernel."""
-        B, T = q.shape[:2]
+    def _grid(self, q, k, H, size, cu_seqlens, q_start, keys=False):
+        """Grid (tiles of `size` query positions, or keys with ``keys``, x kv heads) and the
+        sequence arguments of a kernel."""
+        B, T, Tk = q.shape[0], q.shape[1], k.shape[1]
         if self.varlen:
             cu, lens = packed(cu_seqlens)
             tiles = tile_table(lens, size, T)                            # (sequence, tile)
             return (tiles.shape[0], H), (cu, tiles, lens.numel())
-        return (cdiv(T, size), B * H), (T,)
+        return (cdiv(Tk if keys else T, size), B * H), (Tk, T, q_start)
 
     @staticmethod
     def _strides(q, k, v):
@@ -123,30 +136,32 @@ class Window(Family):
             c["SINKS"] = self.SINKS
         return c
 
-    def fwd(self, q, k, v, scale, *, config=None, cu_seqlens=None):
-        """o [B, T, HQ, DV] (q.dtype), lse [B, T, HQ] (fp32). Packed sequences (VARLEN): B = 1,
-        cu_seqlens [N + 1]."""
-        B, T, HQ, H = self._check(q, k, v, cu_seqlens)
+    def fwd(self, q, k, v, scale, *, config=None, cu_seqlens=None, q_start: int = 0):
+        """o [B, Tq, HQ, DV] (q.dtype), lse [B, Tq, HQ] (fp32). Packed sequences (VARLEN): B = 1,
+        cu_seqlens [N + 1]. q_start (plain mode): q's rows are positions q_start .. of the sequence
+        whose keys are k, v [B, Tk, H, D]."""
+        B, T, Tk, HQ, H = self._check(q, k, v, cu_seqlens, q_start)
         q, k, v = unit_last(q), unit_last(k), unit_last(v)
         o = new_output((B, T, HQ, self.DV), q.dtype, q.device)
         lse = new_output((B, T, HQ), torch.float32, q.device)
         if B * T == 0:
             return o, lse
         cfg = self.resolve_config(q, "fwd", config)
-        grid, seq = self._grid(q, H, cfg["R"], cu_seqlens)
+        grid, seq = self._grid(q, k, H, cfg["R"], cu_seqlens, q_start)
         self.kernels.window_fwd_kernel[grid](
             q, k, v, o, lse, scale * LOG2E, *seq, H, *self._strides(q, k, v),
             R=cfg["R"], BN=cfg["BN"], **self._consts(),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return o, lse
 
-    def fwd_combine(self, q, k, v, scale, others, wpos, gates=None, *, config=None, cu_seqlens=None):
+    def fwd_combine(self, q, k, v, scale, others, wpos, gates=None, *, config=None, cu_seqlens=None,
+                    q_start: int = 0):
         """The output of a spec whose last branch is this window, without the branch's o / lse
         (inference): out [B, T, HQ, DV] = sum_c sigmoid(g_c) * o_c (gate logits [B, T, HQ, C])
         or sum_c o_c over the C = len(others) + 1 <= 4 branches, this one at index ``wpos``,
         ``others`` the rest in order ([B, T, HQ, DV] each). Equal to fwd + the combine kernel,
-        bit for bit."""
-        B, T, HQ, H = self._check(q, k, v, cu_seqlens)
+        bit for bit. q_start: as fwd."""
+        B, T, Tk, HQ, H = self._check(q, k, v, cu_seqlens, q_start)
         C = len(others) + 1
         if not (C <= 4 and 0 <= wpos < C):
             raise ValueError(f"fwd_combine takes at most 3 other branches and 0 <= wpos < {C}; got {C - 1}, {wpos}")
@@ -162,7 +177,7 @@ class Window(Family):
         if B * T == 0:
             return out
         cfg = self.resolve_config(q, "fwd_combine", config)
-        grid, seq = self._grid(q, H, cfg["R"], cu_seqlens)
+        grid, seq = self._grid(q, k, H, cfg["R"], cu_seqlens, q_start)
         o_x = others + [out] * (3 - len(others))                      # unused pointers: never read
         self.kernels.window_fwd_combine_kernel[grid](
             q, k, v, out, *o_x, out if gates is None else gates, scale * LOG2E, *seq, H,
@@ -170,24 +185,25 @@ class Window(Family):
             C=C, WPOS=wpos, GATED=gates is not None, **launch_options(cfg))
         return out
 
-    def bwd(self, q, k, v, o, lse, do, scale, *, config=None, cu_seqlens=None, delta=None, dq_acc=None):
+    def bwd(self, q, k, v, o, lse, do, scale, *, config=None, cu_seqlens=None, delta=None, dq_acc=None,
+            q_start: int = 0):
         """(dq, dk, dv) in q.dtype; recomputes P from lse (natural log, as fwd returns it).
         delta: rowsum(o * do) [B, T, HQ] fp32 when the caller has it; dq_acc: a contiguous
         q-shaped tensor holding other branches' gradient of q, to which this one is added in
-        place (returned as dq)."""
-        B, T, HQ, H = self._check(q, k, v, cu_seqlens)
+        place (returned as dq). q_start: as fwd; dk, dv [B, Tk, H, D] hold what q's rows give."""
+        B, T, Tk, HQ, H = self._check(q, k, v, cu_seqlens, q_start)
         q, k, v = unit_last(q), unit_last(k), unit_last(v)
         o, do, lse = o.contiguous(), do.contiguous(), lse.contiguous()
         dq = dq_buffer(q, dq_acc)
-        dk = new_output((B, T, H, self.DQK), k.dtype, k.device)
-        dv = new_output((B, T, H, self.DV), v.dtype, v.device)
-        if B * T == 0:
-            return dq, dk, dv
+        if B * T == 0:   # no queries: nothing reaches the keys
+            return dq, k.new_zeros((B, Tk, H, self.DQK)), v.new_zeros((B, Tk, H, self.DV))
+        dk = new_output((B, Tk, H, self.DQK), k.dtype, k.device)
+        dv = new_output((B, Tk, H, self.DV), v.dtype, v.device)
         delta = row_delta(self.kernels, o, do, self.DV, self.BDV) if delta is None else delta.contiguous()
         strides, consts = self._strides(q, k, v), self._consts()
 
         cfg = self.resolve_config(q, "dq", config)
-        grid, seq = self._grid(q, H, cfg["R"], cu_seqlens)
+        grid, seq = self._grid(q, k, H, cfg["R"], cu_seqlens, q_start)
         self.kernels.window_bwd_dq_kernel[grid](
             q, k, v, do, lse, delta, dq, scale * LOG2E, scale, *seq, H, *strides,
             R=cfg["R"], BN=cfg["BN"], **consts, ACC=dq_acc is not None,
@@ -195,16 +211,17 @@ class Window(Family):
 
         cfg = self.resolve_config(q, "dkdv", config)
         R, BN = cfg["R"], cfg["BN"]
-        extra = self._sink_grads(q, k, v, do, lse, delta, scale, cfg, cu_seqlens) if self.SINKS else ()
-        grid, seq = self._grid(q, H, BN, cu_seqlens)
+        extra = self._sink_grads(q, k, v, do, lse, delta, scale, cfg, cu_seqlens, q_start) if self.SINKS else ()
+        grid, seq = self._grid(q, k, H, BN, cu_seqlens, q_start, keys=True)
         self.kernels.window_bwd_dkdv_kernel[grid](
             q, k, v, do, lse, delta, dk, dv, *extra, scale * LOG2E, scale, *seq, H, *strides,
             R=R, BN=BN, **consts, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return dq, dk, dv
 
-    def _sink_grads(self, q, k, v, do, lse, delta, scale, cfg, cu_seqlens):
-        """The sink keys' gradients from the queries past their window, split in chunks of CHUNK
-        positions and summed: the dkdv kernel's (dk_sink, dv_sink, rows) arguments."""
+    def _sink_grads(self, q, k, v, do, lse, delta, scale, cfg, cu_seqlens, q_start):
+        """The sink keys' gradients from the queries whose band does not hold them (causal: those
+        past their window), split in chunks of CHUNK positions and summed: the dkdv kernel's
+        (dk_sink, dv_sink, rows) arguments."""
         B, T = q.shape[:2]
         H, W, R, BN = k.shape[2], self.W, cfg["R"], cfg["BN"]
         n_tiles = cdiv(self.SINKS, BN)
@@ -212,10 +229,11 @@ class Window(Family):
         if self.varlen:   # parts = (sequence, chunk of its queries past the window), summed per sequence
             cu, lens = packed(cu_seqlens)
             N = lens.numel()
-            parts = tile_table((lens - W).clamp(min=0), chunk, T)
+            parts = tile_table((lens - W).clamp(min=0) if self.causal else lens, chunk, T)
             n_chunks, seq = parts.shape[0], (cu, parts, N)
-        else:
-            n_chunks, seq = max(1, cdiv(max(T - W, 0), chunk)), (T,)
+        else:   # causal: the first sink tile's queries past the window, positions max(W, q_start) .. q_start + T - 1
+            n_queries = q_start + T - max(W, q_start) if self.causal else T
+            n_chunks, seq = max(1, cdiv(max(n_queries, 0), chunk)), (k.shape[1], T, q_start)
         dk_part = torch.empty((B * H, n_chunks, n_tiles * BN, self.DQK), dtype=torch.float32, device=q.device)
         dv_part = torch.empty((B * H, n_chunks, n_tiles * BN, self.DV), dtype=torch.float32, device=q.device)
         self.kernels.window_bwd_sink_kernel[(n_tiles, B * H, n_chunks)](
@@ -228,3 +246,13 @@ class Window(Family):
             dv_sink = dv_part.new_zeros((N + 1, H, n_tiles * BN, self.DV)).index_add_(0, part_seq, dv_part.transpose(0, 1))
             return dk_sink, dv_sink, n_tiles * BN
         return dk_part.sum(1), dv_part.sum(1), n_tiles * BN               # [B * H, n_tiles * BN, D]
+
+
+def check_q_start(q_start, cu_seqlens) -> None:
+    """``q_start`` (q's rows are positions q_start .. of the sequence) is an int >= 0, and 0 with
+    packed sequences (context parallelism splits those above the kernels)."""
+    if not (isinstance(q_start, int) and not isinstance(q_start, bool) and q_start >= 0):
+        raise ValueError(f"q_start must be an int >= 0, got {q_start!r}")
+    if q_start and cu_seqlens is not None:
+        raise ValueError(f"q_start = {q_start} with cu_seqlens: packed sequences start at position 0 "
+                         "(split them above the kernels)")
