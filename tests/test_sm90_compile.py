@@ -22,6 +22,8 @@ F32 = {n: "*fp32" for n in ("lse", "delta")}
 
 cvars = dict(tile_vars(G, D, D), L=L, STRIDE=S)
 cm = launch.launchers("compress", cvars, load_module(render("compress.py.j2", **cvars), "sm90_compress"))
+cvars_nc = dict(cvars, CAUSAL=False)      # causal = false: every block, every query
+cm_nc = launch.launchers("compress", cvars_nc, load_module(render("compress.py.j2", **cvars_nc), "sm90_compress_nc"))
 def topk_family(G, name):
     tvars = dict(tile_vars(G, D, D), L=L, STRIDE=S, LS=LS, TOPK=K, KEEP_FIRST=1, KEEP_LAST=2, SCORE="cmp",
                  **topk_vars(L, S, LS, K, "cmp"))
@@ -32,6 +34,14 @@ svars = dict(tile_vars(G, D, D), LS=LS, TOPK=K, **select_vars(LS, K))
 sm = launch.launchers("select", svars, load_module(render("select.py.j2", **svars), "sm90_select"))
 wvars = dict(tile_vars(G, D, D), W=W, SINKS=0)
 wm = launch.launchers("window", wvars, load_module(render("window.py.j2", **wvars), "sm90_window"))
+def window_family(name, **changes):
+    v = dict(wvars, **changes)
+    return launch.launchers("window", v, load_module(render("window.py.j2", **v), name))
+
+wm_nc = window_family("sm90_window_nc", CAUSAL=False)      # causal = false: the both-sided band
+# with sinks (both sides of the band): their own kernel (the dkdv kernel with sinks spills ~136
+# bytes at 255 registers, causal or not, as it did before causal = false existed)
+wm_ncs = window_family("sm90_window_ncs", CAUSAL=False, SINKS=4)
 
 def run(name, fn, cfg, consts, pointers, spills=64):
     opts = {k: cfg[k] for k in ("num_warps", "num_stages", "maxnreg") if cfg.get(k) is not None}
@@ -41,12 +51,13 @@ def run(name, fn, cfg, consts, pointers, spills=64):
     assert kernel.metadata.shared <= 232448, (name, kernel.metadata.shared)
     assert spill_bytes(usage) <= spills, (name, usage)
 
-for kind, fn in (("fwd", cm.kernels.compress_fwd_kernel), ("dq", cm.kernels.compress_bwd_dq_kernel),
-                 ("dkdv", cm.kernels.compress_bwd_dkdv_kernel)):
-    cfg = cm._heuristic(kind, True, T)
-    consts = dict(G=G, GP=G, L=L, STRIDE=S, DQK=D, DV=D, BDK=D, BDV=D, R=cfg["R"], BM=G * cfg["R"], BN=cfg["BN"],
-                  ACC=True)   # dq: added to the other branches' (the op's fused backward)
-    run("compress " + kind, fn, cfg, consts, {**BF16, **F32, "dk": "*fp32", "dv": "*fp32"})
+for tag, mod in (("", cm), (" not causal", cm_nc)):
+    for kind, fn in (("fwd", mod.kernels.compress_fwd_kernel), ("dq", mod.kernels.compress_bwd_dq_kernel),
+                     ("dkdv", mod.kernels.compress_bwd_dkdv_kernel)):
+        cfg = mod._heuristic(kind, True, T)
+        consts = dict(G=G, GP=G, L=L, STRIDE=S, DQK=D, DV=D, BDK=D, BDV=D, R=cfg["R"], BM=G * cfg["R"], BN=cfg["BN"],
+                      ACC=True)   # dq: added to the other branches' (the op's fused backward)
+        run("compress " + kind + tag, fn, cfg, consts, {**BF16, **F32, "dk": "*fp32", "dv": "*fp32"})
 
 cfg = tk._heuristic("topk", True, T)
 consts = dict(G=G, GP=G, DQK=D, BDK=D, L=L, STRIDE=S, A=tk.A, C=tk.C, LS=LS, TOPK=K, TOPKP=K, KEEP_FIRST=1,
@@ -90,3 +101,12 @@ print("compiled")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on the device the kernels run for real")
 def test_training_kernels_compile_for_sm90(tmp_path):
     run_sm90_check(_CHECK, [], tmp_path)
+for name, kind, fn in (("fwd", "fwd", wm_nc.kernels.window_fwd_kernel), ("dq", "dq", wm_nc.kernels.window_bwd_dq_kernel),
+                       ("dkdv", "dkdv", wm_nc.kernels.window_bwd_dkdv_kernel),
+                       ("sinks fwd", "fwd", wm_ncs.kernels.window_fwd_kernel),
+                       ("sinks dq", "dq", wm_ncs.kernels.window_bwd_dq_kernel),
+                       ("sink", "dkdv", wm_ncs.kernels.window_bwd_sink_kernel)):
+    cfg = wm_nc._heuristic(kind, True, T)
+    consts = dict(G=G, GP=G, R=cfg["R"], BN=cfg["BN"], W=W, SINKS=4, DQK=D, DV=D, BDK=D, BDV=D, ACC=True)
+    run("window not causal " + name, fn, cfg, consts, {**BF16, **F32, "dk": "*bf16", "dv": "*bf16",
+                                                       **{n: "*fp32" for n in ("dk_part", "dv_part")}})
