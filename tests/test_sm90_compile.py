@@ -88,6 +88,15 @@ for kind, fn in (("fwd", wm.kernels.window_fwd_kernel), ("dq", wm.kernels.window
     cfg = wm._heuristic(kind, True, T)
     consts = dict(G=G, GP=G, R=cfg["R"], BN=cfg["BN"], W=W, DQK=D, DV=D, BDK=D, BDV=D, ACC=True)
     run("window " + kind, fn, cfg, consts, {**BF16, **F32, "dk": "*bf16", "dv": "*bf16"})
+for name, kind, fn in (("fwd", "fwd", wm_nc.kernels.window_fwd_kernel), ("dq", "dq", wm_nc.kernels.window_bwd_dq_kernel),
+                       ("dkdv", "dkdv", wm_nc.kernels.window_bwd_dkdv_kernel),
+                       ("sinks fwd", "fwd", wm_ncs.kernels.window_fwd_kernel),
+                       ("sinks dq", "dq", wm_ncs.kernels.window_bwd_dq_kernel),
+                       ("sink", "dkdv", wm_ncs.kernels.window_bwd_sink_kernel)):
+    cfg = wm_nc._heuristic(kind, True, T)
+    consts = dict(G=G, GP=G, R=cfg["R"], BN=cfg["BN"], W=W, SINKS=4, DQK=D, DV=D, BDK=D, BDV=D, ACC=True)
+    run("window not causal " + name, fn, cfg, consts, {**BF16, **F32, "dk": "*bf16", "dv": "*bf16",
+                                                       **{n: "*fp32" for n in ("dk_part", "dv_part")}})
 cfg = wm._heuristic("fwd_combine", True, T)   # the output's combination in the window kernel (inference)
 consts = dict(G=G, GP=G, R=cfg["R"], BN=cfg["BN"], W=W, DQK=D, DV=D, BDK=D, BDV=D, C=3, WPOS=2, GATED=True)
 # capped at 128 registers by its heuristic (two programs per SM, measured faster with ~330 bytes
@@ -101,12 +110,3 @@ print("compiled")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on the device the kernels run for real")
 def test_training_kernels_compile_for_sm90(tmp_path):
     run_sm90_check(_CHECK, [], tmp_path)
-for name, kind, fn in (("fwd", "fwd", wm_nc.kernels.window_fwd_kernel), ("dq", "dq", wm_nc.kernels.window_bwd_dq_kernel),
-                       ("dkdv", "dkdv", wm_nc.kernels.window_bwd_dkdv_kernel),
-                       ("sinks fwd", "fwd", wm_ncs.kernels.window_fwd_kernel),
-                       ("sinks dq", "dq", wm_ncs.kernels.window_bwd_dq_kernel),
-                       ("sink", "dkdv", wm_ncs.kernels.window_bwd_sink_kernel)):
-    cfg = wm_nc._heuristic(kind, True, T)
-    consts = dict(G=G, GP=G, R=cfg["R"], BN=cfg["BN"], W=W, SINKS=4, DQK=D, DV=D, BDK=D, BDV=D, ACC=True)
-    run("window not causal " + name, fn, cfg, consts, {**BF16, **F32, "dk": "*bf16", "dv": "*bf16",
-                                                       **{n: "*fp32" for n in ("dk_part", "dv_part")}})
