@@ -192,6 +192,17 @@ def test_q_start_pieces(kind, B, T, H, G, DQK, DV, params, config, causal):
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "not-causal"])
+@pytest.mark.parametrize("kind,params", [("compress", (16, 8)), ("window", (9, 4))])
+def test_q_start_fp16(kind, params, causal):
+    """A piece in fp16 (positions 23 .. 69 of 70) against the reference at its q_start."""
+    mod = family(kind, causal, 3, 32, 64, params)
+    q, k, v, do = inputs(kind, 1, 70, 2, 3, 32, 64, params, torch.float16)
+    got = kernels(mod, q[:, 23:], k, v, do[:, 23:], 32 ** -0.5, q_start=23)
+    assert got[0].dtype == torch.float16 and got[3].dtype == torch.float16
+    assert_close(got, reference(kind, q[:, 23:], k, v, do[:, 23:], params, 32 ** -0.5, causal, q_start=23), 5e-3)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "not-causal"])
 def test_q_start_fwd_combine(causal):
     """The window's fused output epilogue at an offset equals fwd + the combine kernel there."""
     G, D, W, SINKS, a, b = 3, 32, 20, 4, 37, 90
