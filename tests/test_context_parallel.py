@@ -212,6 +212,28 @@ def test_group_of_one_kernels_equal_the_plain_op(group_of_one, tmp_path, monkeyp
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_compiled_op_query_pieces(tmp_path, monkeypatch):
+    """op(..., q_start=s): queries that are positions s .. of a sequence whose keys are all given
+    (what a context-parallel rank runs), against the float64 reference; output, selections and
+    every gradient (keys included: rows after the piece get their share, zero where causal)."""
+    monkeypatch.setenv("NSA_DSL_CACHE_DIR", str(tmp_path))
+    spec = nsa_dsl.parse(KERNEL_SPEC)
+    op = nsa_dsl.compile(spec)
+    q, k, v, gates = (x.detach() for x in _inputs(spec, 64, dtype=torch.float32))
+    for s, e in ((16, 48), (0, 16)):
+        xs = [x.clone().requires_grad_() for x in (q[:, s:e], k, v, gates[:, s:e])]
+        ref = [x.detach().double().requires_grad_() for x in xs]
+        o, aux = op(*xs, q_start=s, return_aux=True)
+        o_ref, aux_ref = reference(spec, *ref, q_start=s, return_aux=True)
+        assert torch.equal(aux.indices["slc"], aux_ref.indices["slc"])
+        do = torch.randn_like(o)
+        with torch.no_grad():                          # inference: the window kernel combines
+            torch.testing.assert_close(op(*[x.detach() for x in xs], q_start=s).double(), o_ref, rtol=2e-5, atol=2e-5)
+        o = op(*xs, q_start=s)                         # training: the one-node op
+        for a, b in zip(torch.autograd.grad(o, xs, do), torch.autograd.grad(o_ref, ref, do.double())):
+            assert (a.double() - b).norm() <= 2e-5 * b.norm()
+
+
 @pytest.mark.slow
 def test_group_of_one_kernel_layer_compiles_fullgraph(group_of_one, tmp_path, monkeypatch):
     """The layer with cp_mesh on the kernels compiles whole (torch.compile, fullgraph: the
@@ -243,7 +265,7 @@ def _free_port():
 
 
 # every case on 2 ranks; on 4, the paper spec, learned pooling, packing and the 2 x 2 mesh
-CASES = {2: list(W.CASES.keys() - {"fsdp_mesh"}),
+CASES = {2: list(W.CASES.keys() - {"fsdp_mesh", "kernels"}),
          4: ["paper", "paper_packed", "layer_learned_packed", "layer_indexer_packed", "qblock", "stats", "fsdp_mesh"]}
 
 
@@ -266,6 +288,17 @@ def test_ranks_equal_one_process(world, case):
     m = re.search(rf"^CP {case} (PASS|FAIL) (.*)$", out, re.M)
     assert m, out[-3000:] + err[-3000:]
     assert m.group(1) == "PASS", m.group(2) + "\n" + err[-3000:]
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_two_ranks_kernels():
+    """The compiled op (interpreter, float32) over 2 gloo ranks, plain and packed, against the
+    float64 reference on the whole sequence: the kernels' query pieces (q_start) under CP."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-port", str(_free_port()), str(WORKER), "--cases", "kernels"],
+                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert re.search(r"^CP kernels PASS", r.stdout, re.M), r.stdout[-3000:] + r.stderr[-3000:]
 
 
 # ------------------------------------------------------------------------------ the example

@@ -33,6 +33,9 @@ step 1, and it is inside ``gather_sequence``.
 at a multiple of Q inside its sequence: the chunk length ``T / 2N`` (packed: each chunk boundary
 that falls inside a sequence, counted from its start) is checked (E629).
 
+The op is the reference or the compiled op, whose kernels take query pieces (``q_start``; an op
+without it gets E614 where a piece would be needed, on every rank before any collective).
+
 What each rank communicates and holds per layer: ``nsa-dsl explain FILE --cp N``
 (``nsa_dsl.tools.explain.cp_cost``); ``STATS`` counts what this process actually sent and
 received, for tests and measurements.

@@ -57,9 +57,10 @@ def _no_grad_outputs(ctx, *tensors):
 
 # -- attention branches: (o, lse) forward, (dq, dk, dv) backward --------------------------------
 
-def _seq(cu_seqlens: Optional[Tensor]) -> dict:
-    """Launcher keyword for packed sequences (none without them: the plain launchers' call)."""
-    return {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+def _seq(cu_seqlens: Optional[Tensor], q_start: int = 0) -> dict:
+    """Launcher keywords for packed sequences or a query piece (q's rows are positions q_start ..
+    of a sequence whose keys are all given); none for the plain launchers' call."""
+    return {"cu_seqlens": cu_seqlens} if cu_seqlens is not None else {"q_start": q_start} if q_start else {}
 
 
 def _run(key: str, launcher: str, q: Tensor, *args, **kwargs):
@@ -74,43 +75,44 @@ def _run(key: str, launcher: str, q: Tensor, *args, **kwargs):
 
 @torch.library.custom_op("nsa_dsl::compress_fwd", mutates_args=())
 def compress_fwd(key: str, q: Tensor, k: Tensor, v: Tensor, scale: float,
-                 cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    return _run(key, "fwd", q, q, k, v, scale, **_seq(cu_seqlens))
+                 cu_seqlens: Optional[Tensor] = None, q_start: int = 0) -> tuple[Tensor, Tensor]:
+    return _run(key, "fwd", q, q, k, v, scale, **_seq(cu_seqlens, q_start))
 
 
 @torch.library.custom_op("nsa_dsl::compress_bwd", mutates_args=())
 def compress_bwd(key: str, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor,
-                 scale: float, cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    return _run(key, "bwd", q, q, k, v, o, lse, do, scale, **_seq(cu_seqlens))
+                 scale: float, cu_seqlens: Optional[Tensor] = None, q_start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    return _run(key, "bwd", q, q, k, v, o, lse, do, scale, **_seq(cu_seqlens, q_start))
 
 
 @torch.library.custom_op("nsa_dsl::window_fwd", mutates_args=())
 def window_fwd(key: str, q: Tensor, k: Tensor, v: Tensor, scale: float,
-               cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    return _run(key, "fwd", q, q, k, v, scale, **_seq(cu_seqlens))
+               cu_seqlens: Optional[Tensor] = None, q_start: int = 0) -> tuple[Tensor, Tensor]:
+    return _run(key, "fwd", q, q, k, v, scale, **_seq(cu_seqlens, q_start))
 
 
 @torch.library.custom_op("nsa_dsl::window_bwd", mutates_args=())
 def window_bwd(key: str, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor,
-               scale: float, cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    return _run(key, "bwd", q, q, k, v, o, lse, do, scale, **_seq(cu_seqlens))
+               scale: float, cu_seqlens: Optional[Tensor] = None, q_start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    return _run(key, "bwd", q, q, k, v, o, lse, do, scale, **_seq(cu_seqlens, q_start))
 
 
 @torch.library.custom_op("nsa_dsl::select_fwd", mutates_args=())
 def select_fwd(key: str, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float,
-               cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    return _run(key, "fwd", q, q, k, v, idx, scale, **_seq(cu_seqlens))
+               cu_seqlens: Optional[Tensor] = None, q_start: int = 0) -> tuple[Tensor, Tensor]:
+    return _run(key, "fwd", q, q, k, v, idx, scale, **_seq(cu_seqlens, q_start))
 
 
 @torch.library.custom_op("nsa_dsl::select_bwd", mutates_args=())
 def select_bwd(key: str, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: Tensor,
-               do: Tensor, scale: float, cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    return _run(key, "bwd", q, q, k, v, idx, o, lse, do, scale, **_seq(cu_seqlens))
+               do: Tensor, scale: float, cu_seqlens: Optional[Tensor] = None,
+               q_start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    return _run(key, "bwd", q, q, k, v, idx, o, lse, do, scale, **_seq(cu_seqlens, q_start))
 
 
 for _fwd in (compress_fwd, window_fwd):
-    _fwd.register_fake(lambda key, q, k, v, scale, cu_seqlens=None: _o_lse(q, v))
-select_fwd.register_fake(lambda key, q, k, v, idx, scale, cu_seqlens=None: _o_lse(q, v))
+    _fwd.register_fake(lambda key, q, k, v, scale, cu_seqlens=None, q_start=0: _o_lse(q, v))
+select_fwd.register_fake(lambda key, q, k, v, idx, scale, cu_seqlens=None, q_start=0: _o_lse(q, v))
 
 
 def _grads_fake(key, q, k, v, *rest):
@@ -122,18 +124,18 @@ for _bwd in (compress_bwd, window_bwd, select_bwd):
 
 
 def _setup_qkv(ctx, inputs, output):
-    key, q, k, v, scale, cu_seqlens = inputs
+    key, q, k, v, scale, cu_seqlens, q_start = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
-    ctx.key, ctx.scale = key, scale
+    ctx.key, ctx.scale, ctx.q_start = key, scale, q_start
     _no_grad_outputs(ctx, lse)
 
 
 def _backward_with(bwd_op):
     def backward(ctx, do, dlse):
         q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = bwd_op(ctx.key, q, k, v, o, lse, do.contiguous(), ctx.scale, cu_seqlens)
-        return None, dq, dk, dv, None, None
+        dq, dk, dv = bwd_op(ctx.key, q, k, v, o, lse, do.contiguous(), ctx.scale, cu_seqlens, ctx.q_start)
+        return None, dq, dk, dv, None, None, None
     return backward
 
 
@@ -142,17 +144,17 @@ window_fwd.register_autograd(_backward_with(window_bwd), setup_context=_setup_qk
 
 
 def _setup_select(ctx, inputs, output):
-    key, q, k, v, idx, scale, cu_seqlens = inputs
+    key, q, k, v, idx, scale, cu_seqlens, q_start = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, idx, o, lse, cu_seqlens)
-    ctx.key, ctx.scale = key, scale
+    ctx.key, ctx.scale, ctx.q_start = key, scale, q_start
     _no_grad_outputs(ctx, lse)
 
 
 def _select_backward(ctx, do, dlse):
     q, k, v, idx, o, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = select_bwd(ctx.key, q, k, v, idx, o, lse, do.contiguous(), ctx.scale, cu_seqlens)
-    return None, dq, dk, dv, None, None, None
+    dq, dk, dv = select_bwd(ctx.key, q, k, v, idx, o, lse, do.contiguous(), ctx.scale, cu_seqlens, ctx.q_start)
+    return None, dq, dk, dv, None, None, None, None
 
 
 select_fwd.register_autograd(_select_backward, setup_context=_setup_select)
@@ -163,15 +165,15 @@ select_fwd.register_autograd(_select_backward, setup_context=_setup_select)
 @torch.library.custom_op("nsa_dsl::window_combine_fwd", mutates_args=())
 def window_combine_fwd(key: str, q: Tensor, k: Tensor, v: Tensor, others: list[Tensor],
                        gates: Optional[Tensor], wpos: int, scale: float,
-                       cu_seqlens: Optional[Tensor] = None) -> Tensor:
+                       cu_seqlens: Optional[Tensor] = None, q_start: int = 0) -> Tensor:
     """The op's output from the window kernel's epilogue: the window branch at index ``wpos`` of
     the output's branches, ``others`` the rest in order. No autograd (the op calls it only when
     nothing needs a gradient; training runs window_fwd and combine_fwd)."""
-    return _run(key, "fwd_combine", q, q, k, v, scale, others, wpos, gates, **_seq(cu_seqlens))
+    return _run(key, "fwd_combine", q, q, k, v, scale, others, wpos, gates, **_seq(cu_seqlens, q_start))
 
 
 @window_combine_fwd.register_fake
-def _(key, q, k, v, others, gates, wpos, scale, cu_seqlens=None):
+def _(key, q, k, v, others, gates, wpos, scale, cu_seqlens=None, q_start=0):
     return q.new_empty(*q.shape[:3], v.shape[-1])
 
 
@@ -179,24 +181,26 @@ def _(key, q, k, v, others, gates, wpos, scale, cu_seqlens=None):
 
 @torch.library.custom_op("nsa_dsl::topk_cmp", mutates_args=())
 def topk_cmp(key: str, q: Tensor, k_cmp: Tensor, lse_cmp: Tensor, scale: float, top_k: int,
-             cu_seqlens: Optional[Tensor] = None) -> Tensor:
-    return _run(key, "topk", q, q, k_cmp, lse_cmp, scale, **_seq(cu_seqlens))
+             cu_seqlens: Optional[Tensor] = None, q_start: int = 0, n_keys: int = 0) -> Tensor:
+    """``n_keys``: a query piece's sequence length (its compressed keys alone do not tell it)."""
+    piece = {"n_keys": n_keys} if n_keys else {}
+    return _run(key, "topk", q, q, k_cmp, lse_cmp, scale, **_seq(cu_seqlens, q_start), **piece)
 
 
 @torch.library.custom_op("nsa_dsl::topk_mean_pool", mutates_args=())
 def topk_mean_pool(key: str, q: Tensor, k: Tensor, kv_heads: int, top_k: int,
-                   cu_seqlens: Optional[Tensor] = None) -> Tensor:
-    return _run(key, "topk_mean_pool", q, q, k, **_seq(cu_seqlens))
+                   cu_seqlens: Optional[Tensor] = None, q_start: int = 0) -> Tensor:
+    return _run(key, "topk_mean_pool", q, q, k, **_seq(cu_seqlens, q_start))
 
 
 @topk_cmp.register_fake
-def _(key, q, k_cmp, lse_cmp, scale, top_k, cu_seqlens=None):
+def _(key, q, k_cmp, lse_cmp, scale, top_k, cu_seqlens=None, q_start=0, n_keys=0):
     B, T = q.shape[:2]
     return q.new_empty(B, T, k_cmp.shape[2], top_k, dtype=torch.int32)
 
 
 @topk_mean_pool.register_fake
-def _(key, q, k, kv_heads, top_k, cu_seqlens=None):
+def _(key, q, k, kv_heads, top_k, cu_seqlens=None, q_start=0):
     B, T = q.shape[:2]
     return q.new_empty(B, T, kv_heads, top_k, dtype=torch.int32)
 
@@ -350,14 +354,15 @@ def program(key: str) -> Program:
 
 def run_forward(prog: Program, q: Tensor, kv: dict, gates: Optional[Tensor], scale: float,
                 cu_seqlens: Optional[Tensor] = None, *, given: Optional[dict] = None,
-                combine_in: Optional[str] = None, index: Optional[dict] = None):
+                combine_in: Optional[str] = None, index: Optional[dict] = None, q_start: int = 0):
     """The branches' forward through the per-branch ops: (outs, lses, idxs) by branch name, and
     the output when ``combine_in`` names the window branch whose kernel combines it (inference:
     that branch's o and lse are never stored), else None. ``kv``: branch name -> (k, v) its
     kernels read (compressed keys and values for compress branches); ``given``: select branch ->
     the caller's (cleaned) selection, which replaces its scoring; ``index``: indexer branch ->
-    (q_idx, k_idx, w_idx), which score the select branches it names."""
-    seq = () if cu_seqlens is None else (cu_seqlens,)
+    (q_idx, k_idx, w_idx), which score the select branches it names. ``q_start``: q's rows are the
+    positions q_start .. of a sequence whose keys ``kv`` hold (a plan lowered with offsets)."""
+    seq = (cu_seqlens, q_start)
     outs, lses, idxs = {}, {}, {}
     given, index = given or {}, index or {}
     for b in prog.branches:
@@ -368,12 +373,12 @@ def run_forward(prog: Program, q: Tensor, kv: dict, gates: Optional[Tensor], sca
             if b.name in given:
                 idx = given[b.name]
             elif b.score in index:     # tokens, scored by an indexer
-                idx = indexer_topk(b.topk, *(x.detach() for x in index[b.score]), b.top_k, *seq)
+                idx = indexer_topk(b.topk, *(x.detach() for x in index[b.score]), b.top_k, cu_seqlens)
             elif b.score == "mean_pool":
                 idx = topk_mean_pool(b.topk, q.detach(), k.detach(), prog.kv_heads, b.top_k, *seq)
             else:
                 idx = topk_cmp(b.topk, q.detach(), kv[b.score][0].detach(), lses[b.score].detach(),
-                               scale, b.top_k, *seq)
+                               scale, b.top_k, *seq, k.shape[1] if k.shape[1] != q.shape[1] else 0)
             idxs[b.name] = idx
             outs[b.name], lses[b.name] = select_fwd(b.key, q, k, v, idx, scale, *seq)
         elif b.name == combine_in:     # the last branch launched
@@ -391,20 +396,20 @@ def _pairs(prog: Program, kv: list[Tensor]) -> dict:
 
 @torch.library.custom_op("nsa_dsl::attention", mutates_args=())
 def attention(key: str, q: Tensor, kv: list[Tensor], gates: Optional[Tensor], scale: float,
-              cu_seqlens: Optional[Tensor]) -> list[Tensor]:
+              cu_seqlens: Optional[Tensor], q_start: int = 0) -> list[Tensor]:
     """The whole op (program ``key``): [o, the output's branch outputs, their lse, the select
     branches' idx]; ``kv`` = [k, v] of each branch in launch order; ``cu_seqlens`` None without
     packed sequences (an argument without default: the backward returns a slot for each). Only
-    o has a gradient."""
+    o has a gradient. ``q_start``: a query piece (see run_forward)."""
     prog = program(key)
-    outs, lses, idxs, _ = run_forward(prog, q, _pairs(prog, kv), gates, scale, cu_seqlens)
+    outs, lses, idxs, _ = run_forward(prog, q, _pairs(prog, kv), gates, scale, cu_seqlens, q_start=q_start)
     o = module(prog.combine).fwd([outs[n] for n in prog.output], gates)
     return [o, *(outs[n] for n in prog.output), *(lses[n] for n in prog.output),
             *(idxs[b.name] for b in prog.selects)]
 
 
 @attention.register_fake
-def _(key, q, kv, gates, scale, cu_seqlens):
+def _(key, q, kv, gates, scale, cu_seqlens, q_start=0):
     prog = program(key)
     B, T, HQ = q.shape[:3]
     v = _pairs(prog, kv)[prog.output[0]][1]
@@ -417,7 +422,7 @@ def _(key, q, kv, gates, scale, cu_seqlens):
 @torch.library.custom_op("nsa_dsl::attention_bwd", mutates_args=())
 def attention_bwd(key: str, q: Tensor, kv: list[Tensor], gates: Optional[Tensor], outs: list[Tensor],
                   lses: list[Tensor], idxs: list[Tensor], do: Tensor, scale: float,
-                  cu_seqlens: Optional[Tensor] = None) -> list[Tensor]:
+                  cu_seqlens: Optional[Tensor] = None, q_start: int = 0) -> list[Tensor]:
     """[dq, dk and dv of each branch in kv's order, (d gates)]: the combination's backward with
     each branch's delta, then the branches' backward adding into one dq (branches outside the
     output get zero gradients)."""
@@ -428,7 +433,7 @@ def attention_bwd(key: str, q: Tensor, kv: list[Tensor], gates: Optional[Tensor]
     else:
         d_outs, d_gates, deltas = [do] * len(outs), None, [None] * len(outs)
     idx = {b.name: i for b, i in zip(prog.selects, idxs)}
-    seq = _seq(cu_seqlens)
+    seq = _seq(cu_seqlens, q_start)
     dq, grads = None, {}
     for i, name in enumerate(prog.output):
         b = prog.branch(name)
@@ -446,31 +451,35 @@ def attention_bwd(key: str, q: Tensor, kv: list[Tensor], gates: Optional[Tensor]
 
 
 @attention_bwd.register_fake
-def _(key, q, kv, gates, outs, lses, idxs, do, scale, cu_seqlens=None):
+def _(key, q, kv, gates, outs, lses, idxs, do, scale, cu_seqlens=None, q_start=0):
     return [torch.empty_like(q), *(torch.empty_like(x) for x in kv)] + \
         ([torch.empty_like(gates)] if gates is not None else [])
 
 
 def _setup_attention(ctx, inputs, output):
-    key, q, kv, gates, scale, cu_seqlens = inputs
+    key, q, kv, gates, scale, cu_seqlens, q_start = inputs
     prog = program(key)
     n = len(prog.output)
     outs, lses, idxs = output[1:1 + n], output[1 + n:1 + 2 * n], output[1 + 2 * n:]
     ctx.save_for_backward(q, gates, cu_seqlens, *kv, *outs, *lses, *idxs)
-    ctx.key, ctx.scale, ctx.n_kv, ctx.n = key, scale, len(kv), n
+    ctx.key, ctx.scale, ctx.n_kv, ctx.n, ctx.q_start = key, scale, len(kv), n, q_start
     _no_grad_outputs(ctx, *output[1:])
     ctx.set_materialize_grads(False)   # no zero-filled gradients for the aux outputs (3 x o's size)
 
 
 def _attention_backward(ctx, grads):
+    # a slot per argument the call passed: the dispatcher drops q_start when it is its default (0)
+    # and the list input makes autograd check the structure
+    tail = (None, None, None) if ctx.q_start else (None, None)
     if grads[0] is None:                      # o took no part in the loss
-        return None, None, [None] * ctx.n_kv, None, None, None
+        return None, None, [None] * ctx.n_kv, None, *tail
     q, gates, cu_seqlens, *rest = ctx.saved_tensors
     kv, rest = rest[:ctx.n_kv], rest[ctx.n_kv:]
     outs, lses, idxs = rest[:ctx.n], rest[ctx.n:2 * ctx.n], rest[2 * ctx.n:]
-    g = attention_bwd(ctx.key, q, kv, gates, outs, lses, idxs, grads[0].contiguous(), ctx.scale, cu_seqlens)
+    g = attention_bwd(ctx.key, q, kv, gates, outs, lses, idxs, grads[0].contiguous(), ctx.scale, cu_seqlens,
+                      ctx.q_start)
     d_gates = g[1 + ctx.n_kv] if gates is not None else None
-    return None, g[0], g[1:1 + ctx.n_kv], d_gates, None, None
+    return None, g[0], g[1:1 + ctx.n_kv], d_gates, *tail
 
 
 attention.register_autograd(_attention_backward, setup_context=_setup_attention)

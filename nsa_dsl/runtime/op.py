@@ -96,22 +96,24 @@ class CompiledOp:
         else those of the last call)."""
         return lower(self.spec, self.binding(**shapes), varlen=varlen)
 
-    def _kernels(self, binding: Binding, varlen: bool = False, *, record: bool = True) -> tuple[Plan, dict[str, str]]:
+    def _kernels(self, binding: Binding, varlen: bool = False, *, record: bool = True,
+                 offsets: bool = False) -> tuple[Plan, dict[str, str]]:
         """Plan, render or load from the cache, register: kernel name -> op key. ``record``: the
         binding becomes the one :meth:`binding` falls back to (calls record theirs; source and
-        emit, which only read, do not)."""
+        emit, which only read, do not). ``offsets``: the plan of query pieces (``q_start``)."""
         if record:
             self._bound = binding
-        if (binding, varlen) not in self._keys:
-            plan = lower(self.spec, binding, varlen=varlen)
+        plan_key = (binding, varlen) + ((True,) if offsets else ())
+        if plan_key not in self._keys:
+            plan = lower(self.spec, binding, varlen=varlen, offsets=offsets)
             modules = launch.build(plan, self.cache.load(plan))
             prefix = cache_key(plan)[:16]
             keys = {name: ops.register(f"{prefix}/{name}", mod) for name, mod in modules.items()}
             for key in keys.values():               # tuned configs live beside the kernel cache
                 tuning.register(key, self.cache.directory)
-            self._keys[(binding, varlen)] = (plan, keys)
-            self._programs[(binding, varlen)] = ops.register(f"{prefix}/program", self._program(plan, keys))
-        return self._keys[(binding, varlen)]
+            self._keys[plan_key] = (plan, keys)
+            self._programs[plan_key] = ops.register(f"{prefix}/program", self._program(plan, keys))
+        return self._keys[plan_key]
 
     def _program(self, plan: Plan, keys: dict[str, str]) -> ops.Program:
         """The branches in launch order (compress, select, window) with their kernel keys."""
@@ -159,7 +161,8 @@ class CompiledOp:
                  scale: Optional[float] = None, return_aux: bool = False,
                  indices: Optional[Mapping[str, Tensor]] = None,
                  cu_seqlens: Optional[Tensor] = None, cp_group=None,
-                 index: Optional[Mapping[str, tuple[Tensor, Tensor, Tensor]]] = None):
+                 index: Optional[Mapping[str, tuple[Tensor, Tensor, Tensor]]] = None,
+                 q_start: Optional[int] = None):
         """The spec's attention, as ``nsa_dsl.reference`` computes it (see there for the
         arguments). ``indices``: select branch -> the caller's selection (no scoring runs; entries
         out of range or after the position's block are ignored, repeats count once).
@@ -170,7 +173,9 @@ class CompiledOp:
         then hold each sequence's blocks in turn, ``[1, sum Nc_s, H, D]``.
         ``cp_group`` (a ProcessGroup or 1-D DeviceMesh): context parallel, every tensor holds this
         rank's shard of the sequence and ``cu_seqlens`` the global offsets; ``compressed``, when
-        given, the whole sequence's (``nsa_dsl.runtime.context_parallel.attention``)."""
+        given, the whole sequence's (``nsa_dsl.runtime.context_parallel.attention``).
+        ``q_start``: q's rows (and gates', indices') are the positions q_start .. of a sequence
+        whose keys k, v hold (a query piece, as the reference's; not with cu_seqlens)."""
         if cp_group is not None:
             from nsa_dsl.runtime import context_parallel
             return context_parallel.attention(self, q, k, v, gates, group=cp_group, compressed=compressed,
@@ -186,9 +191,10 @@ class CompiledOp:
             cu = _varlen.check_cu_seqlens(cu_seqlens, q)
             cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
         call = check_call(spec, q, k, v, gates, compressed=compressed, indices=indices, index=index, cu=cu,
-                          kernels=True)
+                          kernels=True, q_start=q_start)
         binding = bind(spec, call.HQ, call.H, call.Dqk, call.Dv)
-        plan, keys = self._kernels(binding, cu is not None)
+        piece = call.q_start > 0 or call.Tk != call.T       # a query piece: the plan with offsets
+        plan, keys = self._kernels(binding, cu is not None, offsets=piece)
         scale = check_scale(scale, call.Dqk)
         q = _unit_last_stride(q)
         seq = () if cu is None else (cu_seqlens,)  # the ops' last argument, with packed sequences
@@ -207,9 +213,9 @@ class CompiledOp:
                               _varlen.mean_pool(call.v[b.name], cu, b.block, b.stride))
             else:
                 kv[b.name] = (mean_pool(call.k[b.name], b.block, b.stride), mean_pool(call.v[b.name], b.block, b.stride))
-        given = {name: self._given(name, idx, call.T, cu) for name, idx in call.indices.items()}
+        given = {name: self._given(name, idx, call.Tk, cu, call.q_start) for name, idx in call.indices.items()}
         g = _unit_last_stride(gates) if spec.output.kind == "gate" else None
-        prog_key = self._programs[(binding, cu is not None)]
+        prog_key = self._programs[(binding, cu is not None) + ((True,) if piece else ())]
         prog = ops.program(prog_key)
 
         training = torch.is_grad_enabled() and any(
@@ -218,10 +224,12 @@ class CompiledOp:
             # the whole op as one autograd node: its backward hands each branch its delta from
             # the combination's and sums the gradient of q inside the dq kernels
             flat = [t for b in prog.branches for t in kv[b.name]]
-            return ops.attention(prog_key, q, flat, g, scale, cu_seqlens if cu is not None else None)[0]
+            return ops.attention(prog_key, q, flat, g, scale, cu_seqlens if cu is not None else None,
+                                 call.q_start)[0]
         fused = None if training or return_aux else self._fused_window()
         outs, lses, idxs, o = ops.run_forward(prog, q, kv, g, scale, *seq, given=given, index=call.index,
-                                              combine_in=fused.name if fused is not None else None)
+                                              combine_in=fused.name if fused is not None else None,
+                                              q_start=call.q_start)
         if o is not None:
             return o
         o = ops.combine_fwd(prog.combine, [outs[n] for n in spec.output.branches], g)
@@ -230,11 +238,12 @@ class CompiledOp:
             return o, Aux(indices=idxs, lse=lses, outputs=outs, index_loss=losses, spec=spec)
         return o
 
-    def _given(self, name: str, idx: Tensor, T: int, cu) -> Tensor:
-        """A caller's selection as the kernels take it: cleaned (the reference's rule), int32."""
+    def _given(self, name: str, idx: Tensor, T: int, cu, q_start: int = 0) -> Tensor:
+        """A caller's selection as the kernels take it: cleaned (the reference's rule), int32
+        (``T`` keys; rows at positions ``q_start ..``)."""
         b = self.spec.branch(name)
         if cu is None:
-            return clean_indices(idx, num_select_blocks(T, b.block), b.block, self.spec.causal)
+            return clean_indices(idx, num_select_blocks(T, b.block), b.block, self.spec.causal, t0=q_start)
         parts = [clean_indices(idx[:, s:e], num_select_blocks(e - s, b.block), b.block, self.spec.causal)
                  for s, e in zip(cu[:-1], cu[1:])]
         return torch.cat(parts, 1) if parts else idx.to(torch.int32)
