@@ -362,12 +362,16 @@ def test_gpu_query_pieces(dtype, tmp_path, monkeypatch):
     spec = nsa_dsl.load(ROOT / "examples" / "nsa_paper_mean.nsa")
     op = nsa_dsl.compile(spec)
     q, k, v, gates = (x.detach().cuda() for x in _inputs(spec, 4096, 64, 4, 128, 128, torch.float32))
+    def err(a, b):
+        return ((a.float() - b).norm() / b.norm()).item()
     for s, e in ((1024, 3072), (0, 1024), (3072, 4096)):
         xs = [x.to(dtype).requires_grad_() for x in (q[:, s:e], k, v, gates[:, s:e])]
+        lp = [x.detach().requires_grad_() for x in xs]            # the reference in the same dtype
         ref = [x.detach().float().requires_grad_() for x in xs]
-        o = op(*xs, q_start=s)
-        o_ref = reference(spec, *ref, q_start=s)
-        do = torch.randn_like(o_ref)
-        assert (o.float() - o_ref).norm() <= 1e-2 * o_ref.norm()
-        for a, b in zip(torch.autograd.grad(o, xs, do.to(dtype)), torch.autograd.grad(o_ref, ref, do)):
-            assert (a.float() - b).norm() <= 2e-2 * b.norm()
+        outs = [op(*xs, q_start=s), reference(spec, *lp, q_start=s), reference(spec, *ref, q_start=s)]
+        do = torch.randn_like(outs[2])
+        grads = [torch.autograd.grad(o, x, do.to(o.dtype)) for o, x in zip(outs, (xs, lp, ref))]
+        # within 5e-3, or twice the same dtype's reference error (the repository's GPU standard)
+        assert err(outs[0], outs[2]) <= max(5e-3, 2 * err(outs[1], outs[2]))
+        for a, b, c in zip(*grads):
+            assert err(a, c) <= max(5e-3, 2 * err(b, c))
