@@ -172,12 +172,8 @@ def _inputs(spec, T, HQ=4, H=2, D=16, Dv=16, dtype=torch.float64, B=1):
     return [x.requires_grad_() for x in xs]
 
 
-KERNEL_SPEC = """attention tiny {
-    branch cmp = compress(block = 16, stride = 8)
-    branch slc = select(block = 16, top_k = 3, score = cmp, keep_first = 1, keep_last = 1)
-    branch swa = window(size = 16, sinks = 2)
-    output = gate(sigmoid, cmp, slc, swa)
-}"""
+KERNEL_SPEC = W.KERNEL_SPEC              # block 16 / stride 8: shapes the kernels take
+
 
 
 @pytest.mark.parametrize("packed", [False, True])
