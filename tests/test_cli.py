@@ -88,7 +88,7 @@ def fake_explain(monkeypatch):
     calls = []
     mod = types.ModuleType("nsa_dsl.tools.explain")
 
-    def explain(spec, lengths, extra_sections=()):
+    def explain(spec, lengths, extra_sections=(), cp=None):
         calls.append((spec, lengths))
         assert [s.title for s in extra_sections] == ["kernel plan"]
         return f"explained {spec.name} at {lengths}"

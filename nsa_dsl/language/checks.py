@@ -332,14 +332,8 @@ def _fields(spec: Spec) -> Iterator[SpecError]:
         if value <= 0:
             yield _err("E203", f"{label} must be positive, got {value}", span,
                        f"head dimensions are multiples of {DIM_MULTIPLE}, e.g. 64 or 128")
-        elif value > MAX_DIM:
-            yield _err("E211", f"{label} = {value} is above {MAX_DIM}, the largest head dimension "
-                               "the kernels support", span, f"use at most {MAX_DIM}")
-        elif value % DIM_MULTIPLE:
-            near = _nearest([m for m in range(DIM_MULTIPLE, MAX_DIM + 1, DIM_MULTIPLE)], value)
-            yield _err("E210", f"{label} = {value} is not a multiple of {DIM_MULTIPLE}", span,
-                       f"the kernels tile head dimensions by {DIM_MULTIPLE}; try "
-                       f"{words(str(m) for m in near)}")
+        else:
+            yield from _dim(label, value, span, "head")
     h, kv = spec.heads, spec.kv_heads
     if h is not None and kv is not None and _valid(h) and _valid(kv):
         if h % kv:

@@ -231,7 +231,6 @@ def bench_cmd(args, emit=print) -> int:
     GPU, in one run (nsa_dsl.tools.bench): forward and forward+backward across lengths, per-branch
     times, achieved TFLOP/s, peak memory, one or both workloads, one or several GQA groups. A
     progress bar on stderr, a Markdown table through ``emit``, JSON and a PNG on request."""
-    import json
     import sys
     from dataclasses import replace
 
@@ -288,13 +287,7 @@ def bench_cmd(args, emit=print) -> int:
     for note in notes:
         emit(f"note: {note}; its columns are left out")
     emit(bench.markdown_table(rows))
-    if getattr(args, "json", None):
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        emit(f"wrote {args.json}")
-    if getattr(args, "plot", None):
-        bench.plot_rows(rows, args.plot, title=f"{spec.name} on {meta['gpu']}: {shapes}")
-        emit(f"wrote {args.plot}")
-    return 0
+    return _bench_outputs(args, meta, rows, bench.plot_rows, f"{spec.name} on {meta['gpu']}: {shapes}", emit)
 
 
 def _bench_shapes(spec, args):
@@ -316,7 +309,6 @@ def _bench_decode(spec, args, emit) -> int:
     """`nsa-dsl bench FILE --decode`: decoding steps (``--q-len`` new tokens per sequence; more than
     one: speculative decoding) against SDPA over the whole cache, at each cache length, batch
     (``--batch``, else 1, 8 and 64) and kv head count."""
-    import json
     import sys
     from dataclasses import replace
 
@@ -356,11 +348,17 @@ def _bench_decode(spec, args, emit) -> int:
     for r in rows:
         emit(f"| {r.get('B', '-')} | {r.get('H', '-')} | {r.get('T', '-')} | "
              + " | ".join(f"{r[k]:.4f}" if isinstance(r.get(k), float) else "-" for k in keys) + " |")
+    return _bench_outputs(args, meta, rows, bench.plot_decode, f"{spec.name} on {meta['gpu']}: decoding", emit)
+
+
+def _bench_outputs(args, meta, rows, plot, title, emit) -> int:
+    """Write a bench's --json (meta and rows) and --plot when asked for."""
+    import json
     if getattr(args, "json", None):
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         emit(f"wrote {args.json}")
     if getattr(args, "plot", None):
-        bench.plot_decode(rows, args.plot, title=f"{spec.name} on {meta['gpu']}: decoding")
+        plot(rows, args.plot, title=title)
         emit(f"wrote {args.plot}")
     return 0
 
