@@ -55,6 +55,29 @@ def test_opcheck_every_custom_op(op):
                                                     "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
+def test_fake_gradients_have_the_kernels_strides_for_strided_kv(op):
+    """K/V as views of a [B, H, T, D] buffer: the one-node backward's fake must give gradients
+    with the strides the kernels give (contiguous), or inductor's compiled graph reads them wrong."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    q, _, _, gates = (x.detach() for x in _inputs())
+    g = torch.Generator().manual_seed(1)
+    k, v = (torch.randn(1, 2, 40, 16, generator=g).transpose(1, 2) for _ in range(2))
+    kc, vc = (torch.randn(1, 2, 4, 16, generator=g).transpose(1, 2) for _ in range(2))
+    assert not k.is_contiguous()
+    op._kernels(op.binding(heads=4, kv_heads=2, qk_dim=16, v_dim=16))
+    prog = op._programs[(op.binding(heads=4, kv_heads=2, qk_dim=16, v_dim=16), False)]
+    kv = [kc, vc, k, v, k, v]
+    out = ops.attention(prog, q, kv, gates, 0.25, None)
+    outs, lses, idxs = out[1:4], out[4:7], out[7:]
+    args = (prog, q, kv, gates, outs, lses, idxs, torch.randn_like(out[0]), 0.25)
+    real = ops.attention_bwd(*args)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = ops.attention_bwd(prog, *(mode.from_tensor(x) if isinstance(x, torch.Tensor) else
+                                         [mode.from_tensor(y) for y in x] if isinstance(x, list) else x
+                                         for x in args[1:]))
+    assert [(r.shape, r.stride()) for r in real] == [(f.shape, f.stride()) for f in fake]
+
+
 class TinyModel(torch.nn.Module):
     def __init__(self, hidden=32):
         super().__init__()

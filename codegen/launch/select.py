@@ -365,7 +365,7 @@ class Select(Family):
         o, do, lse = o.contiguous(), do.contiguous(), lse.contiguous()
         dq = dq_buffer(q, dq_acc)
         if B * T == 0:                       # no query: nothing reaches the keys
-            return dq, torch.zeros_like(k), torch.zeros_like(v)
+            return dq, k.new_zeros(k.shape), v.new_zeros(v.shape)
         delta = row_delta(self.kernels, o, do, self.DV, self.BDV) if delta is None else delta.contiguous()
 
         cfg, (grid, seq, lists, rk) = self._rows_for(self.resolve_config(q, "dq", config), idx,

@@ -116,7 +116,7 @@ select_fwd.register_fake(lambda key, q, k, v, idx, scale, cu_seqlens=None, q_sta
 
 
 def _grads_fake(key, q, k, v, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 for _bwd in (compress_bwd, window_bwd, select_bwd):
@@ -240,7 +240,7 @@ def _(key, q, k, idx, lse, q_idx, k_idx, w_idx, scale, cu_seqlens=None):
 
 @index_loss_bwd.register_fake
 def _(key, q, k, idx, lse, q_idx, k_idx, w_idx, lse_i, psum, dloss, scale, cu_seqlens=None):
-    return torch.empty_like(q_idx), torch.empty_like(k_idx), torch.empty_like(w_idx)
+    return q_idx.new_empty(q_idx.shape), k_idx.new_empty(k_idx.shape), w_idx.new_empty(w_idx.shape)
 
 
 def _setup_index_loss(ctx, inputs, output):
@@ -286,12 +286,12 @@ def combine_bwd(key: str, outs: list[Tensor], gates: Optional[Tensor], do: Tenso
 
 @combine_fwd.register_fake
 def _(key, outs, gates):
-    return torch.empty_like(outs[0])
+    return outs[0].new_empty(outs[0].shape)
 
 
 @combine_bwd.register_fake
 def _(key, outs, gates, do):
-    return [torch.empty_like(o) for o in outs] + ([torch.empty_like(gates)] if gates is not None else [])
+    return [o.new_empty(o.shape) for o in outs] + ([gates.new_empty(gates.shape)] if gates is not None else [])
 
 
 def _setup_combine(ctx, inputs, output):
@@ -445,15 +445,16 @@ def attention_bwd(key: str, q: Tensor, kv: list[Tensor], gates: Optional[Tensor]
                           delta=delta, dq_acc=dq, **seq)
         del d_o, delta
         grads[name] = (dk, dv)
+    # contiguous like the kernels' gradients (and the fake below): zeros_like would copy K/V's strides
     flat = [g for b in prog.branches
-            for g in grads.get(b.name, (torch.zeros_like(pairs[b.name][0]), torch.zeros_like(pairs[b.name][1])))]
+            for g in grads.get(b.name, tuple(x.new_zeros(x.shape) for x in pairs[b.name]))]
     return [dq, *flat] + ([d_gates] if d_gates is not None else [])
 
 
-@attention_bwd.register_fake
+@attention_bwd.register_fake      # every gradient contiguous, as the kernels return them
 def _(key, q, kv, gates, outs, lses, idxs, do, scale, cu_seqlens=None, q_start=0):
-    return [torch.empty_like(q), *(torch.empty_like(x) for x in kv)] + \
-        ([torch.empty_like(gates)] if gates is not None else [])
+    return [q.new_empty(q.shape), *(x.new_empty(x.shape) for x in kv)] + \
+        ([gates.new_empty(gates.shape)] if gates is not None else [])
 
 
 def _setup_attention(ctx, inputs, output):
