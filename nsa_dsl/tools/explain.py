@@ -53,7 +53,13 @@ def spec_lines(spec: Spec, dims: cost.Dims, given: Iterable[str] = ()) -> list[s
     """The spec, one line per branch, and the dims the costs use (and where they came
     from: ``given`` names the ones the caller passed)."""
     w = max(len(b.name) for b in spec.branches) if spec.branches else 4
-    lines = [f"{_IND}branch {b.name:<{w}} = {b.call_text()}" for b in spec.branches]
+    lines = []
+    for b in spec.branches:      # a long call continues under its opening parenthesis
+        head = f"{_IND}branch {b.name:<{w}} = "
+        call = b.call_text()
+        pad = " " * (len(head) + call.index("(") + 1)
+        lines += textwrap.wrap(call, WIDTH, initial_indent=head, subsequent_indent=pad,
+                               break_long_words=False)
     lines.append(f"{_IND}output = {_output_text(spec)}" + ("" if spec.causal else "   (causal = false)"))
     group = dims.heads // dims.kv_heads if dims.kv_heads else 0
     lines.append(f"{_IND}heads {dims.heads}, kv_heads {dims.kv_heads} (group {group}), "
@@ -150,7 +156,8 @@ def weight_lines(shapes: S.SpecShapes) -> list[str]:
             continue
         if kinds.get(b.score) == "indexer":
             lines.append(f"{_IND}{b.name}: I[t, s] = sum over indexer heads j of w_idx[t, j] * "
-                         f"relu(q_idx[t, j] . k_idx[s]) (indexer {b.score}); the top {b.top_k} tokens")
+                         f"relu(q_idx[t, j] . k_idx[s])")
+            lines.append(f"{_IND}  (indexer {b.score}); the top {b.top_k} tokens")
             continue
         lines.append(f"{_IND}{b.name}: s[t, g, j] = sum over heads h of g, sum over i of "
                      f"w(i, j) * p_{b.score}[t, h, i]")
