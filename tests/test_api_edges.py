@@ -34,8 +34,6 @@ def call(tmp_path, monkeypatch):
 ], ids=["compressed", "indices", "index"])
 def test_unknown_names_in_dict_arguments(call, fn, kw, code, known):
     spec, (q, k, v, gates) = call
-    if fn == "op" and code == "E627":
-        pytest.skip("the op takes index= with the indexer kernels")
     run = nsa_dsl.compile(spec) if fn == "op" else (lambda *a, **x: nsa_dsl.reference(spec, *a, **x))
     with pytest.raises(SpecError) as e:
         run(q, k, v, gates, **kw(k, v))
