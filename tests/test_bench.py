@@ -236,6 +236,30 @@ def test_bench_spec_when_the_inputs_do_not_fit(monkeypatch):
     assert row["cudnn_fwd_ms"] == "skipped"
 
 
+DSA_SMALL = """attention dsa_small {
+    branch idx = indexer(heads = 2, dim = 16)
+    branch tok = select(block = 1, top_k = 8, score = idx, keep_first = 1, keep_last = 1)
+    branch swa = window(size = 8)
+    output = gate(sigmoid, tok, swa)
+}"""
+
+
+def test_bench_runs_an_indexer_spec_through_the_kernels(monkeypatch, tmp_path):
+    """Indexer inputs are made, the forward+backward trains the indexer on its index loss, and the
+    branch step times the indexer's top-k and the token gather (the interpreter stands in for a GPU)."""
+    monkeypatch.setenv("NSA_DSL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(bench, "_bench", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(bench, "_peak_gib", lambda fn: (fn(), 0.5)[1])
+    spec = nsa_dsl.parse(DSA_SMALL)
+    (row,) = bench.bench_spec(nsa_dsl.compile(spec), [24], HQ=2, H=1, Dqk=16, Dv=16, dtype=torch.float32,
+                              peers=(), device="cpu", backward=True)
+    errors = {k: v for k, v in row.items() if k.endswith("_error")}
+    assert not errors
+    assert row["nsa_fwd_ms"] == row["nsa_fwdbwd_ms"] == 1.0
+    assert bench.branch_fields(spec) == ["tok_topk_ms", "tok_distinct_r4", "tok_select_ms", "swa_window_ms"]
+    assert row["tok_topk_ms"] == row["tok_select_ms"] == row["swa_window_ms"] == 1.0
+
+
 # ----------------------------------------------------------------------- report
 
 def _fake_rows():

@@ -49,42 +49,46 @@ def _mpl_or_skip():
 
 # ---------------------------------------------------------------- brute force (DESIGN section 3)
 
-def brute_keys(branch, t, T, idx_row=None):
-    """The keys query t attends in one branch, by the letter of DESIGN.md section 3."""
+def brute_keys(branch, t, T, idx_row=None, causal=True):
+    """The keys query t attends in one branch, by the letter of docs/SEMANTICS.md."""
     if isinstance(branch, Window):
-        return {p for p in range(T) if max(0, t - branch.size + 1) <= p <= t} | \
-               {p for p in range(branch.sinks) if p <= t}
+        last = t if causal else min(T - 1, t + branch.size - 1)
+        return {p for p in range(T) if max(0, t - branch.size + 1) <= p <= last} | \
+               {p for p in range(branch.sinks) if p <= t or not causal}
     if isinstance(branch, Compress):
         l, d = branch.block, branch.stride
         n_c = (T - l) // d + 1 if T >= l else 0
         keys = set()
         for i in range(n_c):
-            if i * d + l - 1 <= t:
+            if i * d + l - 1 <= t or not causal:
                 keys |= set(range(i * d, i * d + l))
         return keys
     assert isinstance(branch, Select)
     keys = set()
     for j in idx_row:
         if j >= 0:
-            keys |= {p for p in range(j * branch.block, (j + 1) * branch.block) if p <= t and p < T}
+            keys |= {p for p in range(j * branch.block, (j + 1) * branch.block) if (p <= t or not causal) and p < T}
     return keys
 
 
-def brute_forced(branch, t, T):
-    """Blocks selected whatever the scores: all eligible when at most top_k are, else the forced."""
+def brute_forced(branch, t, T, causal=True):
+    """Blocks selected whatever the scores: all eligible when at most top_k are, else the forced;
+    a group of query_block positions chooses at its last position."""
+    Q = branch.query_block
+    last = min((t // Q + 1) * Q, T) - 1
     n_sel = -(-T // branch.block)
-    eligible = [j for j in range(n_sel) if j * branch.block <= t]
+    eligible = [j for j in range(n_sel) if j * branch.block <= last or not causal]
     if len(eligible) <= branch.top_k:
         return eligible
-    own = t // branch.block
+    own = last // branch.block
     return [j for j in eligible if j < branch.keep_first or own - branch.keep_last < j <= own]
 
 
-def brute_mask(branch, T, idx=None):
+def brute_mask(branch, T, idx=None, causal=True):
     m = np.zeros((T, T), bool)
     for t in range(T):
         row = idx[t] if idx is not None else None
-        for p in brute_keys(branch, t, T, row):
+        for p in brute_keys(branch, t, T, row, causal):
             m[t, p] = True
     return m
 
@@ -127,12 +131,15 @@ def test_example_specs_static_masks(path):
         T = 100
         masks = show.attention_masks(spec, T)
         for b in spec.branches:
+            if b.kind == "indexer":        # scores only: no mask of its own
+                assert b.name not in masks
+                continue
             if isinstance(b, Select):
-                idx = np.array([brute_forced(b, t, T) + [-1] * (b.top_k - len(brute_forced(b, t, T)))
-                                for t in range(T)])
+                forced = [brute_forced(b, t, T, spec.causal) for t in range(T)]
+                idx = np.array([f + [-1] * (b.top_k - len(f)) for f in forced])
             else:
                 idx = None
-            np.testing.assert_array_equal(masks[b.name], brute_mask(b, T, idx), err_msg=b.name)
+            np.testing.assert_array_equal(masks[b.name], brute_mask(b, T, idx, spec.causal), err_msg=b.name)
 
 
 @pytest.mark.parametrize("T", [5, 40, 97])

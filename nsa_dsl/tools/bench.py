@@ -67,6 +67,7 @@ import torch
 
 from nsa_dsl.runtime import kernel_ops as ops
 from nsa_dsl.runtime.op import CompiledOp, mean_pool
+from nsa_dsl.tools.random_inputs import side_inputs
 from nsa_dsl.language.cost import Dims, cost
 from nsa_dsl.language.shapes import spec_shapes
 
@@ -189,8 +190,10 @@ def branch_costs(spec, T: int, *, B: int = 1, HQ: int, H: int, Dqk: int, Dv: int
     c = _cost(spec, T, HQ, H, Dqk, Dv, dtype_bytes)
     out = {}
     for b in spec.branches:
+        if b.kind == "indexer":        # scoring only: its time is its select branch's topk
+            continue
         if b.kind == "select":
-            r = c.row(f"{b.name} score")
+            r = c.row(b.score if spec.score_kind(b) == "indexer" else f"{b.name} score")
             out[f"{b.name}_topk"] = (float(B * r.flops), float(B * r.bytes))
         r = c.row(b.name)
         out[f"{b.name}_{_KERNEL_OF_KIND[b.kind]}"] = (float(B * r.flops), float(B * r.bytes))
@@ -390,6 +393,8 @@ def branch_fields(spec) -> list[str]:
     """The row fields the branch-kernel step writes, in spec order."""
     out = []
     for b in spec.branches:
+        if b.kind == "indexer":        # scoring only: its time is its select branch's topk
+            continue
         if b.kind == "select":
             out += [f"{b.name}_topk_ms", f"{b.name}_distinct_r{SHARING_R}"]
         out.append(f"{b.name}_{_KERNEL_OF_KIND[b.kind]}_ms")
@@ -495,29 +500,35 @@ class _Case:
         C = len(spec.output.branches) if spec.output.kind == "gate" else 0
         q, k, v, gates = make_inputs(self.workload, B=r["B"], T=r["T"], HQ=r["HQ"], H=r["H"], Dqk=r["Dqk"],
                                      Dv=r["Dv"], gates=C, dtype=self.dtype, device=self.device, seed=r["T"])
-        # A learned pool (pool = mlp/linear) is the module's job: the op then takes compressed
-        # keys from the caller; mean-pooled ones stand in (as in `nsa-dsl demo`), pooled here, untimed.
-        compressed = {b.name: (mean_pool(k, b.block, b.stride).contiguous(),
-                               mean_pool(v, b.block, b.stride).contiguous())
-                      for b in spec.of_kind("compress") if b.pool != "mean"}
+        # learned pools' stand-ins and indexer inputs (random_inputs), made here, untimed
+        g = torch.Generator(device=self.device).manual_seed(r["T"] + 1)
+        compressed, index = side_inputs(spec, k, v, g)
         do = torch.randn(r["B"], r["T"], r["HQ"], r["Dv"], device=self.device, dtype=self.dtype)
-        self.t = dict(q=q, k=k, v=v, gates=gates, compressed=compressed, do=do)
-        tensors = [q, k, v, do] + ([gates] if gates is not None else []) + [x for p in compressed.values() for x in p]
-        return sum(x.numel() * x.element_size() for x in tensors) / GIB
+        self.t = dict(q=q, k=k, v=v, gates=gates, compressed=compressed, index=index, do=do)
+        return sum(x.numel() * x.element_size() for x in self._leaves() + [do]) / GIB
 
     def _call(self):
         t = self.t
-        return self.op(t["q"], t["k"], t["v"], t["gates"], compressed=t["compressed"] or None)
+        return self.op(t["q"], t["k"], t["v"], t["gates"], compressed=t["compressed"] or None,
+                       index=t["index"] or None)
 
     def _leaves(self):
         t = self.t
         if not t:
             return []
         return [x for x in (t["q"], t["k"], t["v"], t["gates"]) if x is not None] + \
-            [x for p in t["compressed"].values() for x in p]
+            [x for p in t["compressed"].values() for x in p] + [x for p in t["index"].values() for x in p]
 
     def _fwd_bwd(self):
-        torch.autograd.grad(self._call(), self._leaves(), self.t["do"])
+        t = self.t
+        if not t["index"]:
+            torch.autograd.grad(self._call(), self._leaves(), t["do"])
+            return
+        # an indexer trains on its index loss (the attention's gradient never reaches it): both
+        o, aux = self.op(t["q"], t["k"], t["v"], t["gates"], compressed=t["compressed"] or None,
+                         index=t["index"], return_aux=True)
+        loss = (o.float() * t["do"]).sum() + sum(x.sum() for x in aux.index_loss.values())
+        torch.autograd.grad(loss, self._leaves())
 
     def _branch_kernels(self) -> None:
         """Forward time of each branch's kernels alone, on the op's inputs, called through the
@@ -547,7 +558,14 @@ class _Case:
         for b in spec.of_kind("select"):
             idx = {}
 
-            def topk(b=b):
+            by_indexer = spec.score_kind(b) == "indexer"
+
+            def topk(b=b, by_indexer=by_indexer):
+                if by_indexer:         # tokens: the indexer's scoring and top-k
+                    key = keys[f"indexer_{b.name}"]
+                    f = lambda: ops.indexer_topk(key, *t["index"][b.score], b.top_k)
+                    idx["i"] = f()
+                    return _bench(f)
                 key = keys[f"topk_{b.name}"]
                 if b.score != "mean_pool" and b.score not in lses:
                     raise RuntimeError(f"no scores: the compression branch {b.score!r} failed")
@@ -563,10 +581,10 @@ class _Case:
             self.measure(f"{b.name}_distinct_r{SHARING_R}", f"{b.name}_topk",
                          lambda b=b: distinct_blocks(idx["i"], SHARING_R, start=(b.top_k - 1) * b.block))
 
-            def select(b=b):
+            def select(b=b, by_indexer=by_indexer):
                 if "i" not in idx:
                     raise RuntimeError("no selected blocks: the top-k failed")
-                key = keys[f"select_{b.name}"]
+                key = keys[f"{'gather' if by_indexer else 'select'}_{b.name}"]
                 return _bench(lambda: ops.select_fwd(key, q, k, v, idx["i"], scale))
             self.measure(f"{b.name}_select_ms", f"{b.name}_select", select)
         for b in spec.of_kind("window"):

@@ -502,15 +502,12 @@ def tune_cmd(args, emit=print) -> int:
         raise SpecError("E616", f"autotuning needs a CUDA GPU; {why} (untuned kernels run their "
                                 "heuristic configs)", hint="run `nsa-dsl tune FILE` on a GPU machine")
     import nsa_dsl
-    from nsa_dsl.runtime.op import mean_pool
+    from nsa_dsl.tools.random_inputs import side_inputs
 
     spec = nsa_dsl.load(args.file, getattr(args, "name", None))
     op = nsa_dsl.compile(spec)
-    dim = getattr(args, "dim", None)
-    HQ = getattr(args, "heads", None) or spec.heads or 64
-    H = getattr(args, "kv_heads", None) or spec.kv_heads or 4
-    Dqk = getattr(args, "qk_dim", None) or dim or spec.qk_dim or 128
-    Dv = getattr(args, "v_dim", None) or dim or spec.v_dim or 128
+    HQ, kv, Dqk, Dv = _bench_shapes(spec, args)
+    H = kv[0]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[getattr(args, "dtype", None) or "bf16"]
     B = getattr(args, "batch", None) or 1
     lengths = getattr(args, "lengths", None) or (8192, 16384, 32768, 65536)
@@ -527,14 +524,13 @@ def tune_cmd(args, emit=print) -> int:
         q, k, v = rnd(B, T, HQ, Dqk), rnd(B, T, H, Dqk), rnd(B, T, H, Dv)
         gates = torch.rand(B, T, HQ, len(spec.output.branches), generator=g, device="cuda", dtype=dtype) \
             if spec.output.kind == "gate" else None
-        compressed = {b.name: (mean_pool(k, b.block, b.stride), mean_pool(v, b.block, b.stride))
-                      for b in spec.of_kind("compress") if b.pool != "mean"}   # a learned pool's stand-in
+        compressed, index = side_inputs(spec, k, v, g)
         t0 = time.perf_counter()
-        results = op.tune(q, k, v, gates, backward=backward, compressed=compressed or None)
+        results = op.tune(q, k, v, gates, backward=backward, compressed=compressed or None, index=index or None)
         emit(f"\nT = {T} (bucket B*T <= {tuning.bucket(B * T)}): {time.perf_counter() - t0:.1f} s")
         for line in _tune_table(results):
             emit(line)
-        del q, k, v, gates, compressed
+        del q, k, v, gates, compressed, index
         torch.cuda.empty_cache()
     emit(f"\nstored in {tuning.store_path(gpu, op.cache.directory)}")
     return 0

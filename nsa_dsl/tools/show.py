@@ -261,7 +261,7 @@ def random_selection(spec: Spec, T: int, seed: int = 0):
     import torch
 
     import nsa_dsl
-    from nsa_dsl.semantics.reference import mean_pool
+    from nsa_dsl.tools.random_inputs import side_inputs
     HQ, H, D = random_shapes(spec)
     run_spec = _shape_free(spec)           # declared shapes would make the inputs huge; G is kept
     g = torch.Generator().manual_seed(seed)
@@ -270,10 +270,7 @@ def random_selection(spec: Spec, T: int, seed: int = 0):
     v = torch.randn(1, T, H, D, generator=g)
     C = len(spec.output.branches)
     gates = torch.full((1, T, HQ, C), 1.0 / C) if spec.output.kind == "gate" else None
-    compressed = {b.name: (mean_pool(k, b.block, b.stride), mean_pool(v, b.block, b.stride))
-                  for b in spec.of_kind("compress") if b.pool != "mean"}
-    index = {b.name: (torch.randn(1, T, b.heads, b.dim, generator=g), torch.randn(1, T, b.dim, generator=g),
-                      torch.rand(1, T, b.heads, generator=g)) for b in run_spec.of_kind("indexer")}
+    compressed, index = side_inputs(run_spec, k, v, g)
     with torch.no_grad():
         _, aux = nsa_dsl.reference(run_spec, q, k, v, gates, compressed=compressed or None,
                                    index=index or None, return_aux=True)
