@@ -187,7 +187,7 @@ class _StandInOp:
     def __init__(self, spec):
         self.spec = spec
 
-    def __call__(self, q, k, v, gates, compressed=None):
+    def __call__(self, q, k, v, gates, compressed=None, index=None):
         if torch.is_grad_enabled() and q.requires_grad and q.shape[1] >= 128:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
         G = q.shape[2] // k.shape[2]
