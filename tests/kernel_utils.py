@@ -89,22 +89,27 @@ def run_sm90_check(script: str, args, tmp_path) -> None:
     assert run.returncode == 0 and "compiled" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
 
 
-def assert_near_ties(idx, ref, scores, select_block, keep_first, keep_last, rtol=1e-5):
+def assert_near_ties(idx, ref, scores, select_block, keep_first, keep_last, rtol=1e-5, *, causal=True,
+                     query_block=1, q_start=0, n_keys=None):
     """``idx`` (a kernel's choice) equals ``ref`` (the float64 reference's), except between blocks
-    whose float64 ``scores [B, T, H, n_sel]`` are tied within ``rtol`` of the row's largest score:
-    where exact arithmetic ties, rounding in the kernel's precision decides (the contract promises
-    the lower block only for ties that are exact in the arithmetic that ranks them). Forced blocks
-    and the number chosen must agree everywhere."""
+    whose float64 ``scores [B, T, H, n_sel]`` (each row's: its group's with ``query_block``, see
+    :func:`ranked_scores`) are tied within ``rtol`` of the row's largest score: where exact
+    arithmetic ties, rounding in the kernel's precision decides (the contract promises the lower
+    block only for ties that are exact in the arithmetic that ranks them). Forced blocks and the
+    number chosen must agree everywhere. Rows are positions ``q_start ..`` of ``n_keys`` keys."""
+    from nsa_dsl.semantics.reference import group_last
     assert idx.shape == ref.shape and idx.dtype == torch.int32, (idx.shape, ref.shape, idx.dtype)
     idx, ref, scores = idx.cpu(), ref.cpu(), scores.double().cpu()
     T = idx.shape[1]
-    own = torch.arange(T) // select_block
+    n_keys = q_start + T if n_keys is None else n_keys
+    own = group_last(torch.arange(q_start, q_start + T), query_block, n_keys) // select_block   # the choice's own block
+    n_sel = -(-n_keys // select_block)
     for b, t, h in (idx != ref).any(-1).nonzero().tolist():
         got, want = idx[b, t, h], ref[b, t, h]
         assert (got >= 0).sum() == (want >= 0).sum(), (t, got.tolist(), want.tolist())
         g, w = got[got >= 0].long(), want[want >= 0].long()
-        assert torch.all(g[1:] > g[:-1]) and int(g.max()) <= int(own[t]), (t, got.tolist())
-        forced = lambda j: (j < keep_first) | (j > own[t] - keep_last)
+        assert torch.all(g[1:] > g[:-1]) and int(g.max()) <= (int(own[t]) if causal else n_sel - 1), (t, got.tolist())
+        forced = lambda j: (j < keep_first) | ((j > own[t] - keep_last) & (j <= own[t]))
         assert torch.equal(g[forced(g)], w[forced(w)]), (t, got.tolist(), want.tolist())
         s = scores[b, t, h]
         sg = torch.nan_to_num(s[g[~forced(g)]].sort().values, neginf=-1e300)
@@ -113,29 +118,55 @@ def assert_near_ties(idx, ref, scores, select_block, keep_first, keep_last, rtol
         assert torch.all((sg - sw).abs() <= tol), (t, got.tolist(), want.tolist(), sg.tolist(), sw.tolist())
 
 
+def ranked_scores(q, k, select_block, *, lse=None, scale=None, block=None, stride=None, causal=True,
+                  query_block=1, q_start=0, n_keys=None):
+    """The float64 scores each row's choice ranks ``[B, T, H, n_sel]``: ``score = mean_pool`` when
+    ``lse`` is None (``k``: the raw keys), else ``score = <compress branch>`` (``k``: its compressed
+    keys ``k_cmp``, ``lse`` its log-sum-exps, ``block`` / ``stride`` its shape); with
+    ``query_block`` each row holds its group's (the sum over the group's positions; mean_pool:
+    ``-inf`` for blocks incomplete at the group's last position when causal). Rows are positions
+    ``q_start ..`` of ``n_keys`` keys (mean_pool: ``k``'s)."""
+    from nsa_dsl.semantics import reference as S
+    q, k = q.detach().double(), k.detach().double()
+    Tq, Q = q.shape[1], query_block
+    t = torch.arange(q_start, q_start + Tq, device=q.device)
+    if lse is None:
+        g = S._scores_mean_pool(q, t, S._block_means(k, select_block), select_block, causal, Q, k.shape[1])
+    else:
+        n_keys = q_start + Tq if n_keys is None else n_keys
+        n_sel = S.num_select_blocks(n_keys, select_block)
+        w = S.overlap_weights(block, stride, select_block, k.shape[1], n_sel, dtype=q.dtype, device=q.device)
+        g = S._group_rows(S._scores_cmp(q, t, k, lse.detach().double(), scale, block, stride, w, causal), Q)
+    return g.repeat_interleave(Q, dim=1)[:, :Tq]
+
+
 def assert_selections(spec, indices, q, k, *, compressed=None, scale=None, rtol=1e-5):
     """Each select branch's ``indices`` (an op's aux, one sequence) against the float64 reference
     choice from ``q`` and ``k`` (a tensor or a dict by branch), near ties allowed
-    (:func:`assert_near_ties`)."""
+    (:func:`assert_near_ties`; the spec's causal and each branch's query_block)."""
     from nsa_dsl.semantics import reference as S
     q64 = q.detach().double()
     kd = k if isinstance(k, dict) else {b.name: k for b in spec.branches}
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    causal = spec.causal
     for b in spec.of_kind("select"):
         if b.name not in indices:
             continue
+        Q = b.query_block
         if b.score == "mean_pool":
             kb = kd[b.name].detach().double()
-            ref = S.select_blocks_mean_pool(q64, kb, b.block, b.top_k, b.keep_first, b.keep_last)
-            scores = S.block_scores_mean_pool(q64, kb, b.block)
+            ref = S.select_blocks_mean_pool(q64, kb, b.block, b.top_k, b.keep_first, b.keep_last, causal, Q)
+            scores = ranked_scores(q64, kb, b.block, causal=causal, query_block=Q)
         else:
             c = spec.branch(b.score)
             if compressed and c.name in compressed:
                 k_cmp = compressed[c.name][0].detach().double()
             else:
                 k_cmp = S.mean_pool(kd[c.name].detach().double(), c.block, c.stride)
-            _, lse = S.compress_attention(q64, k_cmp, k_cmp, c.block, c.stride, scale)
+            _, lse = S.compress_attention(q64, k_cmp, k_cmp, c.block, c.stride, scale, causal)
             ref = S.select_blocks_cmp(q64, k_cmp, lse, scale, c.block, c.stride, b.block, b.top_k,
-                                      b.keep_first, b.keep_last)
-            scores = S.block_scores_cmp(q64, k_cmp, lse, scale, c.block, c.stride, b.block)
-        assert_near_ties(indices[b.name], ref, scores, b.block, b.keep_first, b.keep_last, rtol)
+                                      b.keep_first, b.keep_last, causal, Q)
+            scores = ranked_scores(q64, k_cmp, b.block, lse=lse, scale=scale, block=c.block, stride=c.stride,
+                                   causal=causal, query_block=Q)
+        assert_near_ties(indices[b.name], ref, scores, b.block, b.keep_first, b.keep_last, rtol,
+                         causal=causal, query_block=Q)

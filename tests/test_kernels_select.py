@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernel_utils import load_family, rand, rel_err, render_family
-from nsa_dsl.semantics.reference import select_attention, select_blocks_mean_pool
+from nsa_dsl.semantics.reference import clean_indices, group_last, select_attention, select_blocks_mean_pool
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -36,6 +36,34 @@ def random_idx(B, T, H, LS, TOPK, *, seed=0, forced=True, drop=0.3, device="cpu"
     return pick.to(torch.int32).to(device)
 
 
+def reach_idx(kind, B, T, H, LS, TOPK, *, causal=True, QB=1, q_start=0, n_keys=None, seed=0, device="cpu"):
+    """A random selection [B, T, H, TOPK] int32 as the second release's kernels meet it: every
+    block eligible when not causal (the last one partial); with QB, one choice per group of QB
+    positions (eligible for the group's last position: later rows of the group hold blocks past
+    their own, as the top-k writes them). ``kind``: "groups" as said, "clean" the same cleaned
+    per row (a caller's selection: rows of a group then differ), "random" one choice per row."""
+    n_keys = q_start + T if n_keys is None else n_keys
+    g = torch.Generator().manual_seed(seed)
+    NB = -(-n_keys // LS)
+    t = torch.arange(q_start, q_start + T)
+    if kind != "random":
+        t = group_last(t, QB, n_keys)
+    j = torch.arange(NB)[None, :]
+    score = torch.rand(B, T, H, NB, generator=g)
+    if kind != "random":            # the group's first row's draw for every row of the group
+        first = (torch.arange(T) + q_start) // QB * QB - q_start
+        score = score[:, first.clamp(min=0)]
+    if causal:
+        score = torch.where((j * LS <= t[:, None])[None, :, None, :], score, -1.0)
+    top, pick = score.topk(min(TOPK, NB), -1)
+    pick = torch.where((top >= 0) & (top > 0.2), pick, NB).sort(-1).values       # some rows hold fewer
+    pick = torch.where(pick == NB, -1, pick)
+    pick = torch.nn.functional.pad(pick, (0, TOPK - pick.shape[-1]), value=-1).to(torch.int32)
+    if kind == "clean":
+        pick = clean_indices(pick, NB, LS, causal, t0=q_start)
+    return pick.to(device)
+
+
 def make_idx(kind, q, k, LS, TOPK, seed):
     B, T, H = k.shape[:3]
     if kind == "random":
@@ -49,23 +77,29 @@ def make_idx(kind, q, k, LS, TOPK, seed):
 
 
 def run_case(B, T, H, G, DQK, DV, LS, TOPK, dtype, *, idx_kind="random", config=None,
-             device="cpu", seed=0, idx=None):
-    """Kernel (fwd + bwd in ``dtype``) and reference (float64, autograd); returns rel errors."""
-    mod = load_family("select.py.j2", G=G, DQK=DQK, DV=DV, LS=LS, TOPK=TOPK)
-    q = rand((B, T, H * G, DQK), seed=seed + 1, device=device)
-    k = rand((B, T, H, DQK), seed=seed + 2, device=device)
-    v = rand((B, T, H, DV), seed=seed + 3, device=device)
+             device="cpu", seed=0, idx=None, causal=True, QB=1, q_start=0, n_keys=None):
+    """Kernel (fwd + bwd in ``dtype``) and reference (float64, autograd); returns rel errors.
+    ``q_start`` / ``n_keys``: q's T rows are positions q_start .. of n_keys keys (OFFSETS kernels)."""
+    n_keys = q_start + T if n_keys is None else n_keys
+    pieces = dict(OFFSETS=True) if n_keys != T else {}
+    mod = load_family("select.py.j2", G=G, DQK=DQK, DV=DV, LS=LS, TOPK=TOPK, CAUSAL=causal, QB=QB, **pieces)
+    q = rand((B, n_keys, H * G, DQK), seed=seed + 1, device=device)[:, q_start:q_start + T]
+    k = rand((B, n_keys, H, DQK), seed=seed + 2, device=device)
+    v = rand((B, n_keys, H, DV), seed=seed + 3, device=device)
     do = rand((B, T, H * G, DV), seed=seed + 4, device=device)
     if idx is None:
-        idx = make_idx(idx_kind, q, k, LS, TOPK, seed)
+        idx = reach_idx(idx_kind, B, T, H, LS, TOPK, causal=causal, QB=QB, q_start=q_start, n_keys=n_keys,
+                        seed=seed, device=device) if idx_kind in ("groups", "clean") or not causal or pieces \
+            else make_idx(idx_kind, q, k, LS, TOPK, seed)
     scale = DQK ** -0.5
     qx, kx, vx, dox = (x.to(dtype) for x in (q, k, v, do))
-    o, lse = mod.fwd(qx, kx, vx, idx, scale, config=config)
-    dq, dk, dv = mod.bwd(qx, kx, vx, idx, o, lse, dox, scale, config=config)
+    at = dict(q_start=q_start) if pieces else {}
+    o, lse = mod.fwd(qx, kx, vx, idx, scale, config=config, **at)
+    dq, dk, dv = mod.bwd(qx, kx, vx, idx, o, lse, dox, scale, config=config, **at)
 
     def reference(dt):
         qr, kr, vr = (x.to(dt).detach().requires_grad_() for x in (qx, kx, vx))
-        ro, rlse = select_attention(qr, kr, vr, idx, LS, scale)
+        ro, rlse = select_attention(qr, kr, vr, idx, LS, scale, causal, q_start=q_start)
         ro.backward(dox.to(dt))
         return ro, rlse, qr.grad, kr.grad, vr.grad
 
@@ -228,6 +262,158 @@ def test_select_render_specializes():
     assert "(i_j + 1) * LS" not in long
 
 
+# ----------------------------------------------------------------------------- second release
+# causal = false, query_block = QB (a tile inside a group walks its TOPK blocks with every row; the
+# kernels find the union of the rows' blocks themselves), query pieces (OFFSETS: q_start)
+
+def _r(B, T, H, G, DQK, DV, LS, TOPK, causal, QB, kind, config=None):
+    cid = f"B{B}-T{T}-H{H}-G{G}-D{DQK}x{DV}-LS{LS}-K{TOPK}-{'causal' if causal else 'full'}-QB{QB}-{kind}"
+    if config:
+        cid += "-" + "-".join(f"{k}{v}" for k, v in sorted(config.items()))
+    return pytest.param(B, T, H, G, DQK, DV, LS, TOPK, causal, QB, kind, config, id=cid)
+
+
+REACH_FP32 = [
+    _r(1, 100, 2, 3, 32, 16, 16, 4, False, 1, "random"),                 # every key of a block, blocks past t
+    _r(1, 60, 1, 16, 32, 48, 48, 3, False, 1, "random", dict(R=1, RQ=1)),    # masked block ends, a partial last block
+    _r(2, 17, 1, 3, 32, 16, 16, 2, True, 2, "groups"),
+    _r(1, 130, 1, 1, 32, 16, 16, 4, True, 16, "groups"),                 # 4 groups per tile: their union
+    _r(1, 100, 1, 16, 32, 16, 16, 4, True, 64, "groups", dict(R=4, RQ=4, CHUNK=16)),   # tiles inside a group
+    _r(1, 100, 2, 3, 48, 32, 32, 3, False, 16, "groups"),
+    _r(1, 130, 1, 3, 32, 32, 16, 4, True, 16, "clean", dict(R=16)),      # a caller's: rows of a group differ
+    _r(1, 100, 1, 3, 32, 16, 16, 3, True, 16, "random"),                 # any rows
+    _r(1, 1, 1, 3, 32, 16, 16, 2, False, 64, "groups"),                  # T = 1
+    _r(1, 100, 1, 4, 16, 32, 100, 2, False, 1, "random", dict(TMA=True)),   # TMA, two tiles per block
+    _r(1, 100, 1, 4, 16, 32, 100, 2, True, 16, "clean", dict(TMA=True)),
+]
+
+
+@pytest.mark.parametrize("B,T,H,G,DQK,DV,LS,TOPK,causal,QB,kind,config", REACH_FP32)
+def test_select_reach_fp32(B, T, H, G, DQK, DV, LS, TOPK, causal, QB, kind, config):
+    errs, *_ = run_case(B, T, H, G, DQK, DV, LS, TOPK, torch.float32, idx_kind=kind, config=config,
+                        causal=causal, QB=QB)
+    _assert_close(errs, 1e-5)
+
+
+@pytest.mark.parametrize("B,T,H,G,DQK,DV,LS,TOPK,causal,QB,kind,config", [
+    _r(1, 100, 2, 3, 32, 64, 16, 3, False, 1, "random"),
+    _r(1, 130, 1, 16, 64, 32, 32, 3, True, 64, "groups", dict(R=4, TMA=True)),
+])
+def test_select_reach_fp16(B, T, H, G, DQK, DV, LS, TOPK, causal, QB, kind, config):
+    errs, *_ = run_case(B, T, H, G, DQK, DV, LS, TOPK, torch.float16, idx_kind=kind, config=config,
+                        causal=causal, QB=QB)
+    _assert_close(errs, 5e-3)
+
+
+@pytest.mark.parametrize("causal,QB", [(True, 1), (False, 1), (True, 16)], ids=["causal-QB1", "full-QB1", "causal-QB16"])
+def test_select_pieces(causal, QB):
+    """q_start pieces (OFFSETS): each piece against the reference at q_start, its outputs the whole
+    call's rows, and the pieces' key gradients summing to the whole call's."""
+    B, T, H, G, DQK, DV, LS, K = 1, 130, 1, 3, 32, 16, 16, 3
+    mod = load_family("select.py.j2", G=G, DQK=DQK, DV=DV, LS=LS, TOPK=K, CAUSAL=causal, QB=QB, OFFSETS=True)
+    q, k, v = rand((B, T, H * G, DQK), seed=1), rand((B, T, H, DQK), seed=2), rand((B, T, H, DV), seed=3)
+    do = rand((B, T, H * G, DV), seed=4)
+    idx = reach_idx("groups", B, T, H, LS, K, causal=causal, QB=QB, seed=5)
+    o, lse = mod.fwd(q, k, v, idx, 0.3)
+    dq, dk, dv = mod.bwd(q, k, v, idx, o, lse, do, 0.3)
+    dk_sum, dv_sum = torch.zeros_like(dk), torch.zeros_like(dv)
+    for a, b in ((0, 48), (48, 112), (112, 130)):
+        po, plse = mod.fwd(q[:, a:b], k, v, idx[:, a:b], 0.3, q_start=a)
+        pdq, pdk, pdv = mod.bwd(q[:, a:b], k, v, idx[:, a:b], po, plse, do[:, a:b], 0.3, q_start=a)
+        qr, kr, vr = (x.double().requires_grad_() for x in (q[:, a:b], k, v))
+        ro, rlse = select_attention(qr, kr, vr, idx[:, a:b], LS, 0.3, causal, q_start=a)
+        ro.backward(do[:, a:b].double())
+        _assert_close([rel_err(x, r) for x, r in zip((po, plse, pdq, pdk, pdv), (ro, rlse, qr.grad, kr.grad, vr.grad))],
+                      1e-5)
+        _assert_close([rel_err(x, r) for x, r in zip((po, plse, pdq), (o[:, a:b], lse[:, a:b], dq[:, a:b]))], 1e-5)
+        dk_sum += pdk
+        dv_sum += pdv
+    assert rel_err(dk_sum, dk) < 1e-5 and rel_err(dv_sum, dv) < 1e-5
+
+
+def test_select_render_reach():
+    """QB: no block lists (the kernel walks its rows' union); not causal: no causal masks; OFFSETS:
+    rows and positions apart."""
+    v = dict(G=4, DQK=64, DV=64, LS=64, TOPK=8)
+    plain = render_family("select.py.j2", **v)
+    groups = render_family("select.py.j2", **v, QB=16)
+    assert "blk" in plain and "while" not in plain
+    assert " blk," not in groups and "while i_j < N_J:" in groups
+    full = render_family("select.py.j2", **v, CAUSAL=False)
+    assert "<= o_t" in plain and "<= o_t" not in full
+    piece = render_family("select.py.j2", **v, OFFSETS=True)
+    assert "o_pos = T0 + o_t" in piece and "T0 + o_t[None, :]" in piece and "T0" not in plain
+
+
+def test_select_pieces_refused():
+    """Pieces need OFFSETS kernels, a start on a group boundary, keys enough, and no packing."""
+    q, k, v = rand((1, 40, 1, 16)), rand((1, 64, 1, 16)), rand((1, 64, 1, 16))
+    idx = torch.full((1, 40, 1, 2), -1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="OFFSETS"):
+        load_family("select.py.j2", G=1, DQK=16, DV=16, LS=16, TOPK=2).fwd(q, k, v, idx, 0.25)
+    mod = load_family("select.py.j2", G=1, DQK=16, DV=16, LS=16, TOPK=2, QB=16, OFFSETS=True)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        mod.fwd(q[:, :8], k, v, idx[:, :8], 0.25, q_start=8)
+    with pytest.raises(ValueError, match="keys hold 64"):
+        mod.fwd(q, k, v, idx, 0.25, q_start=32)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_select_huge_negative_logits(causal):
+    """The running max starts at -inf: rows whose logits all lie far below 0 keep their weight even
+    where a tile they skip comes first (R > 1: rows that did not choose a block). Logits near -125
+    (exp underflows in fp32 from -104): forward and backward against the reference (at fp32's
+    resolution there: 1e-4); near -1e31: the forward (every logit of a row equal), finite gradients."""
+    B, T, H, G, D, LS, K = 1, 64, 1, 2, 32, 16, 3
+    mod = load_family("select.py.j2", G=G, DQK=D, DV=D, LS=LS, TOPK=K, CAUSAL=causal)
+    idx = reach_idx("random", B, T, H, LS, K, causal=causal, seed=0)
+    for shift, tol in ((32.0, 1e-4), (1e16, None)):
+        q = (rand((B, T, H * G, D), seed=1) * 8).round() / 8       # exact products and sums in fp32
+        k = (rand((B, T, H, D), seed=2) * 8).round() / 8
+        q[..., 0], k[..., 0] = shift, -shift                        # logits about -shift**2 / 8
+        if tol is None:
+            k = k[:, :1].expand_as(k).contiguous()                   # equal keys: every logit of a row equal
+        v, do = rand((B, T, H, D), seed=3), rand((B, T, H * G, D), seed=4)
+        o, lse = mod.fwd(q, k, v, idx, 0.125, config=dict(R=8, RQ=8))
+        dq, dk, dv = mod.bwd(q, k, v, idx, o, lse, do, 0.125, config=dict(R=8, RQ=8))
+        qr, kr, vr = (x.double().requires_grad_() for x in (q, k, v))
+        ro, rlse = select_attention(qr, kr, vr, idx, LS, 0.125, causal)
+        ro.backward(do.double())
+        _assert_close([rel_err(o, ro), rel_err(lse, rlse)], 1e-5)
+        if tol is None:
+            assert all(torch.isfinite(x).all() for x in (dq, dk, dv))
+        else:
+            _assert_close([rel_err(o, ro), rel_err(lse, rlse), rel_err(dq, qr.grad), rel_err(dk, kr.grad),
+                           rel_err(dv, vr.grad)], tol)
+
+
+@pytest.mark.parametrize("causal,QB", [(False, 1), (True, 16), (False, 64)], ids=["full-QB1", "causal-QB16", "full-QB64"])
+def test_select_packed_reach(causal, QB):
+    """Packed sequences (VARLEN): each sequence attends as if alone (its blocks, its groups)."""
+    G, DQK, DV, LS, K = 3, 32, 16, 16, 3
+    cu = torch.tensor([0, 17, 17, 117, 130], dtype=torch.int32)
+    T = int(cu[-1])
+    mod = load_family("select.py.j2", G=G, DQK=DQK, DV=DV, LS=LS, TOPK=K, CAUSAL=causal, QB=QB, VARLEN=True)
+    q, k, v = rand((1, T, G, DQK), seed=1), rand((1, T, 1, DQK), seed=2), rand((1, T, 1, DV), seed=3)
+    do = rand((1, T, G, DV), seed=4)
+    idx = torch.cat([reach_idx("groups", 1, b - a, 1, LS, K, causal=causal, QB=QB, seed=a)
+                     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], 1)
+    cfg = dict(R=4, RQ=16, CHUNK=16)
+    o, lse = mod.fwd(q, k, v, idx, 0.3, cu_seqlens=cu, config=cfg)
+    dq, dk, dv = mod.bwd(q, k, v, idx, o, lse, do, 0.3, cu_seqlens=cu, config=cfg)
+    got, want = [], []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if a == b:
+            continue
+        qr, kr, vr = (x[:, a:b].double().requires_grad_() for x in (q, k, v))
+        ro, rlse = select_attention(qr, kr, vr, idx[:, a:b], LS, 0.3, causal)
+        ro.backward(do[:, a:b].double())
+        got.append((o[:, a:b], lse[:, a:b], dq[:, a:b], dk[:, a:b], dv[:, a:b]))
+        want.append((ro, rlse, qr.grad, kr.grad, vr.grad))
+    _assert_close([rel_err(torch.cat([g[i] for g in got], 1), torch.cat([w[i] for w in want], 1))
+                   for i in range(5)], 1e-5)
+
+
 # ----------------------------------------------------------------------------- GPU
 
 def _gpu_case(T, H, G, DQK, DV, LS, TOPK, dtype, idx_kind):
@@ -248,6 +434,26 @@ def _gpu_case(T, H, G, DQK, DV, LS, TOPK, dtype, idx_kind):
 ])
 def test_select_gpu(T, H, G, DQK, DV, LS, TOPK, idx_kind, dtype):
     _gpu_case(T, H, G, DQK, DV, LS, TOPK, dtype, idx_kind)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("T,H,G,DQK,DV,LS,TOPK,causal,QB,kind,q_start,n_keys", [
+    pytest.param(4096, 2, 16, 128, 128, 64, 16, False, 1, "random", 0, None, id="T4096-G16-full"),
+    pytest.param(4096, 1, 16, 128, 128, 64, 16, True, 64, "groups", 0, None, id="T4096-G16-QB64"),
+    pytest.param(2000, 2, 3, 64, 48, 48, 8, True, 16, "clean", 0, None, id="T2000-G3-QB16-clean"),
+    pytest.param(4096, 1, 1, 64, 64, 32, 16, False, 2, "groups", 0, None, id="T4096-G1-full-QB2"),
+    pytest.param(1024, 2, 16, 128, 128, 64, 16, True, 64, "groups", 2048, 4096, id="piece-QB64"),
+    pytest.param(1000, 1, 4, 64, 64, 64, 16, False, 1, "random", 3000, 4000, id="piece-full"),
+])
+def test_select_reach_gpu(T, H, G, DQK, DV, LS, TOPK, causal, QB, kind, q_start, n_keys, dtype):
+    """The second release on the GPU: causal = false, query_block, query pieces (bf16 / fp16)."""
+    errs, ref, reference, _ = run_case(1, T, H, G, DQK, DV, LS, TOPK, dtype, idx_kind=kind, device="cuda",
+                                       causal=causal, QB=QB, q_start=q_start, n_keys=n_keys)
+    low = reference(dtype)
+    ref_errs = [rel_err(x, r) for x, r in zip(low, ref)]
+    for n, e, re in zip(NAMES, errs, ref_errs):
+        assert e < max(5e-3, 2 * re), f"{n}: kernel {e:.2e}, {dtype} reference {re:.2e}"
 
 
 def test_shared_rows_follow_the_selection():

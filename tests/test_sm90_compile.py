@@ -83,6 +83,42 @@ for kind, fn in (("fwd", sm.kernels.select_fwd_kernel), ("dq", sm.kernels.select
     run("select " + kind, fn, cfg, consts, {**BF16, **F32, **I32, "dk": "*fp32", "dv": "*fp32",
                                             "k_desc": desc, "v_desc": desc})
 
+# the second release's top-k and selection: query_block = 64 (a group's 64 positions share their
+# blocks: dense selection tiles; the top-k scores a group in sub-tiles) and causal = false
+for QB, causal in ((64, True), (1, False)):
+    tag = f" QB{QB}" if QB > 1 else " not causal"
+    tvars = dict(tile_vars(G, D, D), L=L, STRIDE=S, LS=LS, TOPK=K, KEEP_FIRST=1, KEEP_LAST=2, SCORE="cmp",
+                 CAUSAL=causal, QB=QB, **topk_vars(L, S, LS, K, "cmp"))
+    tq = launch.launchers("topk", tvars, load_module(render("topk.py.j2", **tvars), "sm90_topk" + tag.replace(" ", "_")))
+    cfg = tq._heuristic("topk", True, T)
+    consts = dict(G=G, GP=G, DQK=D, BDK=D, L=L, STRIDE=S, A=tq.A, C=tq.C, LS=LS, TOPK=K, TOPKP=K, KEEP_FIRST=1,
+                  KEEP_LAST=2, **tq.SORT_KEYS, NI=cfg.get("NI", 0), R=cfg["R"], BM=G * cfg["R"], BN=cfg["BN"],
+                  BJ=cfg["BJ"], LOWP=True, **tq._groups(cfg["R"])[0])
+    run("topk" + tag, tq.kernels.topk_cmp_kernel, cfg, consts, {**BF16, **F32, **I32})
+    if QB > 1:   # mean_pool: one row per group (q summed over the group by the launcher, fp32)
+        mvars = dict(tile_vars(G, D, D), LS=LS, TOPK=K, KEEP_FIRST=1, KEEP_LAST=2, SCORE="mean_pool", QB=QB,
+                     **topk_vars(LS, LS, LS, K, "mean_pool"))
+        tm = launch.launchers("topk", mvars, load_module(render("topk.py.j2", **mvars), "sm90_topk_mp" + tag.replace(" ", "_")))
+        cfg = tm._heuristic("topk", True, T)
+        consts = dict(G=G, GP=G, DQK=D, BDK=D, LS=LS, TOPK=K, TOPKP=K, KEEP_FIRST=1, KEEP_LAST=2, **tm.SORT_KEYS,
+                      NI=0, R=cfg["R"], BM=tm._rows(cfg["R"]), BN=cfg["BN"], BJ=cfg["BJ"], PREC=cfg["dot"], QB=QB)
+        run("topk mean_pool" + tag, tm.kernels.topk_mean_pool_kernel, cfg, consts,
+            {**BF16, **F32, **I32, "q": "*fp32", "kbar": "*fp32"})
+    svars = dict(tile_vars(G, D, D), LS=LS, TOPK=K, CAUSAL=causal, QB=QB, **select_vars(LS, K))
+    sq = launch.launchers("select", svars, load_module(render("select.py.j2", **svars), "sm90_select" + tag.replace(" ", "_")))
+    for kind, fn in (("fwd", sq.kernels.select_fwd_kernel), ("dq", sq.kernels.select_bwd_dq_kernel),
+                     ("dkdv", sq.kernels.select_bwd_dkdv_kernel))[:3 if QB == 1 else 2]:   # QB: dkdv as QB = 1
+        cfg = sq._heuristic(kind, True, T)
+        consts = dict(G=G, GP=G, LS=LS, BN=cfg["BN"], DQK=D, DV=D, BDK=D, BDV=D, ACC=True, TMA=cfg.get("TMA", False))
+        desc = "tensordesc<bf16[1,%d,1,%d]>" % (cfg["BN"], D)
+        if kind == "dkdv":
+            consts.update(RQ=cfg["RQ"])
+        else:     # QB: the union of the tile's rows' blocks is found in the kernel (no block lists)
+            consts.update(R=cfg["R"], TOPK=K, TOPKP=K, NT=LS // cfg["BN"],
+                          **(dict(RK=K * cfg["R"], RKP=K * cfg["R"]) if QB == 1 else {}))
+        run("select" + tag + " " + kind, fn, cfg, consts, {**BF16, **F32, **I32, "dk": "*fp32", "dv": "*fp32",
+                                                         "k_desc": desc, "v_desc": desc})
+
 for kind, fn in (("fwd", wm.kernels.window_fwd_kernel), ("dq", wm.kernels.window_bwd_dq_kernel),
                  ("dkdv", wm.kernels.window_bwd_dkdv_kernel)):
     cfg = wm._heuristic(kind, True, T)

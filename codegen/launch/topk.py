@@ -252,7 +252,11 @@ class TopkMeanPool(Topk):
         pinned = self._pinned()
         if pinned is not None:
             return pinned
-        R = 64 if self.QB > 1 else max(1, 128 // self.GP)   # interpreter too: few, large programs
+        if self.QB > 1:
+            # one row per group: the fewest rows tl.dot takes; sm_90 (D = 128): BJ = 16 on 8 warps
+            # compiles without spills (BJ = 32: 364 bytes on 8 warps, 11 KB on 4)
+            return dict(R=16, BN=16, BJ=16, num_warps=8 if gpu else 4, dot="tf32" if gpu else "ieee")
+        R = max(1, 128 // self.GP)              # interpreter too: few, large programs
         return dict(R=R, BN=16, BJ=32 if gpu else 16, num_warps=4, dot="tf32" if gpu else "ieee")
 
     def smem_bytes(self, kind: str, cfg: Config, dtype_bytes: int = 2) -> int:
@@ -262,7 +266,11 @@ class TopkMeanPool(Topk):
         return (BM * BDK + bufs * BDK * cfg["BJ"]) * 4
 
     def config_space(self, kind: str, T: int, *, smem: Optional[int] = None, dtype_bytes: int = 2) -> list[Config]:
-        """Candidate configs for the tuner (GPU), partial dicts over the heuristic (``_candidates``)."""
+        """Candidate configs for the tuner (GPU), partial dicts over the heuristic (``_candidates``;
+        QB > 1: tiles of 16 or 32 groups x BJ of 16, 32 x 4 / 8 warps, then 0 to 3 insertion steps)."""
+        if self.QB > 1:
+            cands = [dict(R=r, BJ=bj, num_warps=w) for r in (16, 32) for bj in (16, 32) for w in (4, 8)]
+            return self._prune(kind, cands + [dict(NI=n) for n in range(4)], T, smem, dtype_bytes)
         return self._prune(kind, self._candidates(None), T, smem, dtype_bytes)
 
     def _means(self, k: torch.Tensor, cu_seqlens) -> tuple[torch.Tensor, int, tuple]:
