@@ -20,13 +20,16 @@ def decode_signature(fn, consts: dict) -> dict:
     for name in fn.arg_names:
         if name in consts:
             sig[name] = "constexpr"
-        elif name in ("start", "nq", "tickets") or name.startswith(("idx", "wsel")):
+        elif name in ("start", "nq", "tickets", "tbl", "lens", "start_out", "lens_out", "err", "free_pages",
+                      "free_top") or name.startswith(("idx", "wsel")):
             sig[name] = "*i32"
+        elif name.startswith(("gat", "dst")):    # append: flat rows of learned-pool candidates
+            sig[name] = "*i64"
         elif name in ("ws_acc", "ws_m", "ws_l", "ws_u", "ws_mu", "blse") or name.startswith("kb"):   # kb: block means
             sig[name] = "*fp32"
         elif name == "qk_scale":
             sig[name] = "fp32"
-        elif name.startswith("s_") or name in ("C", "H", "NS", "NK", "B"):
+        elif name.startswith(("s_", "trash")) or name in ("C", "H", "NS", "NK", "B", "n_tbl", "n_pg", "cap"):
             sig[name] = "i32"
         else:
             sig[name] = "*bf16"

@@ -371,18 +371,29 @@ for path in sys.argv[1:]:
     kp = lower_decode(spec, bind(spec, HQ, H, D, D)).kernels[0]
     mod = launch.launchers("decode", kp.vars(), load_module(render(kp.template, **kp.vars()),
                                                             f"decode_sm90_check_{spec.name}_{G}"))
-    consts = dict(G=G, GP=G, R=R, BM=R * G, BN=32, BJ=16, DQK=D, DV=D, BDK=D, BDV=D, NP=mod.NP, LOWP=True)
+    consts = dict(G=G, GP=G, R=R, BM=R * G, BN=32, BJ=16, DQK=D, DV=D, BDK=D, BDV=D, NP=mod.NP, LOWP=True, PAGE=0)
     kernels = [(mod.kernels.decode_kernel, dict(SPLIT=False, ONEPASS=False, AUX=True, BJ=32, BJM=32, NJ=32))]
     if mod.NP > 0:
         kernels += [(mod.kernels.decode_kernel, dict(SPLIT=True, ONEPASS=False, AUX=True, BJM=64, NJ=2048 // R)),
                     (mod.kernels.decode_kernel, dict(SPLIT=False, ONEPASS=True, AUX=True, BJM=64, NJ=2048 // R)),
                     (mod.kernels.decode_split_kernel, dict(TAIL=True, AUX=True, BJM=64, NJ=2048 // R)),
-                    (mod.kernels.decode_split_kernel, dict(TAIL=False, AUX=False, BJM=64, NJ=16))]
+                    (mod.kernels.decode_split_kernel, dict(TAIL=False, AUX=False, BJM=64, NJ=16)),
+                    # paged (pages of 16 positions through the block table)
+                    (mod.kernels.decode_kernel, dict(SPLIT=True, ONEPASS=False, AUX=False, BJM=64, NJ=2048 // R, PAGE=16)),
+                    (mod.kernels.decode_kernel, dict(SPLIT=False, ONEPASS=True, AUX=False, BJM=64, NJ=2048 // R, PAGE=16)),
+                    (mod.kernels.decode_split_kernel, dict(TAIL=False, AUX=False, BJM=64, NJ=16, PAGE=16))]
+    else:
+        kernels += [(mod.kernels.decode_kernel, dict(SPLIT=False, ONEPASS=False, AUX=False, BJ=32, BJM=32, NJ=32, PAGE=16))]
     for fn, extra in kernels:
         kernel = compile_decode(fn, dict(consts, **extra), num_warps=8, num_stages=3)
         assert kernel.asm["cubin"], fn.__name__
         # the H200's 227 KiB of shared memory per block (the driver refuses more at launch)
         assert kernel.metadata.shared <= 232448, (path, fn.__name__, R, kernel.metadata.shared)
+  # the append kernel, paged with pages taken on the device, and contiguous
+  for page in (16, 0):
+    kernel = compile_decode(mod.kernels.append_kernel, dict(DQK=D, DV=D, BDK=D, BDV=D, BC=16, PAGE=page, ALLOC=page > 0,
+                                                            BPG=2, SHARED=True, MC=1, UPDATE=True), num_warps=4, num_stages=1)
+    assert kernel.asm["cubin"]
 print("compiled")
 """
 
