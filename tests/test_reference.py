@@ -153,6 +153,10 @@ def make_inputs(spec, B, T, H, G, dqk, dv, kv="shared", dtype=F64):
             nc = R.num_compressed_blocks(T, b.block, b.stride)
             leaves[f"kc.{b.name}"] = torch.randn(B, nc, H, dqk, dtype=dtype)
             leaves[f"vc.{b.name}"] = torch.randn(B, nc, H, dv, dtype=dtype)
+    for b in spec.of_kind("indexer"):
+        leaves[f"qi.{b.name}"] = torch.randn(B, T, b.heads, b.dim, dtype=dtype)
+        leaves[f"ki.{b.name}"] = torch.randn(B, T, b.dim, dtype=dtype)
+        leaves[f"wi.{b.name}"] = torch.rand(B, T, b.heads, dtype=dtype)
     if spec.output.kind == "gate":
         leaves["gates"] = torch.rand(B, T, HQ, len(spec.output.branches), dtype=dtype)
     for x in leaves.values():
@@ -167,7 +171,8 @@ def call_args(spec, leaves):
         k = {n[2:]: x for n, x in leaves.items() if n.startswith("k.")}
         v = {n[2:]: x for n, x in leaves.items() if n.startswith("v.")}
     compressed = {n[3:]: (x, leaves["vc." + n[3:]]) for n, x in leaves.items() if n.startswith("kc.")}
-    return (leaves["q"], k, v, leaves.get("gates")), dict(compressed=compressed or None)
+    index = {n[3:]: (x, leaves["ki." + n[3:]], leaves["wi." + n[3:]]) for n, x in leaves.items() if n.startswith("qi.")}
+    return (leaves["q"], k, v, leaves.get("gates")), dict(compressed=compressed or None, index=index or None)
 
 
 def loss_of(o, lses, seed=1):
