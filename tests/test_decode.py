@@ -641,7 +641,7 @@ def test_decode_bench_dry_run():
     (row,) = decode_bench(SMALL["paper"], cache_lengths=(40,), batches=(2,), HQ=3, H=1, Dqk=16, Dv=16, q_len=2,
                           dtype=torch.float32, peers=(), cuda_graph=False, device="cpu", timer=timer)
     assert row["B"] == 2 and row["T"] == 40 and row["q_len"] == 2 and row["nsa_kernel_ms"] == 1.0
-    assert len(calls) == 2 and "speedup" not in row
+    assert len(calls) == 4 and "speedup" not in row      # step and kernels, contiguous and paged
 
 
 @pytest.mark.gpu
@@ -651,6 +651,7 @@ def test_gpu_decode_bench_smoke():
     assert len(rows) == 2
     for row in rows:
         assert row["nsa_kernel_ms"] > 0 and ("sdpa_flash_ms" in row or "sdpa_flash_error" in row)
+        assert row["paged_kernel_ms"] > 0 and ("paged_step_graph_ms" in row or "paged_step_graph_error" in row)
 
 
 @pytest.mark.gpu

@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "1, 8 and 64 unless --batch)")
     sp.add_argument("--q-len", type=_positive_int, metavar="N",
                     help="with --decode: new tokens per sequence and step (default 1; more: speculative decoding)")
+    sp.add_argument("--page-size", type=_positive_int, metavar="P",
+                    help="with --decode: positions per page of the paged cache timed beside the contiguous "
+                         "one (default 64; a power of two)")
     sp.add_argument("--workload", choices=("random", "local", "both"), default="random",
                     help="inputs: iid random, 'local' (slowly drifting keys, queries following them: "
                          "neighbouring tokens choose similar blocks, as in trained models), or both")

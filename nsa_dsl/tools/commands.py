@@ -307,8 +307,9 @@ def _bench_shapes(spec, args):
 
 def _bench_decode(spec, args, emit) -> int:
     """`nsa-dsl bench FILE --decode`: decoding steps (``--q-len`` new tokens per sequence; more than
-    one: speculative decoding) against SDPA over the whole cache, at each cache length, batch
-    (``--batch``, else 1, 8 and 64) and kv head count."""
+    one: speculative decoding) over a contiguous and a paged cache (``--page-size``, default 64)
+    against SDPA over the whole cache, at each cache length, batch (``--batch``, else 1, 8 and 64)
+    and kv head count."""
     import sys
     from dataclasses import replace
 
@@ -316,11 +317,12 @@ def _bench_decode(spec, args, emit) -> int:
     from tqdm import tqdm
 
     from nsa_dsl.tools import bench
-    from nsa_dsl.tools.decode_bench import decode_bench
+    from nsa_dsl.tools.decode_bench import decode_bench, table_keys
     HQ, kv, Dqk, Dv = _bench_shapes(spec, args)
     lengths = [int(x) for x in str(getattr(args, "lengths", None) or "4096,16384,65536,131072").split(",")]
     batches = (args.batch,) if getattr(args, "batch", None) else (1, 8, 64)
     q_len = getattr(args, "q_len", None) or 1
+    page_size = getattr(args, "page_size", None) or 64
     # the shapes come from the options (the spec's as defaults): the declared ones are dropped
     spec = replace(spec, heads=None, kv_heads=None, qk_dim=None, v_dim=None)
     bar = tqdm(total=len(lengths) * len(batches) * len(kv), desc="decode", unit="case", file=sys.stderr,
@@ -331,19 +333,25 @@ def _bench_decode(spec, args, emit) -> int:
             for T in lengths:
                 for B in batches:
                     rows += decode_bench(spec, [T], [B], HQ=HQ, H=H, Dqk=Dqk, Dv=Dv, q_len=q_len,
-                                         progress=lambda m: bar.set_postfix_str(m))
+                                         page_size=page_size, progress=lambda m: bar.set_postfix_str(m))
                     bar.update(1)
     finally:
         bar.close()
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "spec": str(args.file), "spec_name": spec.name,
             "HQ": HQ, "kv_heads": list(kv), "Dqk": Dqk, "Dv": Dv, "q_len": q_len, "dtype": "bfloat16",
-            "timing": "median ms per step (triton.testing.do_bench); graph: the step's kernels replayed "
-                      "from a CUDA graph; speedup: the faster SDPA backend / nsa_kernel_ms"}
-    keys = [k for k in rows[0] if k.endswith("_ms") or k.startswith("speedup")]
+            "page_size": page_size,
+            "timing": "median ms per step (triton.testing.do_bench); nsa: the contiguous cache, paged: a "
+                      "paged one (pages in a shuffled order); step: append + decode launched from Python "
+                      "(DecodeRunner, the serving path); kernel: the decode kernels alone; graph: the decode "
+                      "kernels replayed from a CUDA graph; step_graph: the whole step replayed; speedup: the "
+                      "faster SDPA backend / nsa_kernel_ms; python_vs_graph: step / step_graph; "
+                      "paged_vs_contiguous: paged / contiguous step_graph (fields: decode_bench's docstring)"}
+    keys = table_keys(rows)
     emit(f"{meta['gpu']}  torch {meta['torch']}  spec {args.file}  HQ={HQ} H={','.join(map(str, kv))} "
-         f"Dqk={Dqk} Dv={Dv} q_len={q_len} bf16  (decode, ms per step)")
-    emit("| B | H | cache | " + " | ".join(keys) + " |")
+         f"Dqk={Dqk} Dv={Dv} q_len={q_len} page_size={page_size} bf16  (decode: ms per step, then ratios)")
+    emit(f"columns: {meta['timing']}")
+    emit("| B | H | cache | " + " | ".join(k.removesuffix("_ms") for k in keys) + " |")
     emit("|" + "---|" * (len(keys) + 3))
     for r in rows:
         emit(f"| {r.get('B', '-')} | {r.get('H', '-')} | {r.get('T', '-')} | "
