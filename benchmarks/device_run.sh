@@ -9,6 +9,12 @@
 #           GQA groups
 #   decode  decoding steps against cuDNN over the whole cache
 #   tune    `nsa-dsl tune` of the forward kernels at 64k (stored next to the kernel cache)
+#   paper   the paper pattern 8k..64k against cuDNN and flash_nsa (the public NSA kernels, carried
+#           in .peers: see ../shared/peers/README.md), then GQA groups at 64k
+#   reach   the second release's patterns against cuDNN: DSA (indexer), MoBA and its tiles, encoder
+#   paged   decoding, contiguous and paged caches, Python-launched and graph-replayed, against cuDNN
+#   cp      context parallelism over a group of one against the plain op (benchmarks/cp_overhead.py)
+#   lm      examples/train_code_lm.py: NSA against SDPA on the standard library's source, T = 8192
 set -u
 OUT="${OUT:-/tmp/nsa-out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NSA_DSL_CACHE_DIR="${NSA_DSL_CACHE_DIR:-/tmp/nsa-cache}"
@@ -54,6 +60,26 @@ decode)
       --json "$OUT/decode.json" --plot "$OUT/decode.png" 2>/dev/null | tee "$OUT/decode.log" | tail -14 ;;
 tune)
   timeout 300 python3 -m nsa_dsl tune $S --lengths 65536 --no-backward 2>&1 | tee "$OUT/tune.log" | tail -12 ;;
-*) echo "unknown stage $stage (gpu, check, bench, decode, tune)"; exit 2 ;;
+paper)
+  timeout 240 python3 -m nsa_dsl bench $S --lengths 8192,16384,32768,65536 --peers cudnn \
+      --json "$OUT/paper.json" --plot "$OUT/paper.png" 2>/dev/null | tee "$OUT/paper.log" | head -12
+  [ -d .peers ] && PYTHONPATH="$PWD/.peers:$PYTHONPATH" timeout 150 python3 .peers/flash_nsa_bench.py \
+      8192 16384 32768 65536 2>/dev/null | tee "$OUT/flash_nsa.jsonl"
+  timeout 120 python3 -m nsa_dsl bench $S --lengths 65536 --heads 32 --kv-heads 2,8 --peers none \
+      --json "$OUT/gqa.json" 2>/dev/null | tee "$OUT/gqa.log" | head -7 ;;
+reach)
+  for f in dsa moba moba_tiles encoder; do
+    timeout 120 python3 -m nsa_dsl bench examples/$f.nsa --lengths 16384,65536 --peers cudnn \
+        --json "$OUT/reach_$f.json" 2>/dev/null | tee "$OUT/reach_$f.log" | head -8
+  done ;;
+paged)
+  timeout 200 python3 -m nsa_dsl bench $S --decode --lengths 16384,65536 \
+      --json "$OUT/paged.json" 2>/dev/null | tee "$OUT/paged.log" | tail -14 ;;
+cp)
+  timeout 120 python3 benchmarks/cp_overhead.py --lengths 8k,64k --json "$OUT/cp.json" 2>&1 | tee "$OUT/cp.log" | tail -8 ;;
+lm)
+  timeout 400 python3 examples/train_code_lm.py --device cuda --seq-len 8192 --max-time 80 --quiet \
+      --log-json "$OUT/code_lm.json" > "$OUT/code_lm.log" 2>&1; tail -20 "$OUT/code_lm.log" ;;
+*) echo "unknown stage $stage (gpu, check, bench, decode, tune, paper, reach, paged, cp, lm)"; exit 2 ;;
 esac
 done

@@ -112,11 +112,6 @@ def test_packed_sequences_equal_each_sequence_alone():
 
 def test_noncausal_dsa():
     spec = dsa(causal=False)
-    try:
-        lower(spec, bind(spec, 2, 1, 16, 16))
-    except SpecError as e:           # the plan still refuses causal = false for another family
-        assert e.code == "E614" and "causal" in str(e) and "indexer" not in str(e)
-        pytest.skip("the plan does not run causal = false yet")
     compare(spec, inputs(1, 11, 1, 2, 16, 16, seed=9))
 
 

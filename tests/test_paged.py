@@ -23,21 +23,9 @@ from nsa_dsl.errors import SpecError
 from nsa_dsl.runtime.decoding import DecodeOp, decode_torch, nsa_with_kvcache
 from nsa_dsl.runtime.kv_cache import NSACache, PagedNSACache, check_block_table
 from test_decode import DEVICE, SMALL, check, example, make_inputs, schedule, shapes_for, spec_text
+from test_decode import _kernel_cache, _one_thread  # noqa: F401 - the same autouse fixtures
 
 CPU = DEVICE == "cpu"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _kernel_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("NSA_DSL_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "decode-kernels"))
 
 
 def new_cache(spec, B, T, H, Dqk, Dv, page_size, *, dtype=torch.float32, seed=0, num_pages=None):

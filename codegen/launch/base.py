@@ -39,6 +39,31 @@ def is_tile(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 16 and x & (x - 1) == 0
 
 
+def check_q_start(q_start, cu_seqlens, what: str = "attention") -> None:
+    """``q_start`` (q's rows are positions q_start .. of the sequence) is an int >= 0, and 0 with
+    packed sequences (context parallelism splits those above the kernels)."""
+    if not (isinstance(q_start, int) and not isinstance(q_start, bool) and q_start >= 0):
+        raise ValueError(f"q_start must be an int >= 0, got {q_start!r}")
+    if q_start and cu_seqlens is not None:
+        raise ValueError(f"{what}: q_start = {q_start} with cu_seqlens: packed sequences start at position 0 "
+                         "(split them above the kernels)")
+
+
+def check_piece(q_start, Tq: int, Tk: int, QB: int, offsets: bool, cu_seqlens, what: str) -> None:
+    """The q_start rules, and for kernels that take the piece as a plan variant (top-k, selection):
+    kernels generated with OFFSETS when q_start > 0 or fewer queries than keys; a piece starts at a
+    multiple of the query_block QB and ends by Tk."""
+    check_q_start(q_start, cu_seqlens, what)
+    if not offsets and (q_start or Tq != Tk):
+        raise ValueError(f"these {what} kernels were generated without query pieces (OFFSETS): got q_start = "
+                         f"{q_start}, {Tq} queries and {Tk} keys; lower the plan with offsets=True")
+    if q_start % QB:
+        raise ValueError(f"{what}: q_start = {q_start} starts inside a group of query_block = {QB} positions; "
+                         f"start at a multiple of {QB}")
+    if q_start + Tq > Tk:
+        raise ValueError(f"{what}: queries at positions {q_start} .. {q_start + Tq - 1}, but the keys hold {Tk}")
+
+
 def launch_invalid(cfg: Config) -> Optional[str]:
     """What is wrong with num_warps / num_stages / maxnreg (Triton's default when absent), or None."""
     if cfg.get("num_warps") not in (1, 2, 4, 8, 16):

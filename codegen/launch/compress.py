@@ -23,9 +23,9 @@ from nsa_dsl.semantics.varlen import compressed_cu_seqlens
 
 from ..ints import cdiv
 from . import family
-from .base import LOG2E, Config, Family, dq_buffer, is_tile, new_output, row_delta, unit_last
+from .base import LOG2E, Config, Family, check_q_start, dq_buffer, is_tile, new_output, row_delta, unit_last
 from .packed import check_packed, packed, tile_table
-from .window import Window, check_q_start
+from .window import Window
 
 _FIELDS = ("R", "BN", "num_warps", "num_stages", "QS")   # a pinned config given as a tuple
 

@@ -19,7 +19,7 @@ import torch
 
 from ..ints import cdiv, next_pow2
 from . import family
-from .base import LOG2E, Config, Family, dq_buffer, is_tile, new_output, row_delta, unit_last
+from .base import LOG2E, Config, Family, check_piece, dq_buffer, is_tile, new_output, row_delta, unit_last
 from .packed import check_packed, cumsum0, packed, seq_of_rows, tile_table
 
 try:
@@ -32,24 +32,6 @@ def _tma_ready(x: torch.Tensor) -> bool:
     """Whether TMA can read ``x``: unit last stride, 16-byte aligned base and other strides."""
     return (x.stride(-1) == 1 and x.data_ptr() % 16 == 0
             and all(st * x.element_size() % 16 == 0 for st in x.stride()[:-1]))
-
-
-def check_piece(q_start, Tq: int, Tk: int, QB: int, offsets: bool, cu_seqlens, what: str) -> None:
-    """Queries that are a piece of a sequence (``q_start``, fewer queries than keys) need kernels
-    generated with OFFSETS; a piece starts at a multiple of the query_block QB and ends by Tk; packed
-    sequences take no pieces. (A home in launch.base would serve the other families too.)"""
-    if not (isinstance(q_start, int) and not isinstance(q_start, bool) and q_start >= 0):
-        raise ValueError(f"q_start must be an int >= 0, got {q_start!r}")
-    if cu_seqlens is not None and q_start:
-        raise ValueError(f"{what}: q_start = {q_start} with cu_seqlens: packed sequences take no query pieces")
-    if not offsets and (q_start or Tq != Tk):
-        raise ValueError(f"these {what} kernels were generated without query pieces (OFFSETS): got q_start = "
-                         f"{q_start}, {Tq} queries and {Tk} keys; lower the plan with offsets=True")
-    if q_start % QB:
-        raise ValueError(f"{what}: q_start = {q_start} starts inside a group of query_block = {QB} positions; "
-                         f"start at a multiple of {QB}")
-    if q_start + Tq > Tk:
-        raise ValueError(f"{what}: queries at positions {q_start} .. {q_start + Tq - 1}, but the keys hold {Tk}")
 
 
 def _union(u: torch.Tensor) -> torch.Tensor:

@@ -21,9 +21,8 @@ from nsa_dsl.semantics.varlen import compressed_cu_seqlens
 
 from ..ints import cdiv, next_pow2
 from . import family
-from .base import LOG2E, Config, Family, is_tile, launch_options
+from .base import LOG2E, Config, Family, check_piece, is_tile, launch_options
 from .packed import check_packed, cumsum0, packed, seq_of_rows, tile_table
-from .select import check_piece
 
 # int64 sort keys of the top-k buffer (the template's merge_chunk): the order-preserving int32 of
 # the score << 32 plus IDX_MAX - block. Below every eligible block (score >= -inf): empty slots,

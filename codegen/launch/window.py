@@ -16,7 +16,8 @@ import torch
 
 from ..ints import cdiv
 from . import family
-from .base import LOG2E, Config, Family, dq_buffer, is_tile, launch_options, new_output, row_delta, unit_last
+from .base import (LOG2E, Config, Family, check_q_start, dq_buffer, is_tile, launch_options, new_output,
+                   row_delta, unit_last)
 from .packed import check_packed, packed, tile_table
 
 
@@ -246,13 +247,3 @@ class Window(Family):
             dv_sink = dv_part.new_zeros((N + 1, H, n_tiles * BN, self.DV)).index_add_(0, part_seq, dv_part.transpose(0, 1))
             return dk_sink, dv_sink, n_tiles * BN
         return dk_part.sum(1), dv_part.sum(1), n_tiles * BN               # [B * H, n_tiles * BN, D]
-
-
-def check_q_start(q_start, cu_seqlens) -> None:
-    """``q_start`` (q's rows are positions q_start .. of the sequence) is an int >= 0, and 0 with
-    packed sequences (context parallelism splits those above the kernels)."""
-    if not (isinstance(q_start, int) and not isinstance(q_start, bool) and q_start >= 0):
-        raise ValueError(f"q_start must be an int >= 0, got {q_start!r}")
-    if q_start and cu_seqlens is not None:
-        raise ValueError(f"q_start = {q_start} with cu_seqlens: packed sequences start at position 0 "
-                         "(split them above the kernels)")
