@@ -33,7 +33,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for stage in "$@"; do
 case $stage in
 gpu)
-  timeout 420 python3 -m pytest -m gpu -q -p no:cacheprovider $XDIST tests/ > "$OUT/gpu_tests.log" 2>&1
+  timeout ${GPU_TESTS_S:-420} python3 -m pytest -m gpu -q -p no:cacheprovider $XDIST tests/ > "$OUT/gpu_tests.log" 2>&1
   grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -15 ;;
 check)
   CUDA_VISIBLE_DEVICES=$((NGPU - 1)) timeout 280 python3 examples/train_tiny_lm.py --device cuda --compare \
@@ -69,11 +69,11 @@ paper)
       --json "$OUT/gqa.json" 2>/dev/null | tee "$OUT/gqa.log" | head -7 ;;
 reach)
   for f in dsa moba moba_tiles encoder; do
-    timeout 120 python3 -m nsa_dsl bench examples/$f.nsa --lengths 16384,65536 --peers cudnn \
+    timeout 100 python3 -m nsa_dsl bench examples/$f.nsa --lengths 16384,65536 --peers cudnn \
         --json "$OUT/reach_$f.json" 2>/dev/null | tee "$OUT/reach_$f.log" | head -8
   done ;;
 paged)
-  timeout 200 python3 -m nsa_dsl bench $S --decode --lengths 16384,65536 \
+  timeout 240 python3 -m nsa_dsl bench $S --decode --lengths 16384,65536 \
       --json "$OUT/paged.json" 2>/dev/null | tee "$OUT/paged.log" | tail -14 ;;
 cp)
   timeout 120 python3 benchmarks/cp_overhead.py --lengths 8k,64k --json "$OUT/cp.json" 2>&1 | tee "$OUT/cp.log" | tail -8 ;;

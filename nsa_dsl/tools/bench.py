@@ -822,7 +822,8 @@ def plot_decode(rows: list[dict], path, title: str = "") -> None:
     whole cache; and cuDNN / nsa (the graph's time where measured: the GPU's, not the host's)."""
     plt = _import_pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
-    series = (("nsa_kernel_ms", "nsa kernels", "-", "C0"), ("nsa_graph_ms", "nsa step (graph)", ":", "C0"),
+    series = (("nsa_kernel_ms", "nsa kernels", "-", "C0"), ("nsa_graph_ms", "nsa kernels (graph)", ":", "C0"),
+              ("paged_graph_ms", "nsa paged (graph)", "-.", "C3"),
               ("sdpa_cudnn_ms", "cuDNN", "--", "C1"), ("sdpa_flash_ms", "flash", "--", "C2"))
     markers = ["o", "s", "^", "D", "v", "P"]
     several_h = len({r.get("H") for r in rows}) > 1
