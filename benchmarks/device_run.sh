@@ -68,8 +68,9 @@ paper)
   timeout 120 python3 -m nsa_dsl bench $S --lengths 65536 --heads 32 --kv-heads 2,8 --peers none \
       --json "$OUT/gqa.json" 2>/dev/null | tee "$OUT/gqa.log" | head -7 ;;
 reach)
-  for f in dsa moba moba_tiles encoder; do
-    timeout 100 python3 -m nsa_dsl bench examples/$f.nsa --lengths 16384,65536 --peers cudnn \
+  for f in dsa moba_tiles moba encoder; do
+    L=16384,65536; [ $f = dsa ] && L=8192,16384,32768,65536
+    timeout 100 python3 -m nsa_dsl bench examples/$f.nsa --lengths $L --peers cudnn \
         --json "$OUT/reach_$f.json" 2>/dev/null | tee "$OUT/reach_$f.log" | head -8
   done ;;
 paged)

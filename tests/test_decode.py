@@ -244,21 +244,21 @@ SPLIT_CASES = [  # (spec, HQ, H, Dqk, Dv, lengths, chunks, config)
     # empty slices (NS = 5); A = 2, C = 2: the last block of a select block reaches into the next,
     # across chunks and slices
     pytest.param("paper", 4, 2, 16, 16, [300, 211], (64,) * 4 + (16, 7, 1, 1),
-                 {"NS": 2, "BN": 16, "BJ": 16, "BJM": 16, "NJ": 16}, id="paper-G2-NS2-NJ16"),
+                 {"NS": 2, "BN": 16, "BJ": 16, "BJM": 16, "NJ": 16}, id="paper-G2-NS2-NJ16", marks=pytest.mark.slow),
     pytest.param("paper", 3, 1, 32, 16, [300, 211], (64,) * 4 + (16, 7, 1, 1),
                  {"NS": 3, "BN": 16, "BJ": 16, "BJM": 32}, id="paper-G3-NS3"),
     pytest.param("paper", 16, 1, 16, 32, [300, 211], (64,) * 4 + (16, 7, 1, 1),
-                 {"NS": 5, "BN": 32, "BJ": 16}, id="paper-G16-NS5"),
+                 {"NS": 5, "BN": 32, "BJ": 16}, id="paper-G16-NS5", marks=pytest.mark.slow),
     # the split kernel's tail: the last of 3 slices to finish combines them (atomic tickets)
     pytest.param("paper", 3, 1, 32, 16, [300, 211], (64,) * 4 + (16, 7, 1, 1),
-                 {"NS": 3, "BN": 16, "BJ": 16, "TAIL": True, "NJ": 16}, id="paper-G3-NS3-tail-NJ16"),
+                 {"NS": 3, "BN": 16, "BJ": 16, "TAIL": True, "NJ": 16}, id="paper-G3-NS3-tail-NJ16", marks=pytest.mark.slow),
     # the split kernel alone (NS = 1), chunked prefill (several tokens per program)
     pytest.param("paper", 2, 2, 16, 16, [100, 83], (7,), {"NS": 1, "SPLIT": True, "BN": 16, "BJ": 16},
                  id="paper-G1-NS1-chunk7"),
     # ONEPASS: decode_kernel alone, the compress branch scoring its select blocks in its one pass
     # (windows of NJ = 16 and 32 select blocks: one and two chunks; decoding and chunked prefill)
     pytest.param("paper", 3, 1, 32, 16, [300, 211], (64,) * 4 + (16, 7, 1, 1),
-                 {"ONEPASS": True, "BN": 16, "BJ": 16, "NJ": 16}, id="paper-G3-onepass-NJ16"),
+                 {"ONEPASS": True, "BN": 16, "BJ": 16, "NJ": 16}, id="paper-G3-onepass-NJ16", marks=pytest.mark.slow),
     pytest.param("paper", 2, 2, 16, 16, [300, 83], (64, 64, 64, 7, 1, 1),
                  {"ONEPASS": True, "BN": 16, "BJ": 16, "NJ": 32}, id="paper-G1-onepass-NJ32"),
     pytest.param("two_fused", 3, 1, 16, 16, [300, 211], (64,) * 4 + (16, 7, 1, 1),
@@ -277,7 +277,7 @@ SPLIT_CASES = [  # (spec, HQ, H, Dqk, Dv, lengths, chunks, config)
     pytest.param("two_cmp", 3, 1, 16, 16, [260, 101], (64, 64, 64, 7, 1, 1), {"NS": 3, "BN": 16, "BJ": 16},
                  id="two_cmp-G3-NS3"),
     pytest.param("two_sel", 3, 1, 16, 16, [300, 211], (64,) * 4 + (16, 7, 1, 1),
-                 {"NS": 2, "BN": 16, "BJ": 16, "BJM": 16}, id="two_sel-G3-NS2"),
+                 {"NS": 2, "BN": 16, "BJ": 16, "BJM": 16}, id="two_sel-G3-NS2", marks=pytest.mark.slow),
     pytest.param("mean_pool", 3, 1, 16, 32, [120, 77], (16,) * 6 + (1,) * 4, {"NS": 5, "BN": 16, "BJ": 16},
                  id="mean_pool-G3-NS5"),
     pytest.param("multi:long_ctx", None, None, None, None, [70, 50], (32, 32, 4, 1), {"NS": 2, "BN": 16, "BJ": 16},
@@ -285,7 +285,7 @@ SPLIT_CASES = [  # (spec, HQ, H, Dqk, Dv, lengths, chunks, config)
     pytest.param("multi:short_ctx", 4, 4, 16, 16, [90, 40], (32, 32, 16, 1, 1), {"NS": 3, "BN": 16, "BJ": 16},
                  id="short_ctx-G1-NS3"),
     pytest.param("two_fused", 3, 1, 16, 16, [300, 211], (64,) * 4 + (16, 7, 1, 1), {"NS": 3, "BN": 16, "BJ": 16},
-                 id="two_fused-G3-NS3"),
+                 id="two_fused-G3-NS3", marks=pytest.mark.slow),
 ]
 
 
@@ -398,6 +398,7 @@ print("compiled")
 """
 
 
+@pytest.mark.slow                   # ptxas over every decode kernel: a minute on the CPU
 @pytest.mark.skipif(not CPU, reason="on the device the kernels run for real")
 def test_kernels_compile_for_sm90(tmp_path):
     """The interpreter accepts code the GPU compiler refuses (loop-carried values changing shape,
