@@ -268,6 +268,12 @@ def test_block_tables_are_checked():
         nsa_with_kvcache(spec, q, None, None, pages, torch.tensor([[0, 1, 9, -1], [3, 4, -1, -1]], dtype=torch.int32,
                                                                   device=DEVICE), lens, gates=g, check=True)
     assert e.value.code == "E814"
+    k = torch.randn(2, 1, 1, 16, device=DEVICE)
+    for kk, vv in ((k[:, :, :, :8], k), (k, k.double()), (torch.randn(2, 2, 1, 16, device=DEVICE),) * 2,
+                   (torch.randn(3, 1, 1, 16, device=DEVICE),) * 2):
+        with pytest.raises(SpecError) as e:                   # the new tokens' keys and values: shapes, dtype, C
+            nsa_with_kvcache(spec, q, kk, vv, pages, ok, lens, gates=g)
+        assert e.value.code == "E803", str(e.value)
 
 
 def test_the_kernels_never_read_or_write_outside_the_table_or_the_pool():

@@ -482,7 +482,10 @@ class _EngineRun:
             if self.learned and pool is None:
                 raise _err("E806", f"branch '{self.learned[0][1].name}' pools with '{self.learned[0][1].pool}': the call "
                                    "needs pool=callable(name, k_blocks, v_blocks) for the blocks it completes")
-            ks, vs = pages._per_branch(k, "k"), pages._per_branch(v, "v")
+            ks, vs, _, C = pages.check_chunk(k, v, batch=q.shape[0])   # shapes only: no sync
+            if C != q.shape[1]:
+                raise _err("E803", f"k and v hold {C} new tokens per sequence, q holds {q.shape[1]}",
+                           hint="the chunk's q, k and v have the same C: [B, C, heads, dim]")
             _run_append(self.app, [_unit_rows(ks[n]) for n in self.raw], [_unit_rows(vs[n]) for n in self.raw], n_new)
             for i, b in self.learned:
                 _pool_candidates(pages, b.name, self.app.gather[i], self.app.dest[i], pool)

@@ -336,11 +336,13 @@ class NSACache:
             return dict(x)
         raise _err("E802", f"{what} must be a tensor or a dict branch name -> tensor, got {type(x).__name__}")
 
-    def check_chunk(self, k: TensorOrDict, v: TensorOrDict, k_idx=None) -> tuple[dict, dict, dict, int]:
+    def check_chunk(self, k: TensorOrDict, v: TensorOrDict, k_idx=None,
+                    batch: Optional[int] = None) -> tuple[dict, dict, dict, int]:
         """The chunk's keys and values by branch, its indexer keys and C: shapes, devices and dtypes
-        checked (E802, E803; nothing is cast)."""
+        checked (E802, E803; nothing is cast). ``batch``: the rows of an engine's block table (default
+        the cache's batch size)."""
         ks, vs = self._per_branch(k, "k"), self._per_branch(v, "v")
-        B, H = self.batch_size, self.kv_heads
+        B, H = batch or self.batch_size, self.kv_heads
         first = next(iter(ks.values()))
         if not isinstance(first, Tensor) or first.dim() != 4:
             raise _err("E803", f"k must be [B, C, H, Dqk]; got shape {list(getattr(first, 'shape', []))}")
