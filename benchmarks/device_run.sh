@@ -64,13 +64,13 @@ decode)
 tune)
   timeout 300 python3 -m nsa_dsl tune $S --lengths 65536 --no-backward 2>&1 | tee "$OUT/tune.log" | tail -12 ;;
 paper)
-  timeout 150 python3 -m nsa_dsl bench $S --lengths 8192,16384,32768,65536 --peers cudnn \
+  timeout 150 python3 -m nsa_dsl bench $S --lengths ${PAPER_LENGTHS:-8192,16384,32768,65536} --peers cudnn \
       --json "$OUT/paper.json" --plot "$OUT/paper.png" 2>/dev/null | tee "$OUT/paper.log" | head -12
   # flash_nsa's window calls FlashAttention-2 through the peers' flex stand-in, after importing its
   # extension module: an empty one stands in for that
   mkdir -p /tmp/fa2 && touch /tmp/fa2/flash_attn_2_cuda.py
   [ -d .peers ] && PYTHONPATH="$PWD/.peers:/tmp/fa2:$PYTHONPATH" timeout 100 python3 .peers/flash_nsa_bench.py \
-      8192 16384 32768 65536 2>/dev/null | tee "$OUT/flash_nsa.jsonl" ;;
+      $(echo ${PAPER_LENGTHS:-8192,16384,32768,65536} | tr , ' ') 2>/dev/null | tee "$OUT/flash_nsa.jsonl" ;;
 gqa)
   timeout 60 python3 -m nsa_dsl bench $S --lengths 65536 --heads 32 --kv-heads 2,8 --peers none \
       --json "$OUT/gqa.json" 2>/dev/null | tee "$OUT/gqa.log" | head -7 ;;
