@@ -81,7 +81,7 @@ reach)
         --json "$OUT/reach_$f.json" 2>/dev/null | tee "$OUT/reach_$f.log" | head -8
   done ;;
 paged)
-  timeout 150 python3 -m nsa_dsl bench $S --decode --lengths ${DECODE_LENGTHS:-16384,65536} \
+  timeout 150 python3 -m nsa_dsl bench $S --decode --lengths ${DECODE_LENGTHS:-16384,65536} ${DECODE_BATCH:+--batch $DECODE_BATCH} \
       --json "$OUT/paged.json" 2>/dev/null | tee "$OUT/paged.log" | tail -14 ;;
 cp)
   timeout 60 python3 benchmarks/cp_overhead.py --lengths 8k,64k --json "$OUT/cp.json" 2>&1 | tee "$OUT/cp.log" | tail -8 ;;
