@@ -184,9 +184,10 @@ def lower(spec: Spec, binding: Binding, varlen: bool = False, offsets: bool = Fa
     ``varlen=True``: kernels for packed variable-length sequences (``cu_seqlens``); the attention
     families get the template variable ``VARLEN = True`` (a plan without it renders no varlen
     code, and the variable is part of the cache key). Combination needs no variant. ``CAUSAL``
-    (the spec's) goes to every attention family. ``offsets=True``: the top-k and selection kernels
-    take query pieces (``OFFSETS = True``: launchers' ``q_start``, fewer queries than keys; not
-    with ``varlen``). A select branch's ``QB`` (its query_block) goes to its top-k and selection
+    (the spec's) goes to every attention family. ``offsets=True``: the top-k and selection kernels,
+    and an indexer-scored branch's indexer, gather and index-loss kernels, take query pieces
+    (``OFFSETS = True``: launchers' ``q_start``, fewer queries than keys; not with ``varlen``;
+    compress and window take them in every module without ``VARLEN``). A select branch's ``QB`` (its query_block) goes to its top-k and selection
     kernels. Kernel names are spelled here only: the runtime finds a branch's kernels with
     :meth:`Plan.of_branch`.
     """
@@ -196,22 +197,18 @@ def lower(spec: Spec, binding: Binding, varlen: bool = False, offsets: bool = Fa
     tiles = tile_vars(G, DQK, DV)
     seq = {"VARLEN": True} if varlen else {}
     seq["CAUSAL"] = spec.causal             # every attention family: causal or both-sided masks
-    pieces = {"OFFSETS": True} if offsets else {}   # top-k and selection: q_start, Tq != Tk
+    pieces = {"OFFSETS": True} if offsets else {}   # top-k, selection and the indexer's: q_start, Tq != Tk
     kernels = []
     for b in spec.of_kind("compress"):
         kernels.append(_kernel(f"compress_{b.name}", b.name, "compress", **tiles, L=b.block, STRIDE=b.stride, **seq))
     for b in spec.of_kind("select"):
         if spec.score_kind(b) == "indexer":      # tokens: indexer scoring, gather attention, the index loss
-            if offsets:                          # their launchers take whole sequences only
-                raise SpecError("E614", f"the generated kernels do not run query pieces (q_start) of the "
-                                        f"indexer-scored branch {b.name} yet",
-                                hint="use nsa_dsl.reference (SparseAttention(..., backend='reference'))")
             ix = indexer_vars(spec.branch(b.score).heads, spec.branch(b.score).dim)
             kernels.append(_kernel(f"indexer_{b.name}", b.name, "indexer", **ix, TOPK=b.top_k,
-                                   KEEP_FIRST=b.keep_first, KEEP_LAST=b.keep_last, **seq))
-            kernels.append(_kernel(f"gather_{b.name}", b.name, "gather", **tiles, TOPK=b.top_k, **seq))
+                                   KEEP_FIRST=b.keep_first, KEEP_LAST=b.keep_last, **pieces, **seq))
+            kernels.append(_kernel(f"gather_{b.name}", b.name, "gather", **tiles, TOPK=b.top_k, **pieces, **seq))
             kernels.append(_kernel(f"index_loss_{b.name}", b.name, "index_loss", G=G, GP=tiles["GP"], DQK=DQK,
-                                   BDK=tiles["BDK"], **ix, TOPK=b.top_k, **seq))
+                                   BDK=tiles["BDK"], **ix, TOPK=b.top_k, **pieces, **seq))
             continue
         if b.score == "mean_pool":
             L, STRIDE, SCORE = b.block, b.block, "mean_pool"

@@ -1,7 +1,7 @@
 """DSA through the compiled op: ``op(q, k, v, gates, index={"idx": (q_idx, k_idx, w_idx)},
 return_aux=True)`` against the float64 reference end to end (output, the token choice, lse,
 aux.index_loss and every gradient, the indexer's included); training without aux, caller-given
-token selections, packed sequences, causal = false; the plan's indexer kernels.
+token selections, packed sequences, query pieces (q_start), causal = false; the plan's indexer kernels.
 
 CPU: Triton's interpreter (float32 at 1e-5). GPU (``pytest -m gpu``): bf16 at a longer length.
 """
@@ -66,9 +66,20 @@ def test_plan_lowers_the_indexer_branch():
     assert (v["HI"], v["HIP"], v["DI"], v["BDI"], v["TOPK"], v["KEEP_FIRST"], v["KEEP_LAST"]) == (3, 4, 16, 16, 5, 1, 2)
     assert plan.kernel("gather_tok").vars()["G"] == 3 and plan.kernel("index_loss_tok").vars()["HIP"] == 4
     assert lower(spec, bind(spec, 6, 2, 16, 32), varlen=True).kernel("gather_tok").vars()["VARLEN"]
-    with pytest.raises(SpecError) as e:               # query pieces (q_start): not in these kernels yet
-        lower(spec, bind(spec, 6, 2, 16, 32), offsets=True)
-    assert e.value.code == "E614" and "tok" in str(e.value)
+    pieces = lower(spec, bind(spec, 6, 2, 16, 32), offsets=True)     # query pieces (q_start): OFFSETS
+    assert all(pieces.kernel(f"{f}_tok").vars()["OFFSETS"] for f in ("indexer", "gather", "index_loss"))
+    assert "OFFSETS" not in plan.kernel("gather_tok").vars()
+
+
+def test_query_pieces_equal_the_reference_and_the_whole_call():
+    """op(..., q_start=s) on pieces of a sequence (its keys and indexer keys all given) equals the
+    float64 reference at q_start with every gradient, the indexer's included (the pieces'
+    query-piece tests in full: tests/test_dsa_pieces.py)."""
+    spec = dsa()
+    leaves = [x.detach() for x in inputs(1, 29, 2, 3, 16, 32, seed=11)]
+    for s, e in ((0, 13), (13, 29)):
+        piece = [x[:, s:e] if i in (0, 3, 4, 6) else x for i, x in enumerate(leaves)]   # q, gates, q_idx, w_idx
+        compare(spec, [x.clone().requires_grad_() for x in piece], q_start=s)
 
 
 def test_op_equals_the_reference_with_every_gradient():

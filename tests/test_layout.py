@@ -23,9 +23,7 @@ def _rendered_modules():
     for path in sorted((ROOT / "examples").glob("*.nsa")):
         for spec in nsa_dsl.load_file(path).specs:
             binding = bind(spec, spec.heads or 12, spec.kv_heads or 4, spec.qk_dim or 48, spec.v_dim or 32)
-            plans = [lower(spec, binding), lower(spec, binding, varlen=True)]
-            if not spec.of_kind("indexer"):        # indexer launchers take whole sequences (E614)
-                plans.append(lower(spec, binding, offsets=True))
+            plans = [lower(spec, binding), lower(spec, binding, varlen=True), lower(spec, binding, offsets=True)]
             if spec.causal and not spec.of_kind("indexer"):
                 plans.append(lower_decode(spec, binding))
             for plan in plans:

@@ -1,10 +1,11 @@
 """Token-gather attention (``templates/gather.py.j2``): configs and launchers.
 
 Variables (the plan's): G, GP (G padded to a power of two), DQK, DV, BDK, BDV (head dims padded to
-powers of two), TOPK, CAUSAL, VARLEN. The launchers take the select family's arguments
-(``fwd(q, k, v, idx, scale)``, ``bwd(q, k, v, idx, o, lse, do, scale, delta=, dq_acc=)``) with
-``idx [B, T, 1, TOPK]`` token positions shared by every kv head, so the runtime's select ops run
-either family.
+powers of two), TOPK, CAUSAL, VARLEN, OFFSETS. The launchers take the select family's arguments
+(``fwd(q, k, v, idx, scale)``, ``bwd(q, k, v, idx, o, lse, do, scale, delta=, dq_acc=)``, ``q_start=``)
+with ``idx [B, T, 1, TOPK]`` token positions shared by every kv head, so the runtime's select ops
+run either family. Query pieces (OFFSETS): ``q_start = s``, q holds the positions s .. of a
+sequence whose keys k, v hold.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Mapping, Optional
 import torch
 
 from . import family
-from .base import LOG2E, Config, Family, dq_buffer, is_tile, new_output, row_delta, unit_last
+from .base import LOG2E, Config, Family, check_piece, dq_buffer, is_tile, new_output, row_delta, unit_last
 from .packed import check_packed, packed, seq_of_rows
 
 
@@ -29,6 +30,7 @@ class Gather(Family):
         self.BDK, self.BDV, self.TOPK = v["BDK"], v["BDV"], v["TOPK"]
         self.BM = max(16, self.GP)                       # rows: the G heads of one position, padded
         self.varlen = bool(v.get("VARLEN", False))
+        self.offsets = bool(v.get("OFFSETS", False))
 
     # -- configs ---------------------------------------------------------------------------------
     def _heuristic(self, kind: str, gpu: bool, T: int) -> Config:
@@ -57,21 +59,27 @@ class Gather(Family):
         return self._prune(kind, cands, T, smem, dtype_bytes)
 
     # -- launchers ---------------------------------------------------------------------------------
-    def _check(self, q, k, v, idx, cu_seqlens):
+    def _check(self, q, k, v, idx, cu_seqlens, q_start: int = 0):
+        """(B, T, HQ, H, the sequence arguments): q [B, T, HQ, DQK] holds the positions q_start ..
+        of a sequence whose keys are k [B, Tk, H, DQK], v [B, Tk, H, DV]."""
         B, T, HQ, dqk = q.shape
-        H = k.shape[2]
+        H, Tk = k.shape[2], k.shape[1]
         if HQ != H * self.G or dqk != self.DQK or k.shape[3] != self.DQK or v.shape[3] != self.DV:
             raise ValueError(f"gather kernels were generated for G = {self.G}, DQK = {self.DQK}, DV = {self.DV}: "
                              f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-        if k.shape[:3] != (B, T, H) or v.shape[:3] != (B, T, H):
-            raise ValueError(f"k and v must be [B, T, H, D] with q's B, T: k {tuple(k.shape)}, v {tuple(v.shape)}")
+        if k.shape[0] != B or v.shape[:3] != k.shape[:3]:
+            raise ValueError(f"k and v must be [B, Tk, H, D] with q's B: k {tuple(k.shape)}, v {tuple(v.shape)}")
         if tuple(idx.shape) != (B, T, 1, self.TOPK):
             raise ValueError(f"idx has shape {tuple(idx.shape)}, expected {(B, T, 1, self.TOPK)}")
         check_packed(q, cu_seqlens, self.varlen, "gather")
-        return B, T, HQ, H
+        check_piece(q_start, T, Tk, 1, self.offsets, cu_seqlens, "gather")
+        return B, T, HQ, H, self._seq(T, Tk, q_start, cu_seqlens)
 
-    def _seq(self, T: int, cu_seqlens) -> tuple:
-        """The sequence arguments: (cu_seqlens, the sequence of each row, T) packed, else (T,)."""
+    def _seq(self, T: int, Tk: int, q_start: int, cu_seqlens) -> tuple:
+        """The sequence arguments: (cu_seqlens, the sequence of each row, T) packed, (Tk, T,
+        q_start) with OFFSETS, else (T,)."""
+        if self.offsets:
+            return Tk, T, q_start
         if not self.varlen:
             return (T,)
         cu, _ = packed(cu_seqlens)
@@ -86,10 +94,11 @@ class Gather(Family):
         return dict(G=self.G, BM=self.BM, TOPK=self.TOPK, BN=cfg["BN"], DQK=self.DQK, DV=self.DV,
                     BDK=self.BDK, BDV=self.BDV, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
-    def fwd(self, q, k, v, idx, scale, *, config=None, cu_seqlens=None):
+    def fwd(self, q, k, v, idx, scale, *, config=None, cu_seqlens=None, q_start: int = 0):
         """o [B, T, HQ, DV] (q.dtype), lse [B, T, HQ] (fp32); idx [B, T, 1, TOPK] int32 positions,
-        ascending, -1 padded (packed: each sequence's own positions)."""
-        B, T, HQ, H = self._check(q, k, v, idx, cu_seqlens)
+        ascending, -1 padded (packed: each sequence's own positions). q_start (OFFSETS): q's rows
+        are the positions q_start .. of the sequence whose keys k, v [B, Tk, H, D] hold."""
+        B, T, HQ, H, seq = self._check(q, k, v, idx, cu_seqlens, q_start)
         q, k, v, idx = unit_last(q), unit_last(k), unit_last(v), unit_last(idx.to(torch.int32))
         o = new_output((B, T, HQ, self.DV), q.dtype, q.device)
         lse = new_output((B, T, HQ), torch.float32, q.device)
@@ -97,26 +106,28 @@ class Gather(Family):
             return o, lse
         cfg = self.resolve_config(q, "fwd", config)
         self.kernels.gather_fwd_kernel[(T, B * H)](
-            q, k, v, idx, o, lse, scale * LOG2E, *self._seq(T, cu_seqlens), H, *self._strides(q, k, v, idx),
+            q, k, v, idx, o, lse, scale * LOG2E, *seq, H, *self._strides(q, k, v, idx),
             **self._consts(cfg))
         return o, lse
 
-    def bwd(self, q, k, v, idx, o, lse, do, scale, *, config=None, cu_seqlens=None, delta=None, dq_acc=None):
+    def bwd(self, q, k, v, idx, o, lse, do, scale, *, config=None, cu_seqlens=None, delta=None, dq_acc=None,
+            q_start: int = 0):
         """(dq, dk, dv) in q.dtype; recomputes P from lse. delta: rowsum(o * do) [B, T, HQ] fp32
         when the caller has it; dq_acc: other branches' gradient of q (contiguous), added to in
         place and returned as dq. dk / dv sum in fp32 with atomics (the order of the adds is not
-        fixed on a GPU: equal to rounding, not bit for bit, from run to run)."""
-        B, T, HQ, H = self._check(q, k, v, idx, cu_seqlens)
+        fixed on a GPU: equal to rounding, not bit for bit, from run to run). q_start: as fwd;
+        dk, dv [B, Tk, H, D] hold what q's rows give."""
+        B, T, HQ, H, seq = self._check(q, k, v, idx, cu_seqlens, q_start)
         q, k, v, idx = unit_last(q), unit_last(k), unit_last(v), unit_last(idx.to(torch.int32))
         o, do, lse = o.contiguous(), do.contiguous(), lse.contiguous()
         dq = dq_buffer(q, dq_acc)
         if B * T == 0:
-            return dq, new_output(k.shape, k.dtype, k.device), new_output(v.shape, v.dtype, v.device)
+            return dq, k.new_zeros(k.shape), v.new_zeros(v.shape)      # no query row: no gradient to the keys
         delta = row_delta(self.kernels, o, do, self.DV, self.BDV) if delta is None else delta.contiguous()
-        dk = torch.zeros((B, T, H, self.DQK), dtype=torch.float32, device=q.device)
-        dv = torch.zeros((B, T, H, self.DV), dtype=torch.float32, device=q.device)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
         cfg = self.resolve_config(q, "bwd", config)
         self.kernels.gather_bwd_kernel[(T, B * H)](
-            q, k, v, idx, do, lse, delta, dq, dk, dv, scale * LOG2E, scale, *self._seq(T, cu_seqlens), H,
+            q, k, v, idx, do, lse, delta, dq, dk, dv, scale * LOG2E, scale, *seq, H,
             *self._strides(q, k, v, idx), ACC=dq_acc is not None, **self._consts(cfg))
         return dq, dk.to(k.dtype), dv.to(v.dtype)

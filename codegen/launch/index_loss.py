@@ -1,12 +1,14 @@
 """The indexer's loss (``templates/index_loss.py.j2``): configs and launchers.
 
 Variables (the plan's): G, GP, DQK, BDK (the attention's), HI, HIP, DI, BDI (the indexer's,
-``nsa_dsl.codegen.plan.indexer_vars``), TOPK, CAUSAL, VARLEN.
+``nsa_dsl.codegen.plan.indexer_vars``), TOPK, CAUSAL, VARLEN, OFFSETS.
 
 ``fwd`` gives ``loss [B, T]`` (fp32: ``KL(p_t || softmax(I[t, S_t]))``, the semantics'
 ``index_loss``) with what ``bwd`` needs, the log-sum-exp of the index scores over each list and
 the sum of p; ``bwd`` the gradients of q_idx, k_idx and w_idx (none to q, k: p is detached).
-Memory: O(T) beside the inputs; every position recomputes its p and I tile by tile.
+Memory: O(T) beside the inputs; every position recomputes its p and I tile by tile. Query pieces
+(OFFSETS): ``q_start = s``, q, idx, lse, q_idx, w_idx hold the positions s .. of a sequence whose
+keys k, k_idx hold.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Mapping, Optional
 import torch
 
 from . import family
-from .base import LOG2E, Config, Family, is_tile, new_output
+from .base import LOG2E, Config, Family, check_piece, is_tile, new_output
 from .packed import check_packed, packed, seq_of_rows
 
 
@@ -31,6 +33,7 @@ class IndexLoss(Family):
         self.HI, self.HIP, self.DI, self.BDI, self.TOPK = v["HI"], v["HIP"], v["DI"], v["BDI"], v["TOPK"]
         self.BM, self.BJ = max(16, self.GP), max(16, self.HIP)   # rows of the tl.dot tiles
         self.varlen = bool(v.get("VARLEN", False))
+        self.offsets = bool(v.get("OFFSETS", False))
 
     # -- configs ---------------------------------------------------------------------------------
     def _heuristic(self, kind: str, gpu: bool, T: int) -> Config:
@@ -58,22 +61,27 @@ class IndexLoss(Family):
         return self._prune(kind, cands, T, smem, dtype_bytes)
 
     # -- launchers ---------------------------------------------------------------------------------
-    def _check(self, q, k, idx, lse, q_idx, k_idx, w_idx, cu_seqlens):
+    def _check(self, q, k, idx, lse, q_idx, k_idx, w_idx, cu_seqlens, q_start: int = 0):
+        """(B, T, H): q [B, T, HQ, DQK] (and idx, lse, q_idx, w_idx) holds the positions q_start ..
+        of a sequence whose keys are k [B, Tk, H, DQK], k_idx [B, Tk, DI]."""
         B, T, HQ, dqk = q.shape
-        H = k.shape[2]
-        if HQ != H * self.G or dqk != self.DQK or tuple(k.shape) != (B, T, H, self.DQK):
+        H, Tk = k.shape[2], k.shape[1]
+        if HQ != H * self.G or dqk != self.DQK or tuple(k.shape) != (B, Tk, H, self.DQK):
             raise ValueError(f"index_loss kernels were generated for G = {self.G}, DQK = {self.DQK}: "
                              f"q {tuple(q.shape)}, k {tuple(k.shape)}")
         want = {"idx": (B, T, 1, self.TOPK), "lse": (B, T, HQ), "q_idx": (B, T, self.HI, self.DI),
-                "k_idx": (B, T, self.DI), "w_idx": (B, T, self.HI)}
+                "k_idx": (B, Tk, self.DI), "w_idx": (B, T, self.HI)}
         for name, x in zip(want, (idx, lse, q_idx, k_idx, w_idx)):
             if tuple(x.shape) != want[name]:
                 raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {want[name]}")
         check_packed(q, cu_seqlens, self.varlen, "index_loss")
+        check_piece(q_start, T, Tk, 1, self.offsets, cu_seqlens, "index_loss")
         return B, T, H
 
-    def _args(self, q, k, T, H, cu_seqlens) -> tuple:
-        seq = (T,)
+    def _args(self, q, k, T, H, cu_seqlens, q_start: int) -> tuple:
+        """The sequence arguments ((cu_seqlens, the sequence of each row, T) packed, (Tk, T,
+        q_start) with OFFSETS, else (T,)), H and the strides of q, k."""
+        seq = (k.shape[1], T, q_start) if self.offsets else (T,)
         if self.varlen:
             cu, _ = packed(cu_seqlens)
             seq = (cu, seq_of_rows(cu, T).to(torch.int32), T)
@@ -90,23 +98,26 @@ class IndexLoss(Family):
         return (u(q), u(k), idx.to(torch.int32).contiguous(), lse.float().contiguous(), q_idx.contiguous(),
                 k_idx.contiguous(), w_idx.contiguous())
 
-    def fwd(self, q, k, idx, lse, q_idx, k_idx, w_idx, scale, *, config=None, cu_seqlens=None):
+    def fwd(self, q, k, idx, lse, q_idx, k_idx, w_idx, scale, *, config=None, cu_seqlens=None, q_start: int = 0):
         """(loss, lse_i, psum), each [B, T] fp32: the loss of every position, the log-sum-exp of
-        its index scores over its list, the sum of its p (1 up to rounding; 0 with no token)."""
-        B, T, H = self._check(q, k, idx, lse, q_idx, k_idx, w_idx, cu_seqlens)
+        its index scores over its list, the sum of its p (1 up to rounding; 0 with no token).
+        q_start (OFFSETS): q's T rows are the positions q_start .. of the keys' sequence."""
+        B, T, H = self._check(q, k, idx, lse, q_idx, k_idx, w_idx, cu_seqlens, q_start)
         q, k, idx, lse, q_idx, k_idx, w_idx = self._inputs(q, k, idx, lse, q_idx, k_idx, w_idx)
         out = [new_output((B, T), torch.float32, q.device) for _ in range(3)]
         if B * T == 0:
             return tuple(out)
         cfg = self.resolve_config(q, "fwd", config)
         self.kernels.index_loss_fwd_kernel[(T, B)](
-            q, k, idx, lse, q_idx, k_idx, w_idx, *out, scale * LOG2E, *self._args(q, k, T, H, cu_seqlens),
+            q, k, idx, lse, q_idx, k_idx, w_idx, *out, scale * LOG2E, *self._args(q, k, T, H, cu_seqlens, q_start),
             **self._consts(cfg))
         return tuple(out)
 
-    def bwd(self, q, k, idx, lse, q_idx, k_idx, w_idx, lse_i, psum, dloss, scale, *, config=None, cu_seqlens=None):
-        """(dq_idx, dk_idx, dw_idx) in the inputs' dtypes for the loss's gradient ``dloss [B, T]``."""
-        B, T, H = self._check(q, k, idx, lse, q_idx, k_idx, w_idx, cu_seqlens)
+    def bwd(self, q, k, idx, lse, q_idx, k_idx, w_idx, lse_i, psum, dloss, scale, *, config=None, cu_seqlens=None,
+            q_start: int = 0):
+        """(dq_idx, dk_idx, dw_idx) in the inputs' dtypes for the loss's gradient ``dloss [B, T]``;
+        q_start: as fwd (dk_idx [B, Tk, DI] holds what q's rows give)."""
+        B, T, H = self._check(q, k, idx, lse, q_idx, k_idx, w_idx, cu_seqlens, q_start)
         q, k, idx, lse, q_idx, k_idx, w_idx = self._inputs(q, k, idx, lse, q_idx, k_idx, w_idx)
         dq_idx = new_output(q_idx.shape, q_idx.dtype, q.device)
         dw_idx = new_output(w_idx.shape, w_idx.dtype, q.device)
@@ -116,5 +127,5 @@ class IndexLoss(Family):
         cfg = self.resolve_config(q, "bwd", config)
         self.kernels.index_loss_bwd_kernel[(T, B)](
             q, k, idx, lse, q_idx, k_idx, w_idx, lse_i.contiguous(), psum.contiguous(), dloss.float().contiguous(),
-            dq_idx, dk_idx, dw_idx, scale * LOG2E, *self._args(q, k, T, H, cu_seqlens), **self._consts(cfg))
+            dq_idx, dk_idx, dw_idx, scale * LOG2E, *self._args(q, k, T, H, cu_seqlens, q_start), **self._consts(cfg))
         return dq_idx, dk_idx.to(k_idx.dtype), dw_idx

@@ -1,13 +1,15 @@
 """Indexer scoring + token top-k (``templates/indexer.py.j2``): configs and launchers.
 
 Variables (the plan's): HI, HIP (HI padded to a power of two), DI, BDI (DI padded, at least 16),
-TOPK, KEEP_FIRST, KEEP_LAST, CAUSAL, VARLEN (``nsa_dsl.codegen.plan.indexer_vars``).
+TOPK, KEEP_FIRST, KEEP_LAST, CAUSAL, VARLEN, OFFSETS (``nsa_dsl.codegen.plan.indexer_vars``).
 
 ``topk(q_idx, k_idx, w_idx)`` never holds a [T, T] score tensor: it walks the query positions in
 chunks of TC, the kernel writes the int64 sort key of every (position of the chunk, key) of
 every sequence into one bounded buffer (config ``BUFFER`` keys; causal chunks stop at the chunk's
 last position), and ``torch.topk`` of the keys is the choice: the keys are unique and ordered as
 the semantics rank (forced, then the score, ties to the lower position), so the top-k is exact.
+Query pieces (OFFSETS): ``q_start = s``, q_idx and w_idx hold the positions s .. of sequences whose
+keys k_idx holds; the chunks walk those positions only.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 
 from ..ints import cdiv
 from . import family
-from .base import Config, Family, is_tile
+from .base import Config, Family, check_piece, is_tile
 from .packed import check_packed, packed
 from .topk import IDX_MAX, INELIGIBLE, VALID, new_idx
 
@@ -35,6 +37,7 @@ class Indexer(Family):
         self.TOPK, self.KEEP_FIRST, self.KEEP_LAST = v["TOPK"], v["KEEP_FIRST"], v["KEEP_LAST"]
         self.causal = bool(v["CAUSAL"])
         self.varlen = bool(v.get("VARLEN", False))
+        self.offsets = bool(v.get("OFFSETS", False))
 
     # -- configs ---------------------------------------------------------------------------------
     def _heuristic(self, kind: str, gpu: bool, T: int) -> Config:
@@ -67,50 +70,59 @@ class Indexer(Family):
         return self._prune(kind, cands, T, smem, dtype_bytes)
 
     # -- launcher ----------------------------------------------------------------------------------
-    def _sequences(self, B: int, T: int, cu_seqlens) -> tuple[list[int], list[int]]:
-        """(first rows, lengths) of the sequences, on the host (packed: one sync to read cu_seqlens)."""
+    def _sequences(self, B: int, Tq: int, Tk: int, q_start: int, cu_seqlens) -> tuple[list, list, list, list]:
+        """(first key rows, first query rows, key counts, one past the last query position) of the
+        sequences, on the host (packed: one sync to read cu_seqlens; a piece's queries are
+        positions q_start .. q_start + Tq - 1 of each batch row)."""
         if not self.varlen:
-            return [b * T for b in range(B)], [T] * B
+            return [b * Tk for b in range(B)], [b * Tq for b in range(B)], [Tk] * B, [q_start + Tq] * B
         cu = packed(cu_seqlens)[0].tolist()
-        return cu[:-1], [e - s for s, e in zip(cu[:-1], cu[1:])]
+        lens = [e - s for s, e in zip(cu[:-1], cu[1:])]
+        return cu[:-1], cu[:-1], lens, lens
 
-    def _chunk(self, t0: int, n_max: int, n_seq: int, budget: int) -> tuple[int, int]:
-        """(TC, W): query positions of the chunk from t0 and keys per row, with n_seq * TC * W
-        <= budget where possible (at least one position). Causal rows see keys < t0 + TC only."""
+    def _chunk(self, t0: int, t_end: int, n_keys: int, n_seq: int, budget: int) -> tuple[int, int]:
+        """(TC, W): query positions of the chunk from t0 (before t_end) and keys per row (of
+        n_keys), with n_seq * TC * W <= budget where possible (at least one position). Causal rows
+        see keys < t0 + TC only."""
         per = max(1, budget // n_seq)
         if not self.causal:
-            return max(1, min(n_max - t0, per // n_max)), n_max
+            return max(1, min(t_end - t0, per // n_keys)), n_keys
         tc = int((-t0 + math.isqrt(t0 * t0 + 4 * per)) // 2)      # tc * (t0 + tc) <= per
-        tc = max(1, min(n_max - t0, tc))
-        return tc, min(n_max, t0 + tc)
+        tc = max(1, min(t_end - t0, tc))
+        return tc, min(n_keys, t0 + tc)
 
-    def topk(self, q_idx, k_idx, w_idx, cu_seqlens=None, *, config=None) -> torch.Tensor:
-        """The tokens each position attends: idx [B, T, 1, TOPK] int32 positions, ascending, -1
-        padded. q_idx [B, T, HI, DI], k_idx [B, T, DI], w_idx [B, T, HI]. Packed sequences
-        (VARLEN): B = 1, cu_seqlens [N + 1]; idx holds each sequence's own positions."""
+    def topk(self, q_idx, k_idx, w_idx, cu_seqlens=None, *, config=None, q_start: int = 0) -> torch.Tensor:
+        """The tokens each position attends: idx [B, Tq, 1, TOPK] int32 positions, ascending, -1
+        padded. q_idx [B, Tq, HI, DI], k_idx [B, Tk, DI], w_idx [B, Tq, HI]. Packed sequences
+        (VARLEN): B = 1, cu_seqlens [N + 1]; idx holds each sequence's own positions. Query pieces
+        (OFFSETS): q_idx, w_idx hold positions q_start .. q_start + Tq - 1 of the Tk keys."""
         B, T = q_idx.shape[:2]
+        Tk = k_idx.shape[1]
         HI, DI, K = self.HI, self.DI, self.TOPK
-        if tuple(q_idx.shape) != (B, T, HI, DI) or tuple(k_idx.shape) != (B, T, DI) or tuple(w_idx.shape) != (B, T, HI):
+        if tuple(q_idx.shape) != (B, T, HI, DI) or tuple(k_idx.shape) != (B, Tk, DI) or tuple(w_idx.shape) != (B, T, HI):
             raise ValueError(f"indexer kernels were generated for HI = {HI}, DI = {DI}: q_idx {tuple(q_idx.shape)}, "
                              f"k_idx {tuple(k_idx.shape)}, w_idx {tuple(w_idx.shape)}")
         check_packed(q_idx, cu_seqlens, self.varlen, "indexer")
+        check_piece(q_start, T, Tk, 1, self.offsets, cu_seqlens, "indexer")
         if B * T == 0:
             return new_idx((B, T, 1, K), q_idx.device)
         q_idx, k_idx, w_idx = q_idx.contiguous(), k_idx.contiguous(), w_idx.contiguous()
         cfg = self.resolve_config(q_idx, "score", config)
-        bos, lens = self._sequences(B, T, cu_seqlens)
+        bos, qbos, lens, ends = self._sequences(B, T, Tk, q_start, cu_seqlens)
         dev = q_idx.device
         flat = new_idx((B * T + 1, K), dev)      # row B * T: where rows past a sequence's end go (no host sync)
-        t0, n_max = 0, max(lens)
-        while t0 < n_max:
-            live = [s for s, n in enumerate(lens) if n > t0]            # sequences with positions from t0
-            TC, W = self._chunk(t0, max(lens[s] for s in live), len(live), cfg["BUFFER"])
+        t0 = q_start
+        while t0 < max(ends):
+            live = [s for s, e in enumerate(ends) if e > t0]            # sequences with positions from t0
+            TC, W = self._chunk(t0, max(ends[s] for s in live), max(lens[s] for s in live), len(live), cfg["BUFFER"])
             seq_bos = torch.tensor([bos[s] for s in live], dtype=torch.int64, device=dev)
             seq_len = torch.tensor([lens[s] for s in live], dtype=torch.int32, device=dev)
+            seq_q = torch.tensor([qbos[s] for s in live], dtype=torch.int64, device=dev)
             key = torch.empty((len(live), TC, W), dtype=torch.int64, device=dev)
             self.kernels.indexer_score_kernel[(cdiv(TC, cfg["BT"]), cdiv(W, cfg["BN"]), len(live))](
-                q_idx, k_idx, w_idx, key, seq_bos, seq_len, t0, TC, W, IDX_MAX=IDX_MAX, INELIGIBLE=INELIGIBLE,
-                HI=HI, HIP=self.HIP, DI=DI, BDI=self.BDI, KEEP_FIRST=self.KEEP_FIRST, KEEP_LAST=self.KEEP_LAST,
+                q_idx, k_idx, w_idx, key, seq_bos, seq_len, *((seq_q, q_start) if self.offsets else ()), t0, TC, W,
+                IDX_MAX=IDX_MAX, INELIGIBLE=INELIGIBLE, HI=HI, HIP=self.HIP, DI=DI, BDI=self.BDI,
+                KEEP_FIRST=self.KEEP_FIRST, KEEP_LAST=self.KEEP_LAST,
                 BT=cfg["BT"], BN=cfg["BN"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             top = torch.topk(key, min(K, W), dim=-1, sorted=False).values   # [S, TC, <= K]
             del key
@@ -119,8 +131,9 @@ class Indexer(Family):
             if sel.shape[-1] < K:
                 sel = torch.nn.functional.pad(sel, (0, K - sel.shape[-1]), value=-1)
             t = torch.arange(t0, t0 + TC, device=dev)
-            rows = seq_bos[:, None] + t[None, :]                          # [S, TC] rows of idx
-            rows = torch.where(t[None, :] < seq_len[:, None], rows, B * T)
+            rows = seq_q[:, None] + (t - q_start)[None, :]                  # [S, TC] rows of idx
+            seq_end = torch.tensor([ends[s] for s in live], dtype=torch.int64, device=dev)
+            rows = torch.where(t[None, :] < seq_end[:, None], rows, B * T)
             flat[rows.flatten()] = sel.flatten(0, 1)
             t0 += TC
         return flat[:B * T].view(B, T, 1, K)

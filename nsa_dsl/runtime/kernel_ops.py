@@ -209,65 +209,67 @@ def _(key, q, k, kv_heads, top_k, cu_seqlens=None, q_start=0):
 
 @torch.library.custom_op("nsa_dsl::indexer_topk", mutates_args=())
 def indexer_topk(key: str, q_idx: Tensor, k_idx: Tensor, w_idx: Tensor, top_k: int,
-                 cu_seqlens: Optional[Tensor] = None) -> Tensor:
+                 cu_seqlens: Optional[Tensor] = None, q_start: int = 0) -> Tensor:
     """The tokens each position attends, [B, T, 1, top_k] int32 (``codegen.launch.indexer``)."""
-    return _run(key, "topk", q_idx, q_idx, k_idx, w_idx, **_seq(cu_seqlens))
+    return _run(key, "topk", q_idx, q_idx, k_idx, w_idx, **_seq(cu_seqlens, q_start))
 
 
 @indexer_topk.register_fake
-def _(key, q_idx, k_idx, w_idx, top_k, cu_seqlens=None):
+def _(key, q_idx, k_idx, w_idx, top_k, cu_seqlens=None, q_start=0):
     return q_idx.new_empty(*q_idx.shape[:2], 1, top_k, dtype=torch.int32)
 
 
 @torch.library.custom_op("nsa_dsl::index_loss_fwd", mutates_args=())
 def index_loss_fwd(key: str, q: Tensor, k: Tensor, idx: Tensor, lse: Tensor, q_idx: Tensor, k_idx: Tensor,
-                   w_idx: Tensor, scale: float, cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+                   w_idx: Tensor, scale: float, cu_seqlens: Optional[Tensor] = None,
+                   q_start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, lse of the index scores, sum of p), each [B, T] fp32 (``codegen.launch.index_loss``)."""
-    return _run(key, "fwd", q, q, k, idx, lse, q_idx, k_idx, w_idx, scale, **_seq(cu_seqlens))
+    return _run(key, "fwd", q, q, k, idx, lse, q_idx, k_idx, w_idx, scale, **_seq(cu_seqlens, q_start))
 
 
 @torch.library.custom_op("nsa_dsl::index_loss_bwd", mutates_args=())
 def index_loss_bwd(key: str, q: Tensor, k: Tensor, idx: Tensor, lse: Tensor, q_idx: Tensor, k_idx: Tensor,
                    w_idx: Tensor, lse_i: Tensor, psum: Tensor, dloss: Tensor, scale: float,
-                   cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    return _run(key, "bwd", q, q, k, idx, lse, q_idx, k_idx, w_idx, lse_i, psum, dloss, scale, **_seq(cu_seqlens))
+                   cu_seqlens: Optional[Tensor] = None, q_start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    return _run(key, "bwd", q, q, k, idx, lse, q_idx, k_idx, w_idx, lse_i, psum, dloss, scale,
+                **_seq(cu_seqlens, q_start))
 
 
 @index_loss_fwd.register_fake
-def _(key, q, k, idx, lse, q_idx, k_idx, w_idx, scale, cu_seqlens=None):
+def _(key, q, k, idx, lse, q_idx, k_idx, w_idx, scale, cu_seqlens=None, q_start=0):
     return tuple(q.new_empty(q.shape[:2], dtype=torch.float32) for _ in range(3))
 
 
 @index_loss_bwd.register_fake
-def _(key, q, k, idx, lse, q_idx, k_idx, w_idx, lse_i, psum, dloss, scale, cu_seqlens=None):
+def _(key, q, k, idx, lse, q_idx, k_idx, w_idx, lse_i, psum, dloss, scale, cu_seqlens=None, q_start=0):
     return q_idx.new_empty(q_idx.shape), k_idx.new_empty(k_idx.shape), w_idx.new_empty(w_idx.shape)
 
 
 def _setup_index_loss(ctx, inputs, output):
-    key, q, k, idx, lse, q_idx, k_idx, w_idx, scale, cu_seqlens = inputs
+    key, q, k, idx, lse, q_idx, k_idx, w_idx, scale, cu_seqlens, q_start = inputs
     _, lse_i, psum = output
     ctx.save_for_backward(q, k, idx, lse, q_idx, k_idx, w_idx, lse_i, psum, cu_seqlens)
-    ctx.key, ctx.scale = key, scale
+    ctx.key, ctx.scale, ctx.q_start = key, scale, q_start
     _no_grad_outputs(ctx, lse_i, psum)
 
 
 def _index_loss_backward(ctx, dloss, dlse_i, dpsum):
     q, k, idx, lse, q_idx, k_idx, w_idx, lse_i, psum, cu_seqlens = ctx.saved_tensors
     dq_idx, dk_idx, dw_idx = index_loss_bwd(ctx.key, q, k, idx, lse, q_idx, k_idx, w_idx, lse_i, psum,
-                                            dloss.contiguous(), ctx.scale, cu_seqlens)
-    return None, None, None, None, None, dq_idx, dk_idx, dw_idx, None, None
+                                            dloss.contiguous(), ctx.scale, cu_seqlens, ctx.q_start)
+    return None, None, None, None, None, dq_idx, dk_idx, dw_idx, None, None, None
 
 
 index_loss_fwd.register_autograd(_index_loss_backward, setup_context=_setup_index_loss)
 
 
 def index_losses(prog: "Program", q: Tensor, kv: dict, idxs: dict, lses: dict, index: dict, scale: float,
-                 cu_seqlens: Optional[Tensor] = None) -> dict:
+                 cu_seqlens: Optional[Tensor] = None, q_start: int = 0) -> dict:
     """``aux.index_loss``: [B, T] fp32 for each select branch an indexer scores, from its forward's
-    selection and lse; the gradient reaches the indexer's inputs only (q, k, lse detached)."""
-    seq = () if cu_seqlens is None else (cu_seqlens,)
+    selection and lse; the gradient reaches the indexer's inputs only (q, k, lse detached).
+    ``q_start``: a query piece (see run_forward)."""
     return {b.name: index_loss_fwd(b.loss, q.detach(), kv[b.name][0].detach(), idxs[b.name], lses[b.name].detach(),
-                                   *index[b.score], scale, *seq)[0]
+                                   *index[b.score], scale, cu_seqlens, q_start)[0]
             for b in prog.selects if b.loss}
 
 
@@ -373,7 +375,7 @@ def run_forward(prog: Program, q: Tensor, kv: dict, gates: Optional[Tensor], sca
             if b.name in given:
                 idx = given[b.name]
             elif b.score in index:     # tokens, scored by an indexer
-                idx = indexer_topk(b.topk, *(x.detach() for x in index[b.score]), b.top_k, cu_seqlens)
+                idx = indexer_topk(b.topk, *(x.detach() for x in index[b.score]), b.top_k, *seq)
             elif b.score == "mean_pool":
                 idx = topk_mean_pool(b.topk, q.detach(), k.detach(), prog.kv_heads, b.top_k, *seq)
             else:

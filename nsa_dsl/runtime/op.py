@@ -234,7 +234,7 @@ class CompiledOp:
             return o
         o = ops.combine_fwd(prog.combine, [outs[n] for n in spec.output.branches], g)
         if return_aux:
-            losses = ops.index_losses(prog, q, kv, idxs, lses, call.index, scale, *seq)
+            losses = ops.index_losses(prog, q, kv, idxs, lses, call.index, scale, *seq, q_start=call.q_start)
             return o, Aux(indices=idxs, lse=lses, outputs=outs, index_loss=losses, spec=spec)
         return o
 
