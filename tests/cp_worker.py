@@ -296,8 +296,9 @@ KERNEL_SPEC = """attention tiny {
 
 
 def case_kernels(c):
-    """The compiled op (Triton's interpreter, float32) under CP, plain and packed: its rows and
-    gradients against the float64 reference on the whole sequence (fp32 tolerance)."""
+    """The compiled op (Triton's interpreter, float32) under CP, plain and packed, and a DSA spec
+    (the indexer's kernels on query pieces): its rows and gradients against the float64 reference
+    on the whole sequence (fp32 tolerance)."""
     c.tol = 2e-5
     spec = nsa_dsl.parse(KERNEL_SPEC)
     op = nsa_dsl.compile(spec)
@@ -314,6 +315,23 @@ def case_kernels(c):
         (ol * shard(do).float()).sum().backward()
         for n, a, b in zip("q k v gates".split(), local, whole):
             c.near(f"grad {n} {cu}", a.grad.double(), shard(b.grad))
+    # an indexer-scored branch (DSA): the tokens, the index loss and the indexer's gradients too
+    spec = nsa_dsl.parse(DSA)
+    op = nsa_dsl.compile(spec)
+    g = torch.Generator().manual_seed(3)
+    whole = [rnd(g, 1, 64, h, d) for h, d in ((4, 16), (2, 16), (2, 16), (4, 2), (3, 16))]
+    whole += [rnd(g, 1, 64, 16), rnd(g, 1, 64, 3)]
+    do = rnd(g, 1, 64, 4, 16, grad=False)
+    o, aux = nsa_dsl.reference(spec, *whole[:4], index={"idx": tuple(whole[4:])}, return_aux=True)
+    ((o * do).sum() + aux.index_loss["tok"].sum()).backward()
+    local = [shard(x.detach()).float().requires_grad_() for x in whole]
+    ol, al = op(*local[:4], index={"idx": tuple(local[4:])}, return_aux=True, cp_group=GROUP)
+    c.near("o dsa", ol.double(), shard(o))
+    c.same("aux.indices[tok] dsa", al.indices["tok"], shard(aux.indices["tok"]))
+    c.near("aux.index_loss[tok] dsa", al.index_loss["tok"].double(), shard(aux.index_loss["tok"]))
+    ((ol * shard(do).float()).sum() + al.index_loss["tok"].sum()).backward()
+    for n, a, b in zip("q k v gates q_idx k_idx w_idx".split(), local, whole):
+        c.near(f"grad {n} dsa", a.grad.double(), shard(b.grad))
 
 
 def case_stats(c):

@@ -294,16 +294,16 @@ from nsa_dsl.codegen.launch.topk import SORT_KEYS
 
 from importlib.resources import files
 spec = nsa_dsl.load(str(files("nsa_dsl.examples") / "dsa.nsa"))   # G = 64, DQK = 192, DV = 128, HI = 64, DI = 128
-for G in (64,):
-    plan = lower(spec, bind(spec, 64, 64 // G, 192, 128))
+for G, offsets in ((64, False), (64, True)):     # whole sequences, and query pieces (OFFSETS)
+    plan = lower(spec, bind(spec, 64, 64 // G, 192, 128), offsets=offsets)
     src = render_plan(plan)
     P = {n: "*bf16" for n in ("q", "k", "v", "o", "do", "dq", "q_idx", "k_idx", "w_idx", "dq_idx", "dw_idx")}
     P.update({n: "*fp32" for n in ("lse", "delta", "dk", "dv", "loss", "lse_i", "psum", "dloss", "dk_idx")})
-    P.update(idx="*i32", key="*i64", seq_bos="*i64", seq_len="*i32")
+    P.update(idx="*i32", key="*i64", seq_bos="*i64", seq_len="*i32", seq_q="*i64")
     for k in plan.kernels:
         if k.family not in ("indexer", "gather", "index_loss"):
             continue
-        fam = launch.launchers(k.family, k.vars(), load_module(src[k.name], f"sm90_{k.name}_{G}"))
+        fam = launch.launchers(k.family, k.vars(), load_module(src[k.name], f"sm90_{k.name}_{G}_{offsets}"))
         v = k.vars()
         for kind in fam.KINDS:
             cfg = fam._heuristic(kind, True, 65536)
@@ -321,7 +321,7 @@ for G in (64,):
             opts = opts or {n: cfg[n] for n in ("num_warps", "num_stages")}
             kern = compile_kernel(fn, consts, signature(fn, consts, P), **opts)
             usage = ptxas_usage(kern)
-            print(G, k.name, kind, cfg, kern.metadata.shared, usage)
+            print(G, offsets, k.name, kind, cfg, kern.metadata.shared, usage)
             assert kern.metadata.shared <= 232448 and spill_bytes(usage) <= 64, (k.name, kind, usage)
 print("compiled")
 """
@@ -331,8 +331,8 @@ print("compiled")
 @pytest.mark.skipif(HAS_CUDA, reason="on the device the kernels run for real")
 def test_dsa_kernels_compile_for_sm90(tmp_path):
     """examples/dsa.nsa's indexer, gather and index-loss kernels (G = 64, DQK = 192: the largest
-    tiles) at their GPU heuristics compile for sm_90 through ptxas: within shared memory, (almost)
-    no spills."""
+    tiles; whole sequences and query pieces) at their GPU heuristics compile for sm_90 through
+    ptxas: within shared memory, (almost) no spills."""
     run_sm90_check(_SM90, [], tmp_path)
 
 

@@ -271,9 +271,9 @@ class Layout:
                                  "in their sequence: pad T, or align packed sequences to the chunks")
         if cut_in and not takes_q_start:
             raise SpecError("E614", "context parallel over several ranks attends pieces of sequences "
-                                    "(q_start), which the generated kernels do not run yet",
-                            hint="use the reference (SparseAttention(..., backend='reference'), or "
-                                 "context_parallel.attention(spec, ...)), or one rank")
+                                    "(q_start), which this op does not take (no q_start argument)",
+                            hint="use nsa_dsl.compile(spec) or the reference (context_parallel.attention(spec, ...)), "
+                                 "or one rank")
         layout = Layout(T, world, rank, cu)
         return Layout(T, world, rank, cu, tuple(layout._plan()))
 
