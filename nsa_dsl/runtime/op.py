@@ -174,8 +174,9 @@ class CompiledOp:
         ``cp_group`` (a ProcessGroup or 1-D DeviceMesh): context parallel, every tensor holds this
         rank's shard of the sequence and ``cu_seqlens`` the global offsets; ``compressed``, when
         given, the whole sequence's (``nsa_dsl.runtime.context_parallel.attention``).
-        ``q_start``: q's rows (and gates', indices') are the positions q_start .. of a sequence
-        whose keys k, v hold (a query piece, as the reference's; not with cu_seqlens)."""
+        ``q_start``: q's rows (and gates', indices', q_idx' and w_idx') are the positions q_start ..
+        of a sequence whose keys k, v (and k_idx) hold (a query piece, as the reference's; not with
+        cu_seqlens)."""
         if cp_group is not None:
             from nsa_dsl.runtime import context_parallel
             return context_parallel.attention(self, q, k, v, gates, group=cp_group, compressed=compressed,
