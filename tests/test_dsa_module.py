@@ -101,19 +101,34 @@ def test_ragged_decoding():
     torch.testing.assert_close(y1[1, 0], full[0, 1])
 
 
-def test_the_decode_kernels_refuse_an_indexer_spec_clearly():
-    m = layer("kernels", torch.float32)
-    cache = m.new_cache(1, 4)
-    with pytest.raises(SpecError) as e:
-        m(torch.randn(1, 1, 32), cache=cache)
-    assert e.value.code == "E627" and "decode_torch" in str(e.value)
+@pytest.mark.parametrize("chunks", [[1] * 7, [4, 1, 2]], ids=["token-by-token", "chunks"])
+def test_kernels_decoding_equals_the_full_forward(chunks, tmp_path, monkeypatch):
+    """On the kernels an indexer spec decodes through the op's query pieces (the decode kernels
+    do not score tokens): each chunk equals the full forward, ragged steps included."""
+    monkeypatch.setenv("NSA_DSL_CACHE_DIR", str(tmp_path))
+    m = layer("kernels", torch.float32, rotary=rotary, index_rotary=True)
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        y, aux = m(x, return_aux=True)
+        cache = m.new_cache(2, 8)
+        outs, t = [], 0
+        for c in chunks:
+            y_c, aux_c = m(x[:, t:t + c], cache=cache, return_aux=True)
+            assert torch.equal(aux_c.indices["tok"], aux.indices["tok"][:, t:t + c])
+            outs.append(y_c)
+            t += c
+        torch.testing.assert_close(torch.cat(outs, 1), y, rtol=1e-4, atol=1e-5)
+        with pytest.raises(SpecError) as e:              # the decode kernels themselves say what runs instead
+            nsa_dsl.runtime.decoding.DecodeOp(m.spec)(torch.randn(2, 1, 4, 16), cache, cache.step_at([6, 6], (1, 1), 1),
+                                                      torch.zeros(2, 1, 4, 2))
+        assert e.value.code == "E627"
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_training_step_and_decoding():
     """On a GPU ("auto": the kernels) a training step equals the reference's (fp32 inputs, the
-    kernels' tl.dot in tf32: 1e-2), and decoding (decode_torch for an indexer spec) equals the
+    kernels' tl.dot in tf32: 1e-2), and decoding (the op's query pieces for an indexer spec) equals the
     full forward."""
     import copy
 

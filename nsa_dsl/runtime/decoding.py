@@ -21,6 +21,7 @@ not known yet when its first tokens decode). Contiguous and paged caches
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import weakref
 from pathlib import Path
@@ -55,19 +56,25 @@ def per_token(spec: Spec) -> Spec:
 
 def decode_torch(spec: Spec, q: Tensor, cache: NSACache, step: DecodeStep, gates: Optional[Tensor] = None, *,
                  scale: Optional[float] = None, return_aux: bool = False,
-                 index: Optional[Mapping[str, tuple]] = None):
+                 index: Optional[Mapping[str, tuple]] = None, op=None):
     """Every branch for the chunk of ``step``: ``nsa_dsl.reference`` on each sequence's new tokens
     (``q_start`` = its cache length before the chunk) over the keys the cache holds, its pooled
     compressed blocks (mean or learned) and indexer keys (a paged cache's pages gathered into one
     contiguous sequence first). ``q [B, C, HQ, Dqk]``, ``gates [B, C, HQ, n_gates]`` (logits);
     ``index``: indexer branch -> ``(q_idx [B, C, HI, DI], w_idx [B, C, HI])``. Returns
     ``o [B, C, HQ, Dv]`` (q.dtype) or ``(o, Aux)``; padded tokens give 0. Computes in fp32
-    (float64 inputs stay float64)."""
+    (float64 inputs stay float64). ``op``: a compiled op of ``per_token(spec)`` to run instead of
+    the reference (its kernels take query pieces), in q's dtype: how indexer specs decode on the
+    kernels (one call per sequence, a host sync for the lengths)."""
     check_decode_call(spec, q, cache, step, gates)
     B, C, HQ, Dqk = q.shape
     scale = check_scale(scale, Dqk)
     run = per_token(spec)
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if op is None:
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        attend = functools.partial(reference, run)
+    else:
+        acc, attend = q.dtype, op
     index = dict(index or {})
     if set(index) != set(cache.k_idx):
         raise _err("E627", f"decoding {spec.name} needs index inputs for {sorted(cache.k_idx)}, got {sorted(index)}",
@@ -87,7 +94,7 @@ def decode_torch(spec: Spec, q: Tensor, cache: NSACache, step: DecodeStep, gates
         compressed = {name: (kc.to(acc), vc.to(acc)) for name, (kc, vc) in seq["cmp"].items()}
         idx_in = {name: (qi[b:b + 1, :n].to(acc), seq["idx"][name].to(acc), wi[b:b + 1, :n].to(acc))
                   for name, (qi, wi) in index.items()}
-        out = reference(run, q[b:b + 1, :n].to(acc), keys, vals,
+        out = attend(q[b:b + 1, :n].to(acc), keys, vals,
                         None if gates is None else gates[b:b + 1, :n].to(acc), compressed=compressed or None,
                         scale=scale, return_aux=return_aux, index=idx_in or None, q_start=s)
         o_b, aux_b = out if return_aux else (out, None)

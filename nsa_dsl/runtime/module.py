@@ -40,7 +40,7 @@ from nsa_dsl.errors import SpecError
 from nsa_dsl.language.checks import check_spec
 from nsa_dsl.language.parser import as_spec
 from nsa_dsl.language.ir import Spec
-from nsa_dsl.runtime.decoding import DecodeOp, decode_torch
+from nsa_dsl.runtime.decoding import DecodeOp, decode_torch, per_token
 from nsa_dsl.runtime.kv_cache import NSACache, PagedNSACache, _host_driven
 
 BACKENDS = ("auto", "reference", "kernels")
@@ -299,6 +299,7 @@ class SparseAttention(nn.Module):
         self.cp_mesh = cp_mesh     # context parallel: forward takes this rank's shard
         self._compiled_op = None   # nsa_dsl.compile(spec), built on the first kernel call
         self._decode_op = None     # the decode kernels (DecodeOp), built on the first kernel decode
+        self._piece_op = None      # indexer specs decode on the op's query pieces (compile(per_token(spec)))
 
         fk = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(hidden_size, HQ * Dqk, bias=bias, **fk)
@@ -522,16 +523,19 @@ class SparseAttention(nn.Module):
         with torch.no_grad():
             step = cache.append(cast(k), cast(v), n_new=n_new, pool=self._pool_blocks if len(self.k_pool) else None,
                                 k_idx={n: ki.to(cache.dtype) for n, (_, ki, _) in index.items()})
-        # "auto" decodes an indexer spec with decode_torch: the decode kernels do not score tokens yet (E627)
-        if self.backend == "kernels" or (self.backend == "auto" and x.is_cuda and not index):
+        kernels = self.backend == "kernels" or (self.backend == "auto" and x.is_cuda)
+        if kernels and not index:
             if self._decode_op is None:
                 self._decode_op = DecodeOp(self.spec)
             out = self._decode_op(q.to(cache.dtype), cache, step, None if gates is None else gates.to(cache.dtype),
                                   scale=self.scale, return_aux=return_aux)
-        else:
+        else:   # the reference, or for an indexer spec on the kernels the op's query pieces (no decode kernel scores tokens)
+            if kernels and self._piece_op is None:
+                from nsa_dsl import compile as compile_spec
+                self._piece_op = compile_spec(per_token(self.spec))
             out = decode_torch(self.spec, q.to(cache.dtype), cache, step,
                                None if gates is None else gates.to(cache.dtype), scale=self.scale,
-                               return_aux=return_aux,
+                               return_aux=return_aux, op=self._piece_op if kernels else None,
                                index={n: (qi.to(cache.dtype), wi.to(cache.dtype)) for n, (qi, _, wi) in index.items()})
         o, aux = out if return_aux else (out, None)
         y = self.o_proj(o.to(x.dtype).reshape(B, C, HQ * Dv))
@@ -604,7 +608,7 @@ class SparseAttention(nn.Module):
     def __getstate__(self):
         # The compiled op holds loaded kernel modules: not copied or pickled, rebuilt on demand.
         state = self.__dict__.copy()
-        state["_compiled_op"] = state["_decode_op"] = None
+        state["_compiled_op"] = state["_decode_op"] = state["_piece_op"] = None
         return state
 
     def extra_repr(self) -> str:
