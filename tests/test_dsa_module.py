@@ -73,51 +73,54 @@ def test_packed_sequences_equal_each_sequence_alone():
         torch.testing.assert_close(aux.index_loss["tok"][:, a:b], aux1.index_loss["tok"])
 
 
-@pytest.mark.parametrize("chunks", [[1] * 13, [5, 1, 4, 3]], ids=["token-by-token", "chunks"])
-def test_decoding_equals_the_full_forward(chunks):
-    m = layer(rotary=rotary, index_rotary=True)
-    x = torch.randn(2, 13, 32, dtype=torch.float64)
+def decode_in_chunks(m, x, chunks, max_len):
+    """The layer's cached decoding of x in chunks, each chunk's selections checked against the
+    full forward's; returns (decoded outputs, full forward, cache)."""
     y, aux = m(x, return_aux=True)
-    cache = m.new_cache(2, 16)
+    cache = m.new_cache(x.shape[0], max_len)
     outs, t = [], 0
     for c in chunks:
         y_c, aux_c = m(x[:, t:t + c], cache=cache, return_aux=True)
         assert torch.equal(aux_c.indices["tok"], aux.indices["tok"][:, t:t + c])
         outs.append(y_c)
         t += c
-    torch.testing.assert_close(torch.cat(outs, 1), y)
+    return torch.cat(outs, 1), y, cache
+
+
+@pytest.mark.parametrize("chunks", [[1] * 13, [5, 1, 4, 3]], ids=["token-by-token", "chunks"])
+def test_decoding_equals_the_full_forward(chunks):
+    m = layer(rotary=rotary, index_rotary=True)
+    x = torch.randn(2, 13, 32, dtype=torch.float64)
+    steps, y, cache = decode_in_chunks(m, x, chunks, 16)
+    torch.testing.assert_close(steps, y)
     torch.testing.assert_close(cache.k_idx["idx"][:, :13], m.index_inputs(x, torch.arange(13))["idx"][1])
 
 
-def test_ragged_decoding():
-    m = layer()
-    x = torch.randn(2, 6, 32, dtype=torch.float64)
-    cache = m.new_cache(2, 8)
-    y0 = m(x[:, :3], cache=cache, n_new=[3, 1])              # sequence 1 takes one token
-    y1 = m(x[:, 3:4], cache=cache)
-    torch.testing.assert_close(y0[0], m(x[:1, :3])[0])
-    full = m(torch.cat([x[1:, :1], x[1:, 3:4]], 1))
-    torch.testing.assert_close(y0[1, 0], full[0, 0])
-    torch.testing.assert_close(y1[1, 0], full[0, 1])
+@pytest.mark.parametrize("backend, dtype", [("reference", torch.float64), ("kernels", torch.float32)])
+def test_ragged_decoding(backend, dtype, tmp_path, monkeypatch):
+    monkeypatch.setenv("NSA_DSL_CACHE_DIR", str(tmp_path))
+    m = layer(backend, dtype)
+    x = torch.randn(2, 6, 32, dtype=dtype)
+    tol = {} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        cache = m.new_cache(2, 8)
+        y0 = m(x[:, :3], cache=cache, n_new=[3, 1])              # sequence 1 takes one token
+        y1 = m(x[:, 3:4], cache=cache)
+        torch.testing.assert_close(y0[0], m(x[:1, :3])[0], **tol)
+        full = m(torch.cat([x[1:, :1], x[1:, 3:4]], 1))
+        torch.testing.assert_close(y0[1, 0], full[0, 0], **tol)
+        torch.testing.assert_close(y1[1, 0], full[0, 1], **tol)
 
 
 @pytest.mark.parametrize("chunks", [[1] * 7, [4, 1, 2]], ids=["token-by-token", "chunks"])
 def test_kernels_decoding_equals_the_full_forward(chunks, tmp_path, monkeypatch):
     """On the kernels an indexer spec decodes through the op's query pieces (the decode kernels
-    do not score tokens): each chunk equals the full forward, ragged steps included."""
+    do not score tokens): each chunk equals the full forward (ragged steps: test_ragged_decoding)."""
     monkeypatch.setenv("NSA_DSL_CACHE_DIR", str(tmp_path))
     m = layer("kernels", torch.float32, rotary=rotary, index_rotary=True)
-    x = torch.randn(2, 7, 32)
     with torch.no_grad():
-        y, aux = m(x, return_aux=True)
-        cache = m.new_cache(2, 8)
-        outs, t = [], 0
-        for c in chunks:
-            y_c, aux_c = m(x[:, t:t + c], cache=cache, return_aux=True)
-            assert torch.equal(aux_c.indices["tok"], aux.indices["tok"][:, t:t + c])
-            outs.append(y_c)
-            t += c
-        torch.testing.assert_close(torch.cat(outs, 1), y, rtol=1e-4, atol=1e-5)
+        steps, y, cache = decode_in_chunks(m, torch.randn(2, 7, 32), chunks, 8)
+        torch.testing.assert_close(steps, y, rtol=1e-4, atol=1e-5)
         with pytest.raises(SpecError) as e:              # the decode kernels themselves say what runs instead
             nsa_dsl.runtime.decoding.DecodeOp(m.spec)(torch.randn(2, 1, 4, 16), cache, cache.step_at([6, 6], (1, 1), 1),
                                                       torch.zeros(2, 1, 4, 2))
