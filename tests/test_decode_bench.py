@@ -19,8 +19,8 @@ def _kernel_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("NSA_DSL_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "decode-kernels"))
 
 
-def run_bench(T, q_len, page_size, cuda_graph, runs=2):
-    """One case of SMALL['paper'] (B=2); returns the row and the outputs of each timed function,
+def run_bench(T, q_len, page_size, cuda_graph, runs=2, spec=SMALL["paper"]):
+    """One case of ``spec`` (B=2); returns the row and the outputs of each timed function,
     in the order timed (per cache: step, kernels, then with graphs: kernels, step)."""
     outs = []
 
@@ -29,7 +29,7 @@ def run_bench(T, q_len, page_size, cuda_graph, runs=2):
         assert all(torch.equal(x, got[0]) for x in got), "a rerun of the step gives the same output"
         outs.append(got[0])
         return float(len(outs))                          # distinct stand-in times: the ratios are checked
-    (row,) = db.decode_bench(SMALL["paper"], cache_lengths=(T,), batches=(2,), HQ=3, H=1, Dqk=16, Dv=16,
+    (row,) = db.decode_bench(spec, cache_lengths=(T,), batches=(2,), HQ=3, H=1, Dqk=16, Dv=16,
                              q_len=q_len, dtype=torch.float32, peers=(), cuda_graph=cuda_graph,
                              page_size=page_size, device="cpu", timer=timer)
     return row, outs
@@ -47,6 +47,15 @@ def test_decode_bench_paged_step_equals_contiguous():
     assert all(torch.equal(o, outs[0]) for o in outs[1:]), "paged == contiguous, step == kernels"
     assert db.table_keys([row]) == ["nsa_step_ms", "nsa_kernel_ms", "paged_step_ms", "paged_kernel_ms",
                                     "paged_vs_contiguous"]
+
+
+def test_decode_bench_learned_pooling():
+    """A spec that learns its pooling (the module's job) is timed with the blocks' mean standing in
+    for the pool, in the prefill and in the timed steps (which complete a block here)."""
+    row, outs = run_bench(T=48, q_len=4, page_size=16, cuda_graph=False,
+                          spec=SMALL["paper"].replace("stride = 4)", "stride = 4, pool = mlp)"))
+    assert row["paged_max_diff"] == 0.0 and torch.isfinite(outs[0]).all()
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
 
 
 def test_decode_bench_graph_keys_and_page_taking_step(monkeypatch):

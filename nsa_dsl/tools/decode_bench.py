@@ -12,6 +12,7 @@ from nsa_dsl.codegen.ints import cdiv
 from nsa_dsl.language.ir import Spec
 from nsa_dsl.runtime.decoding import DecodeOp
 from nsa_dsl.runtime.kv_cache import NSACache, PagedNSACache
+from nsa_dsl.tools.random_inputs import mean_blocks
 
 __all__ = ["decode_bench", "table_keys"]
 
@@ -141,6 +142,11 @@ def table_keys(rows: Sequence[dict]) -> list[str]:
             + [k for k in RATIOS if k in seen])
 
 
+def _pool(cache: NSACache):
+    """The cache's ``pool`` where a branch learns its pooling (the module's job): the blocks' mean."""
+    return mean_blocks if any(b.pool != "mean" for b in cache.spec.of_kind("compress")) else None
+
+
 def _prefill(cache: NSACache, n: int, seed: int) -> None:
     """``n`` random tokens per sequence appended in chunks (which pools the compressed blocks): the
     same tokens for every cache of the same shapes and seed."""
@@ -149,7 +155,8 @@ def _prefill(cache: NSACache, n: int, seed: int) -> None:
     fill = max(1, min(n, (1 << 26) // max(1, B * H * (Dqk + Dv))))    # tokens per append
     for c0 in range(0, n, fill):
         m = min(fill, n - c0)
-        cache.append(*(torch.randn(B, m, H, D, device=cache.device, dtype=cache.dtype, generator=g) for D in (Dqk, Dv)))
+        cache.append(*(torch.randn(B, m, H, D, device=cache.device, dtype=cache.dtype, generator=g) for D in (Dqk, Dv)),
+                     pool=_pool(cache))
 
 
 def _time_step(row: dict, prefix: str, op: DecodeOp, cache: NSACache, q, k_new, v_new, gates, timer,
@@ -157,13 +164,13 @@ def _time_step(row: dict, prefix: str, op: DecodeOp, cache: NSACache, q, k_new, 
     """Time the step over ``cache`` into ``row`` (``<prefix>_step_ms``, ``_kernel_ms``, ``_graph_ms``,
     ``_step_graph_ms``); returns the step's output."""
     B, q_len, HQ = q.shape[:3]
-    run = op.runner(cache, q_len, HQ)
+    run, pool = op.runner(cache, q_len, HQ), _pool(cache)
     rewind = _rewinder(cache, q_len)
     before = list(cache.lengths_host)
 
     def step():                                # the serving step: rewind, append the same tokens, decode
         rewind()
-        return run(q, k_new, v_new, gates)
+        return run(q, k_new, v_new, gates, pool=pool)
 
     out = step().clone()                       # compiles; leaves the cache holding T tokens
     at = cache.step_at(before, (q_len,) * B, q_len)

@@ -12,6 +12,12 @@ from nsa_dsl.language.ir import Spec
 from nsa_dsl.semantics.reference import mean_pool
 
 
+def mean_blocks(name: str, k_blocks: torch.Tensor, v_blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A KV cache's ``pool`` for a learned pooling in a run on random inputs: the blocks' mean
+    (``[P, l, H, D]`` -> ``[P, H, D]``), as ``side_inputs`` stands in for a training call."""
+    return k_blocks.mean(1), v_blocks.mean(1)
+
+
 def side_inputs(spec: Spec, k: torch.Tensor, v: torch.Tensor,
                 generator: Optional[torch.Generator] = None) -> tuple[dict, dict]:
     """``(compressed, index)`` for ``op(q, k, v, gates, compressed=..., index=...)``; each empty
