@@ -394,9 +394,11 @@ def test_module_paged_kernels_learned_pooling(page_size):
     assert ((y - y_full).norm() / y_full.norm()).item() < 1e-5
 
 
-def test_module_paged_reference_backend_indexer_pages():
-    """An indexer spec decodes with the reference (the decode kernels score no tokens yet): its
-    indexer keys live in pages too; token by token and in chunks, the full forward."""
+@pytest.mark.parametrize("backend, dtype", [("reference", torch.float64), ("kernels", torch.float32)])
+def test_module_paged_indexer_pages(backend, dtype):
+    """An indexer spec decodes with the reference or the op's query pieces (the decode kernels
+    score no tokens): its indexer keys live in pages too; token by token and in chunks, the full
+    forward."""
     spec = nsa_dsl.parse("""attention dsa_p {
         branch idx = indexer(heads = 3, dim = 16)
         branch tok = select(block = 1, top_k = 5, score = idx, keep_first = 1, keep_last = 1)
@@ -404,17 +406,19 @@ def test_module_paged_reference_backend_indexer_pages():
         output = gate(sigmoid, tok, swa)
     }""")
     torch.manual_seed(0)
-    m = nsa_dsl.SparseAttention(spec, 32, heads=4, kv_heads=2, qk_dim=16, backend="reference", dtype=torch.float64)
-    x = torch.randn(2, 13, 32, dtype=torch.float64)
-    y = m(x)
-    for chunks in ([1] * 13, [5, 1, 4, 3]):
-        cache = m.new_cache(2, 16, page_size=4)
-        assert cache.k_idx["idx"].shape == (cache.num_pages, 4, 16)
-        outs, t = [], 0
-        for c in chunks:
-            outs.append(m(x[:, t:t + c], cache=cache))
-            t += c
-        torch.testing.assert_close(torch.cat(outs, 1), y)
+    m = nsa_dsl.SparseAttention(spec, 32, heads=4, kv_heads=2, qk_dim=16, backend=backend, dtype=dtype)
+    x = torch.randn(2, 13, 32, dtype=dtype)
+    tol = {} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        y = m(x)
+        for chunks in ([1] * 13, [5, 1, 4, 3]):
+            cache = m.new_cache(2, 16, page_size=4)
+            assert cache.k_idx["idx"].shape == (cache.num_pages, 4, 16)
+            outs, t = [], 0
+            for c in chunks:
+                outs.append(m(x[:, t:t + c], cache=cache))
+                t += c
+            torch.testing.assert_close(torch.cat(outs, 1), y, **tol)
 
 
 @pytest.mark.parametrize("page_size", [16, pytest.param(None, marks=pytest.mark.slow)])
