@@ -86,7 +86,7 @@ paged)
 cp)
   timeout 60 python3 benchmarks/cp_overhead.py --lengths 8k,64k --json "$OUT/cp.json" 2>&1 | tee "$OUT/cp.log" | tail -8 ;;
 lm)
-  timeout 400 python3 examples/train_code_lm.py --device cuda --seq-len 8192 --max-time 80 --quiet \
+  timeout 270 python3 examples/train_code_lm.py --device cuda --seq-len 8192 --max-time 60 --quiet \
       --log-json "$OUT/code_lm.json" > "$OUT/code_lm.log" 2>&1; tail -20 "$OUT/code_lm.log" ;;
 *) echo "unknown stage $stage (gpu, check, bench, decode, tune, paper, gqa, reach, paged, cp, lm)"; exit 2 ;;
 esac
