@@ -300,23 +300,23 @@ class NSACache:
 
     # -- one sequence, contiguous (the reference) --------------------------------------------------
     def sequence(self, b: int, L: int) -> dict:
-        """Sequence ``b``'s first ``L`` positions as contiguous tensors [1, ...] (views of a
+        """Sequence ``b``'s first ``L`` positions as tensors [1, ...] (views of a
         contiguous cache, a gather of the pages of a paged one): ``k`` / ``v`` (branch ->
         [1, L, H, D]), ``cmp`` (compress branch -> (k, v) [1, Nc(L), H, D]), ``idx`` (indexer
         branch -> [1, L, DI])."""
-        bi = torch.full((1,), b, dtype=torch.long, device=self.device)
-        pos = torch.arange(L, device=self.device)
-        raw = self._rows(bi, pos, 1, self._rows_per_seq(1))
-
-        def take(t, rows):
-            return self.flat(t)[rows][None]
-        out = {"k": {n: take(t, raw) for n, t in self.k.items()}, "v": {n: take(t, raw) for n, t in self.v.items()},
-               "idx": {n: take(t, raw) for n, t in self.k_idx.items()}, "cmp": {}}
+        out = {"k": {n: self._entries(t, b, L, 1) for n, t in self.k.items()},
+               "v": {n: self._entries(t, b, L, 1) for n, t in self.v.items()},
+               "idx": {n: self._entries(t, b, L, 1) for n, t in self.k_idx.items()}, "cmp": {}}
         for c in self.spec.of_kind("compress"):
             n = num_compressed_blocks(L, c.block, c.stride)
-            rows = self._rows(bi, torch.arange(n, device=self.device), c.stride, self.k_cmp[c.name].shape[1])
-            out["cmp"][c.name] = (take(self.k_cmp[c.name], rows), take(self.v_cmp[c.name], rows))
+            out["cmp"][c.name] = (self._entries(self.k_cmp[c.name], b, n, c.stride),
+                                  self._entries(self.v_cmp[c.name], b, n, c.stride))
         return out
+
+    def _entries(self, t: Tensor, b: int, n: int, span: int) -> Tensor:
+        """Sequence ``b``'s first ``n`` entries of buffer ``t`` (entry ``i`` at position ``i * span``),
+        ``[1, n, ...]``: a view (no copy, whatever the cache's length)."""
+        return t[b:b + 1, :n]
 
     # -- appending (PyTorch: the reference's path; DecodeOp.append is the kernels') ----------------
     def _per_branch(self, x: TensorOrDict, what: str) -> dict:
@@ -522,6 +522,10 @@ class PagedNSACache(NSACache):
 
     def _extra_tensors(self) -> list[Tensor]:
         return [self.block_table, self.free_pages, self.free_top]
+
+    def _entries(self, t: Tensor, b: int, n: int, span: int) -> Tensor:
+        bi = torch.full((1,), b, dtype=torch.long, device=self.device)      # the pages gathered
+        return self.flat(t)[self._rows(bi, torch.arange(n, device=self.device), span, t.shape[1])][None]
 
     def _rows(self, bi: Tensor, first: Tensor, span: int, per: int) -> Tensor:
         P = self.page_size
