@@ -399,12 +399,8 @@ def test_module_paged_indexer_pages(backend, dtype):
     """An indexer spec decodes with the reference or the op's query pieces (the decode kernels
     score no tokens): its indexer keys live in pages too; token by token and in chunks, the full
     forward."""
-    spec = nsa_dsl.parse("""attention dsa_p {
-        branch idx = indexer(heads = 3, dim = 16)
-        branch tok = select(block = 1, top_k = 5, score = idx, keep_first = 1, keep_last = 1)
-        branch swa = window(size = 3)
-        output = gate(sigmoid, tok, swa)
-    }""")
+    from test_dsa_module import SPEC
+    spec = nsa_dsl.parse(SPEC)
     torch.manual_seed(0)
     m = nsa_dsl.SparseAttention(spec, 32, heads=4, kv_heads=2, qk_dim=16, backend=backend, dtype=dtype)
     x = torch.randn(2, 13, 32, dtype=dtype)
@@ -444,17 +440,22 @@ def test_torch_compile_around_the_cached_layer(page_size):
 
 # ---------------------------------------------------------------------------------- GPU
 
+def _gpu_paper_layer():
+    """The paper pattern (mlp pooling) as a bf16 kernels layer on the GPU, and inputs x [2, 1200, 256]."""
+    spec = example("nsa_paper")
+    torch.manual_seed(0)
+    layer = nsa_dsl.SparseAttention(spec, 256, backend="kernels", dtype=torch.bfloat16, device="cuda")
+    B, T = 2, 1200
+    return layer, torch.randn(B, T, 256, device="cuda", dtype=torch.bfloat16), B, T
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("page_size", [None, 16, 64])
 def test_gpu_cuda_graph_of_the_cached_layer(page_size):
     """A CUDA graph captured around layer(x, cache=cache) (bf16, the paper pattern with mlp pooling)
     replays decoding steps: each replay appends at the device's lengths, pools the blocks it
     completes and takes pages; the outputs equal eager steps on a twin cache."""
-    spec = example("nsa_paper")
-    torch.manual_seed(0)
-    layer = nsa_dsl.SparseAttention(spec, 256, backend="kernels", dtype=torch.bfloat16, device="cuda")
-    B, T = 2, 1200
-    x = torch.randn(B, T, 256, device="cuda", dtype=torch.bfloat16)
+    layer, x, B, T = _gpu_paper_layer()
     eager, graphed = layer.new_cache(B, T, page_size=page_size), layer.new_cache(B, T, page_size=page_size)
     with torch.no_grad():
         for cache in (eager, graphed):
@@ -479,11 +480,7 @@ def test_gpu_cuda_graph_of_the_cached_layer(page_size):
 @pytest.mark.parametrize("page_size", [None, 16])
 def test_gpu_torch_compile_reduce_overhead(page_size):
     torch._dynamo.reset()
-    spec = example("nsa_paper")
-    torch.manual_seed(0)
-    layer = nsa_dsl.SparseAttention(spec, 256, backend="kernels", dtype=torch.bfloat16, device="cuda")
-    B, T = 2, 1200
-    x = torch.randn(B, T, 256, device="cuda", dtype=torch.bfloat16)
+    layer, x, B, T = _gpu_paper_layer()
     eager, comp = layer.new_cache(B, T, page_size=page_size), layer.new_cache(B, T, page_size=page_size)
     step = torch.compile(lambda xc: layer(xc, cache=comp), mode="reduce-overhead")
     with torch.no_grad():
