@@ -16,6 +16,7 @@
 #   paged   decoding, contiguous and paged caches, Python-launched and graph-replayed, against cuDNN
 #   cp      context parallelism over a group of one against the plain op (benchmarks/cp_overhead.py)
 #   lm      examples/train_code_lm.py: NSA against SDPA on the standard library's source, T = 8192
+#   floors  every kernel of a 64k training step against its floor (benchmarks/kernel_floors.py)
 set -u
 OUT="${OUT:-/tmp/nsa-out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NSA_DSL_CACHE_DIR="${NSA_DSL_CACHE_DIR:-/tmp/nsa-cache}"
@@ -36,7 +37,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for stage in "$@"; do
 case $stage in
 gpu)
-  timeout ${GPU_TESTS_S:-420} python3 -m pytest -m gpu -q -p no:cacheprovider $XDIST tests/ > "$OUT/gpu_tests.log" 2>&1
+  # -v: a line per test as it ends, so a run cut by the time limit still says what passed
+  timeout ${GPU_TESTS_S:-420} python3 -m pytest -m gpu -v -p no:cacheprovider $XDIST tests/ > "$OUT/gpu_tests.log" 2>&1
   grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -15 ;;
 check)
   CUDA_VISIBLE_DEVICES=$((NGPU - 1)) timeout 280 python3 examples/train_tiny_lm.py --device cuda --compare \
@@ -88,6 +90,9 @@ cp)
 lm)
   timeout 270 python3 examples/train_code_lm.py --device cuda --seq-len 8192 --max-time 60 --quiet \
       --log-json "$OUT/code_lm.json" > "$OUT/code_lm.log" 2>&1; tail -20 "$OUT/code_lm.log" ;;
-*) echo "unknown stage $stage (gpu, check, bench, decode, tune, paper, gqa, reach, paged, cp, lm)"; exit 2 ;;
+floors)
+  timeout ${FLOORS_S:-90} python3 benchmarks/kernel_floors.py --length ${FLOORS_T:-65536} --json "$OUT/floors.json" \
+      2>&1 | tee "$OUT/floors.log" | head -40 ;;
+*) echo "unknown stage $stage (gpu, check, bench, decode, tune, paper, gqa, reach, paged, cp, lm, floors)"; exit 2 ;;
 esac
 done
