@@ -124,7 +124,8 @@ def test_training_call_is_one_autograd_node(which, shape, tmp_path, monkeypatch)
 
 def test_branch_backward_takes_delta_and_adds_into_dq(tmp_path, monkeypatch):
     """Each branch backward launcher: delta= (rowsum(o * do), as the combination's backward
-    gives it) changes nothing; dq_acc= adds the branch's dq into the given tensor, in place."""
+    gives it) changes nothing; dq_acc= adds the branch's dq into the given tensor, in place; the
+    combination's folded backward gives each branch the gradients of its gated output."""
     monkeypatch.setenv("NSA_DSL_CACHE_DIR", str(tmp_path))
     spec = nsa_dsl.parse(PAPER)
     op = nsa_dsl.compile(spec)
@@ -155,11 +156,23 @@ def test_branch_backward_takes_delta_and_adds_into_dq(tmp_path, monkeypatch):
         assert rel(into, acc + plain[0]) < 1e-6, name
         for a, b in zip(added[1:], plain[1:]):
             assert torch.equal(a, b), name
+    # the gates folded into each branch's lse and delta: the branch backward on do itself gives
+    # the gradients of d o_c = g_c * do; rows whose gate underflows to 0 (logit -200) get none
     combine = mod["combine"]
-    outs = [o_c, o_s, o_w]
-    d_outs, d_gates, deltas = combine.bwd(outs, gates, do, with_delta=True)
-    for o, d_o, delta in zip(outs, d_outs, deltas):
-        assert rel(delta, (o.double() * d_o.double()).sum(-1)) < 1e-6
+    outs, lses = [o_c, o_s, o_w], [lse_c, lse_s, lse_w]
+    gates = gates.clone()
+    gates[:, 7::11, 1::3] = -200.0
+    d_outs, d_gates = combine.bwd(outs, gates, do)
+    f_gates, f_lses, f_deltas = combine.bwd_folded(outs, lses, gates, do)
+    assert torch.equal(f_gates, d_gates)
+    assert bool((f_lses[0] == float("inf")).any())
+    args = {"compress_cmp": (q, kc, vc), "select_slc": (q, k, v, idx), "window_swa": (q, k, v)}
+    for c, (name, a) in enumerate(args.items()):
+        unfolded = mod[name].bwd(*a, outs[c], lses[c], d_outs[c], D ** -0.5)
+        folded = mod[name].bwd(*a, outs[c], f_lses[c], do, D ** -0.5, delta=f_deltas[c])
+        for x, y in zip(folded, unfolded):
+            assert not x.isnan().any(), name
+            assert rel(x, y) < 1e-5, name
 
 
 @pytest.mark.parametrize("shape", SHAPES[1:])

@@ -36,21 +36,38 @@ class Combine(Family):
         self.kernels.combine_fwd_kernel[(cdiv(n_rows, self.BR),)](*outs, *extra, out, n_rows, **self._consts())
         return out
 
-    def bwd(self, outs: Sequence[torch.Tensor], gates: Optional[torch.Tensor], do: torch.Tensor, *,
-            with_delta: bool = False):
-        """Returns (d_outs, d_gates), d_gates the gradient of the gate logits (None when outputs
-        are summed). with_delta: returns (d_outs, d_gates, deltas) with deltas[c] =
-        rowsum(d_outs[c] * outs[c]) [B, T, HQ] fp32 (None when outputs are summed: nothing is
-        computed then, the branches find their own)."""
+    def bwd(self, outs: Sequence[torch.Tensor], gates: Optional[torch.Tensor], do: torch.Tensor):
+        """(d_outs, d_gates): d_outs[c] = g_c * do, d_gates the gradient of the gate logits (None
+        when outputs are summed)."""
         if not self.GATED:
-            return ([do for _ in outs], None, [None] * self.C) if with_delta else ([do for _ in outs], None)
+            return [do for _ in outs], None
         outs = [o.contiguous() for o in outs]
+        d_outs = [new_output(o.shape, o.dtype, o.device) for o in outs]
+        d_gates = self._bwd(outs, d_outs, [o.new_empty(0, dtype=torch.float32) for o in outs], gates, do, None)
+        return d_outs, d_gates
+
+    def bwd_folded(self, outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor], gates: torch.Tensor,
+                   do: torch.Tensor):
+        """The gated backward with each gate folded into its branch's backward (the template's
+        FOLD): (d_gates, lses, deltas), branch c's backward run on ``do`` itself with
+        ``lse=lses[c]`` = lse_c - ln g_c and ``delta=deltas[c]`` = rowsum(do * o_c) ([B, T, HQ]
+        fp32 each) gives the gradients of d o_c = g_c * do, without writing d o_c."""
+        assert self.GATED, "a summed output has no gates to fold"
+        outs = [o.contiguous() for o in outs]
+        folded = torch.empty((2, self.C, *do.shape[:-1]), dtype=torch.float32, device=do.device)
+        lses = [x.float().contiguous() for x in lses]
+        d_gates = self._bwd(outs, outs, lses, gates, do, folded)
+        return d_gates, list(folded[1].unbind(0)), list(folded[0].unbind(0))
+
+    def _bwd(self, outs, d_outs, lses, gates, do, folded):
+        """One launch of combine_bwd_kernel; folded [2, C, rows] (delta, lse) selects FOLD, d_outs
+        are then not written (any tensors stand in)."""
         do = do.contiguous()
         n_rows = do.numel() // self.DV
-        d_outs = [new_output(o.shape, o.dtype, o.device) for o in outs]
         d_gates = new_output(gates.shape, gates.dtype, gates.device)
-        delta = torch.empty((self.C, *do.shape[:-1]), dtype=torch.float32, device=do.device) if with_delta else d_gates
-        args = [t for pair in zip(outs, d_outs) for t in pair]
+        fold = folded is not None
+        delta, lse_fold = (folded[0], folded[1]) if fold else (d_gates, d_gates)
+        args = [t for c in range(self.C) for t in (outs[c], d_outs[c], lses[c])]
         self.kernels.combine_bwd_kernel[(cdiv(n_rows, self.BR),)](
-            *args, gates.contiguous(), d_gates, do, delta, n_rows, **self._consts(), DELTA=with_delta)
-        return (d_outs, d_gates, list(delta.unbind(0))) if with_delta else (d_outs, d_gates)
+            *args, gates.contiguous(), d_gates, do, delta, lse_fold, n_rows, **self._consts(), FOLD=fold)
+        return d_gates

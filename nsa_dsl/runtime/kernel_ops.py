@@ -425,15 +425,15 @@ def _(key, q, kv, gates, scale, cu_seqlens, q_start=0):
 def attention_bwd(key: str, q: Tensor, kv: list[Tensor], gates: Optional[Tensor], outs: list[Tensor],
                   lses: list[Tensor], idxs: list[Tensor], do: Tensor, scale: float,
                   cu_seqlens: Optional[Tensor] = None, q_start: int = 0) -> list[Tensor]:
-    """[dq, dk and dv of each branch in kv's order, (d gates)]: the combination's backward with
-    each branch's delta, then the branches' backward adding into one dq (branches outside the
-    output get zero gradients)."""
+    """[dq, dk and dv of each branch in kv's order, (d gates)]: the combination's backward (gates:
+    folded into each branch's lse and delta, ``Combine.bwd_folded``), then the branches' backward
+    on do itself, adding into one dq (branches outside the output get zero gradients)."""
     prog = program(key)
     pairs = _pairs(prog, kv)
-    if gates is not None:
-        d_outs, d_gates, deltas = module(prog.combine).bwd(outs, gates, do, with_delta=True)
+    if gates is not None:     # each gate folded into its branch's lse and delta: every branch runs on do
+        d_gates, lses, deltas = module(prog.combine).bwd_folded(outs, lses, gates, do)
     else:
-        d_outs, d_gates, deltas = [do] * len(outs), None, [None] * len(outs)
+        d_gates, deltas = None, [None] * len(outs)
     idx = {b.name: i for b, i in zip(prog.selects, idxs)}
     seq = _seq(cu_seqlens, q_start)
     dq, grads = None, {}
@@ -441,11 +441,8 @@ def attention_bwd(key: str, q: Tensor, kv: list[Tensor], gates: Optional[Tensor]
         b = prog.branch(name)
         k, v = pairs[name]
         extra = () if b.kind != "select" else (idx[name],)
-        d_o, delta = d_outs[i].contiguous(), deltas[i]
-        d_outs[i] = deltas[i] = None                         # freed once this branch is done
-        dq, dk, dv = _run(b.key, "bwd", q, q, k, v, *extra, outs[i], lses[i], d_o, scale,
-                          delta=delta, dq_acc=dq, **seq)
-        del d_o, delta
+        dq, dk, dv = _run(b.key, "bwd", q, q, k, v, *extra, outs[i], lses[i], do, scale,
+                          delta=deltas[i], dq_acc=dq, **seq)
         grads[name] = (dk, dv)
     # contiguous like the kernels' gradients (and the fake below): zeros_like would copy K/V's strides
     flat = [g for b in prog.branches
