@@ -271,12 +271,14 @@ class Select(Family):
         n_lists = B * H * NB
         base = (torch.arange(B * H, device=dev) * NB).view(B, H, 1, 1)
         key = torch.where(blk >= 0, blk + base, n_lists).flatten()          # -1 -> n_lists (dropped)
-        key_sorted, order = torch.sort(key, stable=True)                    # stable: t ascending per list
+        # int32 keys when the lists fit: half the radix passes of an int64 sort
+        kt = torch.int32 if n_lists < (1 << 31) - 1 else torch.int64
+        key_sorted, order = torch.sort(key.to(kt), stable=True)             # stable: t ascending per list
         pos = (order // K) % T                                              # flat = ((b*H + h)*T + t)*K + s
         if self.varlen:
             pos = pos - cu.long()[seq_row[pos]]                             # the position in its sequence
         pos = pos.to(torch.int32)
-        list_off = torch.searchsorted(key_sorted, torch.arange(n_lists + 1, device=dev))
+        list_off = torch.searchsorted(key_sorted, torch.arange(n_lists + 1, device=dev, dtype=kt))
         count = list_off[1:] - list_off[:-1]
         n_chunks = torch.clamp((count + chunk - 1) // chunk, min=1)
         item_end = torch.cumsum(n_chunks, 0)                                # inclusive
