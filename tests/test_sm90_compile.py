@@ -1,7 +1,8 @@
 """Every training kernel of the paper pattern, at its GPU heuristic config, compiles for sm_90
 (H100 / H200) through ptxas on a machine without a GPU: within 227 KiB of shared memory and
 without register spills beyond a few bytes (the 64-row dkdv tiles once held 255 registers and
-spilled; the top-k's 168-register cap leaves 16 bytes); the selection's fwd / dq with TMA loads."""
+spilled; the top-k's 168-register cap leaves 16 bytes); the selection's fwd / dq with TMA loads;
+the combination's backward with the gates folded into the branches and without."""
 import pytest
 import torch
 
@@ -139,6 +140,14 @@ consts = dict(G=G, GP=G, R=cfg["R"], BN=cfg["BN"], W=W, DQK=D, DV=D, BDK=D, BDV=
 # of spills than one program per SM at 182 registers without)
 run("window fwd_combine", wm.kernels.window_fwd_combine_kernel, cfg, consts,
     {**BF16, **{n: "*bf16" for n in ("out", "o_x0", "o_x1", "o_x2", "gates")}}, spills=512)
+xvars = dict(C=3, DV=D, BDV=D, GATED=True)   # the combination's backward, gates folded or not
+xm = launch.launchers("combine", xvars, load_module(render("combine.py.j2", **xvars), "sm90_combine"))
+for fold in (True, False):
+    run(f"combine bwd fold={fold}", xm.kernels.combine_bwd_kernel, dict(num_warps=4),
+        dict(DV=D, BDV=D, BR=xm.BR, FOLD=fold), {**{f"{n}{c}": t for c in range(3) for n, t in
+                                                    (("o", "*bf16"), ("do", "*bf16"), ("lse", "*fp32"))},
+                                                 "gates": "*bf16", "dgates": "*bf16", "do": "*bf16",
+                                                 "delta": "*fp32", "lse_fold": "*fp32"}, spills=0)
 print("compiled")
 """
 
