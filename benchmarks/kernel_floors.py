@@ -1,6 +1,7 @@
 """Every kernel of one training step against its floor (GPU; `--check` runs the work model on a CPU).
 
     python benchmarks/kernel_floors.py [--spec FILE] [--length 65536] [--workload random] [--json OUT]
+    ncu --clock-control none -k regex:select_ --metrics ... python benchmarks/kernel_floors.py --ncu
 
 Measures the card first: the dense bf16 matmul rate (torch.matmul, 8192 cubed), the HBM rate (a
 copy of 2 GiB) and an L2 read rate (a sum over a 24 MiB buffer read 64 times through an expanded
@@ -126,6 +127,7 @@ def main() -> int:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--workload", default="random")
+    p.add_argument("--ncu", action="store_true", help="two training steps and nothing else (to run under ncu)")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--check", action="store_true", help="print the work model only (no GPU)")
     args = p.parse_args()
@@ -136,7 +138,7 @@ def main() -> int:
         print(json.dumps(w, indent=1))
         return 0
     import triton
-    r = rates()
+    r = None if args.ncu else rates()
     op = nsa_dsl.compile(spec)
     C = len(spec.output.branches) if spec.output.kind == "gate" else 0
     q, k, v, gates = make_inputs(args.workload, B=1, T=T, HQ=HQ, H=H, Dqk=D, Dv=D, gates=C, seed=T)
@@ -144,6 +146,11 @@ def main() -> int:
         if x is not None:
             x.requires_grad_()
     do = torch.randn_like(q)
+    if args.ncu:
+        for _ in range(2):
+            torch.autograd.grad(op(q, k, v, gates), (q, k, v, gates), do)
+        torch.cuda.synchronize()
+        return 0
     rows = table(profile(op, (q, k, v, gates), do), w, r)
     total = sum(x["ms"] for x in rows)
     floor = sum(x.get("floor_ms", 0.0) for x in rows)

@@ -1,0 +1,56 @@
+"""The device scripts under benchmarks/ without a GPU: kernel_floors' work model and floor table
+against hand counts, reduce_add's kernels compiled for sm_90."""
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+import nsa_dsl
+from nsa_dsl.tools.bench import branch_costs
+
+from kernel_utils import run_sm90_check
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_kernel_floors_work_model_and_table_by_hand():
+    floors = _script("kernel_floors")
+    spec = nsa_dsl.load(ROOT / "examples" / "nsa_paper_mean.nsa")
+    T, HQ, H, D = 65536, 64, 4, 128
+    w = floors.work(spec, T, HQ, H, D)
+    c = branch_costs(spec, T, HQ=HQ, H=H, Dqk=D, Dv=D)
+    assert w["compress"] == c["cmp_compress"][0] and w["window"] == c["swa_window"][0]
+    assert w["topk"] == c["slc_topk"][0]
+    # the K and V rows (bf16) of 16 blocks of 64 keys per position and kv head, fewer at the start
+    full = T * H * 16 * 64 * 2 * D * 2
+    assert w["select"] == c["slc_select"][1] and 0.99 * full < w["select"] <= full
+    assert w["select_qdo"] == T * HQ * 16 * 2 * D * 2                      # q and dO rows, bf16
+    assert w["combine_fwd"] == 4 * T * HQ * D * 2 + T * HQ * 3 * 2         # 3 outputs + o, gates
+    assert w["combine_bwd"] == 7 * T * HQ * D * 2 + 2 * T * HQ * 3 * 2     # dO, 3 outputs, 3 d o_c; gates in and out
+    rates = {"dense": 700e12, "hbm": 3e12, "l2": 10e12}
+    ms = {"compress_bwd_dkdv_kernel": 20.0, "select_fwd_kernel": 14.0, "select_bwd_dkdv_kernel": 15.0,
+          "window_fwd_combine_kernel": 4.0, "void at::native::fill_kernel": 0.5}
+    rows = {r["kernel"]: r for r in floors.table(ms, w, rates)}
+    dkdv = rows["compress_bwd_dkdv_kernel"]                               # 4 matmuls = 2x the forward's 2
+    assert math.isclose(dkdv["floor_ms"], 2 * w["compress"] / 700e12 * 1e3)
+    assert math.isclose(dkdv["ratio"], 20.0 / dkdv["floor_ms"])
+    assert math.isclose(rows["select_fwd_kernel"]["floor_ms"], w["select"] / 10e12 * 1e3)
+    assert math.isclose(rows["select_bwd_dkdv_kernel"]["floor_ms"], w["select_qdo"] / 3e12 * 1e3)
+    assert rows["window_fwd_combine_kernel"]["bound"] == "dense"
+    assert "floor_ms" not in rows["void at::native::fill_kernel"]          # outside the model: time only
+    assert list(rows) == sorted(ms, key=lambda k: -ms[k])                   # longest first
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="on the device it runs for real")
+def test_reduce_add_kernels_compile_for_sm90(tmp_path):
+    src = (f"import runpy, sys; sys.argv = ['reduce_add', '--check']; "
+           f"runpy.run_path({str(ROOT / 'benchmarks' / 'reduce_add.py')!r}, run_name='__main__')")
+    run_sm90_check(src, [], tmp_path)
