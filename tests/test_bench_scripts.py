@@ -29,9 +29,10 @@ def test_kernel_floors_work_model_and_table_by_hand():
     c = branch_costs(spec, T, HQ=HQ, H=H, Dqk=D, Dv=D)
     assert w["compress"] == c["cmp_compress"][0] and w["window"] == c["swa_window"][0]
     assert w["topk"] == c["slc_topk"][0]
-    # the K and V rows (bf16) of 16 blocks of 64 keys per position and kv head, fewer at the start
+    # the K and V rows (bf16) of 16 blocks of 64 keys per position and kv head; the current block
+    # holds only the keys up to the position (half on average), the first positions fewer blocks
     full = T * H * 16 * 64 * 2 * D * 2
-    assert w["select"] == c["slc_select"][1] and 0.99 * full < w["select"] <= full
+    assert w["select"] == c["slc_select"][1] and 0.95 * full < w["select"] < full
     assert w["select_qdo"] == T * HQ * 16 * 2 * D * 2                      # q and dO rows, bf16
     assert w["combine_fwd"] == 4 * T * HQ * D * 2 + T * HQ * 3 * 2         # 3 outputs + o, gates
     assert w["combine_bwd"] == 7 * T * HQ * D * 2 + 2 * T * HQ * 3 * 2     # dO, 3 outputs, 3 d o_c; gates in and out
