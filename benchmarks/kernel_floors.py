@@ -16,7 +16,8 @@ algorithm, from the cost model's forward work of its branch (``nsa_dsl.tools.ben
   neighbouring positions: cache, not HBM);
 - selection dk/dv: the gathered q and dO rows (top_k per position and kv head) at the HBM rate;
 - combination: its tensors once (forward: C branch outputs and the gates in, the output out;
-  backward: dO, C outputs and the gates in, C gradients and the gates' out) at the HBM rate.
+  backward, gates folded into the branches: dO, C outputs, the gates and C lse in, the gates'
+  gradient and C folded lse and delta out) at the HBM rate.
 
 Kernels outside the model (torch's sorts, casts, fills) are listed with their time and no floor.
 """
@@ -66,7 +67,7 @@ def work(spec, T: int, HQ: int, H: int, D: int, B: int = 1) -> dict[str, float]:
     C = len(spec.output.branches) if spec.output.kind == "gate" else 0
     row = 2.0 * B * T * HQ * D
     w["combine_fwd"] = (C + 1) * row + 2.0 * B * T * HQ * C
-    w["combine_bwd"] = (2 * C + 1) * row + 4.0 * B * T * HQ * C
+    w["combine_bwd"] = (C + 1) * row + (4.0 + 12.0) * B * T * HQ * C   # + lse in, lse' and delta out (fp32)
     return w
 
 
