@@ -66,7 +66,8 @@ decode)
   timeout 240 python3 -m nsa_dsl bench $S --decode --lengths 4096,16384,65536,131072 \
       --json "$OUT/decode.json" --plot "$OUT/decode.png" 2>/dev/null | tee "$OUT/decode.log" | tail -14 ;;
 tune)
-  timeout 300 python3 -m nsa_dsl tune $S --lengths 65536 --no-backward 2>&1 | tee "$OUT/tune.log" | tail -12 ;;
+  # TUNE_ARGS: --backward tunes the backward kernels too (longer)
+  timeout ${TUNE_S:-300} python3 -m nsa_dsl tune $S --lengths 65536 ${TUNE_ARGS:---no-backward} 2>&1 | tee "$OUT/tune.log" | tail -12 ;;
 paper)
   timeout 150 python3 -m nsa_dsl bench $S --lengths ${PAPER_LENGTHS:-8192,16384,32768,65536} --peers cudnn \
       --json "$OUT/paper.json" --plot "$OUT/paper.png" 2>/dev/null | tee "$OUT/paper.log" | head -12

@@ -89,6 +89,33 @@ def test_compress_small_tiles(case, monkeypatch):
     _check(mod, *case, torch.float32, 1e-5)
 
 
+# tiles by TMA descriptor (a tuner candidate): fwd / dq K/V, dkdv q / dO; head-dim padding (48 -> 64),
+# padded heads (G = 3 in 4 rows), rows past the last compressed block and past a query split,
+# several key tiles and their masked tail
+@pytest.mark.parametrize("case", [pytest.param(c, id=_id(c)) for c in [
+    (1, 300, 1, 4, 48, 32, 32, 16),
+    (2, 300, 2, 3, 32, 48, 16, 8),
+    (1, 100, 1, 16, 64, 32, 16, 16),
+]])
+def test_compress_tma(case, monkeypatch):
+    B, T, H, G, DQK, DV, L, S = case
+    mod = _load(G, DQK, DV, L, S)
+    tile = dict(R=max(1, 16 // mod.GP), BN=16, num_warps=1, num_stages=1, TMA=True)
+    # dkdv: 48 query positions per program, so splits end inside the queries (rows past t_hi)
+    monkeypatch.setattr(mod, "CONFIG", {"fwd": tile, "dq": tile, "dkdv": dict(tile, QS=48)})
+    q, k = _inputs(B, T, H, G, DQK, DV, L, S, torch.float32)[:2]
+    assert mod._kv_descs(k, k, mod.resolve_config(q, "fwd"))[2]          # the descriptors are taken
+    _check(mod, *case, torch.float32, 1e-5)
+    # a query piece: the second half of the positions, every compressed block given
+    q, k, v, do = _inputs(B, T, H, G, DQK, DV, L, S, torch.float32)
+    p0 = T // 2 + 1
+    o, lse = mod.fwd(q, k, v, DQK ** -0.5)
+    dq = mod.bwd(q, k, v, o, lse, do, DQK ** -0.5)[0]
+    o2, lse2 = mod.fwd(q[:, p0:], k, v, DQK ** -0.5, q_start=p0)
+    dq2 = mod.bwd(q[:, p0:], k, v, o2, lse2, do[:, p0:], DQK ** -0.5, q_start=p0)[0]
+    assert rel_err(o2, o[:, p0:]) < 1e-6 and rel_err(dq2, dq[:, p0:]) < 1e-6
+
+
 @pytest.mark.parametrize("case", [pytest.param(c, id=_id(c)) for c in [
     (1, 100, 2, 3, 32, 16, 32, 16),
     (1, 300, 1, 16, 64, 32, 16, 16),

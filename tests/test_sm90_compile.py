@@ -1,7 +1,8 @@
 """Every training kernel of the paper pattern, at its GPU heuristic config, compiles for sm_90
 (H100 / H200) through ptxas on a machine without a GPU: within 227 KiB of shared memory and
 without register spills beyond a few bytes (the 64-row dkdv tiles once held 255 registers and
-spilled; the top-k's 168-register cap leaves 16 bytes); the selection's fwd / dq with TMA loads;
+spilled; the top-k's 168-register cap leaves 16 bytes); the selection's and the compression's
+fwd / dq with TMA loads;
 the combination's backward with the gates folded into the branches and without."""
 import pytest
 import torch
@@ -47,18 +48,25 @@ wm_ncs = window_family("sm90_window_ncs", CAUSAL=False, SINKS=4)
 def run(name, fn, cfg, consts, pointers, spills=64):
     opts = {k: cfg[k] for k in ("num_warps", "num_stages", "maxnreg") if cfg.get(k) is not None}
     kernel = compile_kernel(fn, consts, signature(fn, consts, pointers), **opts)
+    if consts.get("TMA"):     # the descriptor loads are TMA copies
+        assert "cp.async.bulk.tensor" in kernel.asm["ptx"], name
     usage = ptxas_usage(kernel)
     print(name, cfg, "shared", kernel.metadata.shared, usage)
     assert kernel.metadata.shared <= 232448, (name, kernel.metadata.shared)
     assert spill_bytes(usage) <= spills, (name, usage)
 
 for tag, mod in (("", cm), (" not causal", cm_nc)):
-    for kind, fn in (("fwd", mod.kernels.compress_fwd_kernel), ("dq", mod.kernels.compress_bwd_dq_kernel),
-                     ("dkdv", mod.kernels.compress_bwd_dkdv_kernel)):
-        cfg = mod._heuristic(kind, True, T)
-        consts = dict(G=G, GP=G, L=L, STRIDE=S, DQK=D, DV=D, BDK=D, BDV=D, R=cfg["R"], BM=G * cfg["R"], BN=cfg["BN"],
-                      ACC=True)   # dq: added to the other branches' (the op's fused backward)
-        run("compress " + kind + tag, fn, cfg, consts, {**BF16, **F32, "dk": "*fp32", "dv": "*fp32"})
+    for tma in (False, True):
+        for kind, fn in (("fwd", mod.kernels.compress_fwd_kernel), ("dq", mod.kernels.compress_bwd_dq_kernel),
+                         ("dkdv", mod.kernels.compress_bwd_dkdv_kernel)):
+            cfg = mod._heuristic(kind, True, T)
+            consts = dict(G=G, GP=G, L=L, STRIDE=S, DQK=D, DV=D, BDK=D, BDV=D, R=cfg["R"], BM=G * cfg["R"],
+                          BN=cfg["BN"], ACC=True, TMA=tma)   # ACC, dq: added to the other branches' (the op's fused backward)
+            # TMA: the streamed tiles by descriptor, fwd / dq K/V boxes, dkdv q / dO boxes
+            kv = "tensordesc<bf16[1,%d,1,%d]>" % (cfg["BN"], D) if tma else "*bf16"
+            qd = "tensordesc<bf16[1,%d,%d,%d]>" % (cfg["R"], G, D) if tma else "*bf16"
+            run("compress " + kind + tag, fn, dict(cfg, TMA=tma), consts,
+                {**BF16, **F32, "dk": "*fp32", "dv": "*fp32", "k_desc": kv, "v_desc": kv, "q_desc": qd, "do_desc": qd})
 
 cfg = tk._heuristic("topk", True, T)
 consts = dict(G=G, GP=G, DQK=D, BDK=D, L=L, STRIDE=S, A=tk.A, C=tk.C, LS=LS, TOPK=K, TOPKP=K, KEEP_FIRST=1,

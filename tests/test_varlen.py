@@ -223,19 +223,24 @@ def test_select_kernels_one_position_per_program_and_atomics():
                 assert rel_err(x[:, a:b], y) < 1e-5, config
 
 
-def test_compress_kernels_split_queries(monkeypatch):
-    """Varlen compress dk/dv with several query splits per key tile (the GPU's layout)."""
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_compress_kernels_split_queries(monkeypatch, tma):
+    """Varlen compress dk/dv with several query splits per key tile (the GPU's layout); every
+    kernel's streamed tiles by pointer loads and by TMA descriptors (rows from the sequence's first
+    block / row, the next sequence's rows masked)."""
     mv = load_family("compress.py.j2", G=3, DQK=16, DV=16, L=16, STRIDE=8, VARLEN=True)
     m = load_family("compress.py.j2", G=3, DQK=16, DV=16, L=16, STRIDE=8)
-    cfg = {"fwd": (8, 16, 1, 1), "dq": (8, 16, 1, 1), "dkdv": (8, 16, 1, 1, 24)}
-    monkeypatch.setattr(mv, "CONFIG", cfg)
-    monkeypatch.setattr(m, "CONFIG", cfg)
+    tile = dict(R=8, BN=16, num_warps=1, num_stages=1)
+    monkeypatch.setattr(mv, "CONFIG", {"fwd": dict(tile, TMA=tma), "dq": dict(tile, TMA=tma),
+                                       "dkdv": dict(tile, QS=24, TMA=tma)})
+    monkeypatch.setattr(m, "CONFIG", {"fwd": tile, "dq": tile, "dkdv": (8, 16, 1, 1, 24)})
     lens = [100, 0, 15, 1, 37, 16]
     cu = cu_of(lens, device="cpu")
     ccu = mv.compressed_cu_seqlens(cu)
     T, NC = int(cu[-1]), int(ccu[-1])
     q, do = torch.randn(1, T, 6, 16), torch.randn(1, T, 6, 16)
     k, v = torch.randn(1, NC, 2, 16), torch.randn(1, NC, 2, 16)
+    assert mv._kv_descs(k, v, mv.resolve_config(q, "fwd"))[2] is tma
     o, lse = mv.fwd(q, k, v, 0.3, cu)
     dq, dk, dv = mv.bwd(q, k, v, o, lse, do, 0.3, cu)
     for s, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):

@@ -15,6 +15,11 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:      # triton without host TMA descriptors: pointer loads only
+    TensorDescriptor = None
+
 SMEM_DEFAULT = 232448   # bytes of shared memory a block may use on an H100 / H200 (227 KB)
 LOG2E = 1.4426950408889634
 
@@ -32,6 +37,21 @@ def new_output(shape, dtype, device) -> torch.Tensor:
 def unit_last(x: torch.Tensor) -> torch.Tensor:
     """``x`` with unit stride in its last dim (the kernels take the other strides)."""
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def tma_ready(x: torch.Tensor) -> bool:
+    """Whether TMA can read ``x``: unit last stride, 16-byte aligned base and other strides."""
+    return (x.stride(-1) == 1 and x.data_ptr() % 16 == 0
+            and all(st * x.element_size() % 16 == 0 for st in x.stride()[:-1]))
+
+
+def tma_descs(want: bool, *tiles: tuple[torch.Tensor, list[int]]) -> tuple:
+    """(descriptors..., TMA): host TMA descriptors of each (tensor, box) in ``tiles`` (rows past a
+    tensor's end and padding past its dims load as 0) when ``want``, triton has host descriptors
+    and every layout allows it; else (the tensors themselves..., False): pointer loads."""
+    if not (want and TensorDescriptor is not None and all(tma_ready(x) for x, _ in tiles)):
+        return (*(x for x, _ in tiles), False)
+    return (*(TensorDescriptor(x, list(x.shape), list(x.stride()), box) for x, box in tiles), True)
 
 
 def is_tile(x) -> bool:

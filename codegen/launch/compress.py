@@ -11,6 +11,12 @@ sees); causal visibility uses the positions, outputs and dq have q's rows.
 Query-tile programs (fwd, dq) hold BM = GP * R rows against key tiles of BN compressed blocks;
 key-tile programs (dkdv) hold BN blocks against QS query positions (a multiple of R) and write
 fp32 partial sums per query split, summed here.
+
+Config ``TMA``: the streamed tiles by TMA descriptor loads, as the selection's: fwd / dq the key /
+value tiles (host descriptors over k_cmp / v_cmp [B, NC, H, D], [1, BN, 1, BD] boxes), dkdv the q /
+dO tiles (over q / do [B, T, HQ, D], [1, R, GP, BD] boxes); pointer loads where a layout is not
+16-byte aligned. Off in the heuristic until the device has timed it; the tuner's candidates hold
+both.
 """
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ from nsa_dsl.semantics.varlen import compressed_cu_seqlens
 
 from ..ints import cdiv
 from . import family
-from .base import LOG2E, Config, Family, check_q_start, dq_buffer, is_tile, new_output, row_delta, unit_last
+from .base import (LOG2E, Config, Family, check_q_start, dq_buffer, is_tile, new_output, row_delta, tma_descs,
+                   unit_last)
 from .packed import check_packed, packed, tile_table
 from .window import Window
 
@@ -65,7 +72,7 @@ class Compress(Family):
         GP = self.GP
         if not gpu:                             # interpreter: few, large programs
             R = max(1, 128 // GP)
-            cfg = dict(R=R, BN=32, num_warps=1, num_stages=1)
+            cfg = dict(R=R, BN=32, num_warps=1, num_stages=1, TMA=False)
             if kind == "dkdv":
                 cfg["QS"] = cdiv(max(T, 1), R) * R
             return cfg
@@ -74,9 +81,9 @@ class Compress(Family):
         # 32-row tiles, 8 warps)
         big = max(self.BDK, self.BDV) > 128
         if kind == "fwd":
-            return dict(R=max(1, 128 // GP), BN=64, num_warps=8, num_stages=2) if big else \
-                dict(R=max(1, 128 // GP), BN=128, num_warps=8, num_stages=3)
-        cfg = dict(R=max(1, 64 // GP), BN=32 if big else 64, num_warps=4, num_stages=2)
+            return dict(R=max(1, 128 // GP), BN=64, num_warps=8, num_stages=2, TMA=False) if big else \
+                dict(R=max(1, 128 // GP), BN=128, num_warps=8, num_stages=3, TMA=False)
+        cfg = dict(R=max(1, 64 // GP), BN=32 if big else 64, num_warps=4, num_stages=2, TMA=False)
         if kind == "dkdv":                      # ~T/16 positions per program, at least 1024
             if not big:   # 128 blocks x 64 rows, 8 warps, 4 stages (255 registers, 16 bytes of spills,
                 # 194 KB: one program per SM); H200, 64k, whole backward 31.19 / 31.75 ms against
@@ -93,6 +100,8 @@ class Compress(Family):
         if kind == "dkdv" and not (isinstance(cfg.get("QS"), int) and cfg["QS"] >= cfg["R"]
                                    and cfg["QS"] % cfg["R"] == 0):
             return "QS must be a positive multiple of R"
+        if not isinstance(cfg.get("TMA", False), bool):
+            return "TMA must be True or False"
         return None
 
     def smem_bytes(self, kind: str, cfg: Config, dtype_bytes: int = 2) -> int:
@@ -106,7 +115,8 @@ class Compress(Family):
         """Candidate configs of kernel ``kind`` at length ``T`` for the tuner (GPU), partial dicts
         over the heuristic. fwd: 64 / 128 rows x 64 / 128 blocks x 4 / 8 warps x 2 / 3 stages; dq:
         64 / 128 rows x 32 / 64 blocks x 4 / 8 warps; dkdv: 32 / 64 rows x 32 / 64 / 128 blocks x 4 / 8
-        warps x 3 / 4 stages (128 blocks: 8 warps), and the heuristic with QS of ~T/8 instead of ~T/16."""
+        warps x 3 / 4 stages (128 blocks: 8 warps), and the heuristic with QS of ~T/8 instead of
+        ~T/16; each with pointer and TMA loads."""
         GP = self.GP
         rows = [m // GP for m in ((32, 64) if kind == "dkdv" else (64, 128)) if m >= GP]
         if kind == "fwd":
@@ -118,6 +128,7 @@ class Compress(Family):
             cands = [dict(R=r, BN=bn, num_warps=w, num_stages=st, QS=_qs(T, r)) for r in rows
                      for bn, w in ((32, 4), (32, 8), (64, 4), (64, 8), (128, 8)) for st in (3, 4)]
             cands.append(dict(QS=_qs(T, self._heuristic(kind, True, T)["R"], 8)))
+        cands += [dict(c, TMA=True) for c in cands]
         return self._prune(kind, cands, T, smem, dtype_bytes)
 
     # -- launchers ---------------------------------------------------------------------------------
@@ -160,6 +171,11 @@ class Compress(Family):
                     BDK=self.BDK, BDV=self.BDV, R=cfg["R"], BM=self.GP * cfg["R"], BN=cfg["BN"],
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
+    def _kv_descs(self, k_cmp, v_cmp, cfg: Config) -> tuple:
+        """(k_desc, v_desc, TMA) of fwd / dq: [1, BN, 1, BD] boxes (``base.tma_descs``: pointer loads
+        unless cfg asks for TMA and the layouts allow it)."""
+        return tma_descs(bool(cfg.get("TMA")), (k_cmp, [1, cfg["BN"], 1, self.BDK]), (v_cmp, [1, cfg["BN"], 1, self.BDV]))
+
     def _query_grid(self, B, T, H, NC, R, cu_seqlens, q_start):
         """Grid (query tiles of R positions x kv heads) and the sequence arguments of fwd / dq."""
         if self.varlen:
@@ -182,10 +198,11 @@ class Compress(Family):
         if self.varlen and T == 0:
             return o, lse
         grid, seq = self._query_grid(B, T, H, NC, cfg["R"], cu_seqlens, q_start)
+        k_desc, v_desc, tma = self._kv_descs(k_cmp, v_cmp, cfg)
         self.kernels.compress_fwd_kernel[grid](
-            q, k_cmp, v_cmp, o, lse,
+            q, k_cmp, v_cmp, k_desc, v_desc, o, lse,
             *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *o.stride()[:3],
-            *seq, H, scale * LOG2E, **self._consts(cfg))
+            *seq, H, scale * LOG2E, **self._consts(cfg), TMA=tma)
         return o, lse
 
     def bwd(self, q, k_cmp, v_cmp, o, lse, do, scale, cu_seqlens=None, *, config=None, delta=None, dq_acc=None,
@@ -204,10 +221,11 @@ class Compress(Family):
         if self.varlen and T == 0:
             return dq, k_cmp.new_zeros(k_cmp.shape), v_cmp.new_zeros(v_cmp.shape)
         grid, seq = self._query_grid(B, T, H, NC, cfg["R"], cu_seqlens, q_start)
+        k_desc, v_desc, tma = self._kv_descs(k_cmp, v_cmp, cfg)
         self.kernels.compress_bwd_dq_kernel[grid](
-            q, k_cmp, v_cmp, do, lse, delta, dq,
+            q, k_cmp, v_cmp, k_desc, v_desc, do, lse, delta, dq,
             *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-            *seq, H, scale * LOG2E, scale, ACC=dq_acc is not None, **self._consts(cfg))
+            *seq, H, scale * LOG2E, scale, ACC=dq_acc is not None, **self._consts(cfg), TMA=tma)
         if NC == 0:
             return dq, k_cmp.new_zeros(k_cmp.shape), v_cmp.new_zeros(v_cmp.shape)
 
@@ -222,8 +240,10 @@ class Compress(Family):
             grid, seq = (tiles.shape[0], NS, H), (cu, cu_cmp, tiles, n_seq, NC)
         else:
             grid = (cdiv(NC, BN), NS, B * H)
+        R, GP = cfg["R"], self.GP
+        q_desc, do_desc, tma = tma_descs(bool(cfg.get("TMA")), (q, [1, R, GP, self.BDK]), (do, [1, R, GP, self.BDV]))
         self.kernels.compress_bwd_dkdv_kernel[grid](
-            q, k_cmp, v_cmp, do, lse, delta, dk, dv,
+            q, k_cmp, v_cmp, do, q_desc, do_desc, lse, delta, dk, dv,
             *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *do.stride()[:3],
-            *seq, H, QS, B, scale * LOG2E, scale, **self._consts(cfg))
+            *seq, H, QS, B, scale * LOG2E, scale, **self._consts(cfg), TMA=tma)
         return dq, dk.sum(0).to(k_cmp.dtype), dv.sum(0).to(v_cmp.dtype)

@@ -19,19 +19,8 @@ import torch
 
 from ..ints import cdiv, next_pow2
 from . import family
-from .base import LOG2E, Config, Family, check_piece, dq_buffer, is_tile, new_output, row_delta, unit_last
+from .base import LOG2E, Config, Family, check_piece, dq_buffer, is_tile, new_output, row_delta, tma_descs, unit_last
 from .packed import check_packed, cumsum0, packed, seq_of_rows, tile_table
-
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:      # triton without host TMA descriptors: pointer loads only
-    TensorDescriptor = None
-
-
-def _tma_ready(x: torch.Tensor) -> bool:
-    """Whether TMA can read ``x``: unit last stride, 16-byte aligned base and other strides."""
-    return (x.stride(-1) == 1 and x.data_ptr() % 16 == 0
-            and all(st * x.element_size() % 16 == 0 for st in x.stride()[:-1]))
 
 
 def _union(u: torch.Tensor) -> torch.Tensor:
@@ -183,10 +172,7 @@ class Select(Family):
         """(k_desc, v_desc, TMA) for fwd / dq: TMA descriptors of k and v with [1, BN, 1, BD] boxes
         when cfg asks for TMA, triton has host descriptors and both layouts allow it, else k and v
         themselves (pointer loads)."""
-        if not (cfg.get("TMA") and TensorDescriptor is not None and _tma_ready(k) and _tma_ready(v)):
-            return k, v, False
-        return (TensorDescriptor(k, list(k.shape), list(k.stride()), [1, cfg["BN"], 1, self.BDK]),
-                TensorDescriptor(v, list(v.shape), list(v.stride()), [1, cfg["BN"], 1, self.BDV]), True)
+        return tma_descs(bool(cfg.get("TMA")), (k, [1, cfg["BN"], 1, self.BDK]), (v, [1, cfg["BN"], 1, self.BDV]))
 
     # -- block lists: the query side -------------------------------------------------------------
     def block_lists(self, idx: torch.Tensor, R: int, tiles: Optional[torch.Tensor] = None,
