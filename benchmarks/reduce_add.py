@@ -38,23 +38,16 @@ HAS_TMA_ADD = hasattr(tl.tensor_descriptor, "atomic_add")
 
 
 @triton.jit
-def add_atomic(buf, N_TILES, BM: tl.constexpr, D: tl.constexpr, REPS: tl.constexpr):
+def add_tiles(buf, N_TILES, BM: tl.constexpr, D: tl.constexpr, REPS: tl.constexpr, ATOMIC: tl.constexpr):
     pid, n = tl.program_id(0), tl.num_programs(0)
     o = tl.arange(0, BM)[:, None] * D + tl.arange(0, D)[None, :]
     x = (o % 7).to(tl.float32)
     for r in range(REPS):
-        tile = (pid + r * n) % N_TILES
-        tl.atomic_add(buf + tile.to(tl.int64) * (BM * D) + o, x, sem="relaxed")
-
-
-@triton.jit
-def add_store(buf, N_TILES, BM: tl.constexpr, D: tl.constexpr, REPS: tl.constexpr):
-    pid, n = tl.program_id(0), tl.num_programs(0)
-    o = tl.arange(0, BM)[:, None] * D + tl.arange(0, D)[None, :]
-    x = (o % 7).to(tl.float32)
-    for r in range(REPS):
-        tile = (pid + r * n) % N_TILES
-        tl.store(buf + tile.to(tl.int64) * (BM * D) + o, x)
+        p = buf + ((pid + r * n) % N_TILES).to(tl.int64) * (BM * D) + o
+        if ATOMIC:
+            tl.atomic_add(p, x, sem="relaxed")
+        else:
+            tl.store(p, x)
 
 
 @triton.jit
@@ -68,14 +61,16 @@ def add_tma(buf, N_TILES, BM: tl.constexpr, D: tl.constexpr, REPS: tl.constexpr)
         desc.atomic_add([tile * BM, 0], x)
 
 
-KERNELS = {"atomic": add_atomic, "store": add_store, **({"tma": add_tma} if HAS_TMA_ADD else {})}
+# mode -> (kernel, its mode constexprs)
+KERNELS = {"atomic": (add_tiles, {"ATOMIC": True}), "store": (add_tiles, {"ATOMIC": False}),
+           **({"tma": (add_tma, {})} if HAS_TMA_ADD else {})}
 
 
 def check() -> int:
     """Compile every kernel for sm_90 (no GPU needed)."""
     from nsa_dsl.codegen.sm90 import compile_kernel, ptxas_usage
-    consts = dict(BM=BM, D=D, REPS=REPS)
-    for name, fn in KERNELS.items():
+    for name, (fn, mode) in KERNELS.items():
+        consts = dict(BM=BM, D=D, REPS=REPS, **mode)
         k = compile_kernel(fn, consts, {"buf": "*fp32", "N_TILES": "i32", **{c: "constexpr" for c in consts}},
                            num_warps=4)
         print(name, ptxas_usage(k), "TMA reduce" if "cp.reduce.async.bulk.tensor" in k.asm["ptx"] else "")
@@ -100,8 +95,8 @@ def main() -> int:
         buf = torch.zeros(mib << 18, device="cuda", dtype=torch.float32)     # mib MiB of fp32
         n_tiles = buf.numel() // (BM * D)
         grid = (4 * sms,)
-        for name, fn in KERNELS.items():
-            ms = _bench(lambda: fn[grid](buf, n_tiles, BM=BM, D=D, REPS=REPS, num_warps=4))
+        for name, (fn, mode) in KERNELS.items():
+            ms = _bench(lambda: fn[grid](buf, n_tiles, BM=BM, D=D, REPS=REPS, num_warps=4, **mode))
             tbs = grid[0] * REPS * BM * D * 4 / (ms * 1e-3) / 1e12
             rows.append(dict(mode=name, buffer_mib=mib, ms=ms, tb_s=tbs))
         del buf

@@ -1,5 +1,6 @@
 """The device scripts under benchmarks/ without a GPU: kernel_floors' work model and floor table
-against hand counts, reduce_add's kernels compiled for sm_90."""
+against hand counts; reduce_add's kernels compiled for sm_90, and its atomic and store modes run
+in the interpreter."""
 import importlib.util
 import math
 from pathlib import Path
@@ -56,3 +57,22 @@ def test_reduce_add_kernels_compile_for_sm90(tmp_path):
     src = (f"import runpy, sys; sys.argv = ['reduce_add', '--check']; "
            f"runpy.run_path({str(ROOT / 'benchmarks' / 'reduce_add.py')!r}, run_name='__main__')")
     run_sm90_check(src, [], tmp_path)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="on the device it runs for real")
+def test_reduce_add_kernels_add_what_they_count():
+    """Each program adds its tile REPS times round-robin over the tiles: with 2 programs, 4 reps
+    and 4 tiles every tile gets the tile twice (atomic), or holds it once (store)."""
+    import torch
+    import triton
+    ra = _script("reduce_add")
+    BM, D = 16, 32
+    x = (torch.arange(BM * D) % 7).float().view(BM, D)
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8))
+    for name, (fn, mode) in ra.KERNELS.items():
+        if name == "tma":      # the interpreter has no descriptor reduce (the sm_90 compile covers it)
+            continue
+        buf = torch.zeros(4 * BM * D)
+        fn[(2,)](buf, 4, BM=BM, D=D, REPS=4, **mode)
+        want = (1 if name == "store" else 2) * x
+        assert torch.equal(buf.view(4, BM, D), want.expand(4, BM, D)), name
