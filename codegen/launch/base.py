@@ -15,11 +15,6 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:      # triton without host TMA descriptors: pointer loads only
-    TensorDescriptor = None
-
 SMEM_DEFAULT = 232448   # bytes of shared memory a block may use on an H100 / H200 (227 KB)
 LOG2E = 1.4426950408889634
 
@@ -49,6 +44,10 @@ def tma_descs(want: bool, *tiles: tuple[torch.Tensor, list[int]]) -> tuple:
     """(descriptors..., TMA): host TMA descriptors of each (tensor, box) in ``tiles`` (rows past a
     tensor's end and padding past its dims load as 0) when ``want``, triton has host descriptors
     and every layout allows it; else (the tensors themselves..., False): pointer loads."""
+    try:     # imported here: importing triton before nsa_dsl picks the interpreter (CPU) fixes it too early
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:      # triton without host TMA descriptors: pointer loads only
+        TensorDescriptor = None
     if not (want and TensorDescriptor is not None and all(tma_ready(x) for x, _ in tiles)):
         return (*(x for x, _ in tiles), False)
     return (*(TensorDescriptor(x, list(x.shape), list(x.stride()), box) for x, box in tiles), True)
