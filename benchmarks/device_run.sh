@@ -16,7 +16,8 @@
 #   paged   decoding, contiguous and paged caches, Python-launched and graph-replayed, against cuDNN
 #   cp      context parallelism over a group of one against the plain op (benchmarks/cp_overhead.py)
 #   lm      examples/train_code_lm.py: NSA against SDPA on the standard library's source, T = 8192
-#   floors  every kernel of a 64k training step against its floor (benchmarks/kernel_floors.py)
+#   floors  every kernel of a 64k training step against its floor (benchmarks/kernel_floors.py);
+#           floors-tma: the same with the compression kernels' TMA loads pinned
 #   reduce  fp32 reduce-add rates into L2-resident and HBM buffers (benchmarks/reduce_add.py)
 #   ncu     what bounds the selection kernels at 64k: DRAM and L2 bytes, hit rate, throughput (ncu)
 set -u
@@ -93,9 +94,10 @@ cp)
 lm)
   timeout 270 python3 examples/train_code_lm.py --device cuda --seq-len 8192 --max-time 60 --quiet \
       --log-json "$OUT/code_lm.json" > "$OUT/code_lm.log" 2>&1; tail -20 "$OUT/code_lm.log" ;;
-floors)
-  timeout ${FLOORS_S:-90} python3 benchmarks/kernel_floors.py --length ${FLOORS_T:-65536} --json "$OUT/floors.json" \
-      2>&1 | tee "$OUT/floors.log" | head -40 ;;
+floors|floors-tma)
+  F=${stage/-/_}; [ $stage = floors-tma ] && A=--tma || A=
+  timeout ${FLOORS_S:-90} python3 benchmarks/kernel_floors.py --length ${FLOORS_T:-65536} $A --json "$OUT/$F.json" \
+      2>&1 | tee "$OUT/$F.log" | head -40 ;;
 reduce)
   timeout 60 python3 benchmarks/reduce_add.py --json "$OUT/reduce.json" 2>&1 | tee "$OUT/reduce.log" | tail -9 ;;
 ncu)
@@ -104,6 +106,6 @@ ncu)
       gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum,lts__t_sector_hit_rate.pct,l1tex__t_bytes.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed \
       python3 benchmarks/kernel_floors.py --length ${FLOORS_T:-65536} --ncu > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
   grep -v '^==PROF==' "$OUT/ncu.csv" | head -40; tail -3 "$OUT/ncu.err" ;;
-*) echo "unknown stage $stage (gpu, check, bench, decode, tune, paper, gqa, reach, paged, cp, lm, floors, reduce, ncu)"; exit 2 ;;
+*) echo "unknown stage $stage (gpu, check, bench, decode, tune, paper, gqa, reach, paged, cp, lm, floors, floors-tma, reduce, ncu)"; exit 2 ;;
 esac
 done

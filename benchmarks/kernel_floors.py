@@ -1,6 +1,7 @@
 """Every kernel of one training step against its floor (GPU; `--check` runs the work model on a CPU).
 
     python benchmarks/kernel_floors.py [--spec FILE] [--length 65536] [--workload random] [--json OUT]
+    python benchmarks/kernel_floors.py --tma        # the compression kernels with config TMA pinned
     ncu --clock-control none -k regex:select_ --metrics ... python benchmarks/kernel_floors.py --ncu
 
 Measures the card first: the dense bf16 matmul rate (torch.matmul, 8192 cubed), the HBM rate (a
@@ -107,6 +108,17 @@ def profile(op, inputs, do, steps: int = 3) -> dict[str, float]:
     return dict(ms)
 
 
+def pin_tma(op, HQ: int, H: int, D: int) -> list[str]:
+    """Pin config TMA on every compression family of ``op`` at these shapes (the families' CONFIG,
+    as a tuned config would be); returns their kernel names."""
+    from nsa_dsl.runtime import kernel_ops
+    keys = op._kernels(op.binding(heads=HQ, kv_heads=H, qk_dim=D, v_dim=D))[1]
+    names = [n for n in keys if n.startswith("compress_")]
+    for n in names:
+        kernel_ops.module(keys[n]).CONFIG = {kind: {"TMA": True} for kind in ("fwd", "dq", "dkdv")}
+    return names
+
+
 def table(ms: dict[str, float], w: dict[str, float], r: dict[str, float]) -> list[dict]:
     rows = []
     for name, t in sorted(ms.items(), key=lambda kv: -kv[1]):
@@ -129,6 +141,8 @@ def main() -> int:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--workload", default="random")
     p.add_argument("--ncu", action="store_true", help="two training steps and nothing else (to run under ncu)")
+    p.add_argument("--tma", action="store_true",
+                   help="pin config TMA on the compression kernels (fwd / dq: K/V tiles, dkdv: q / dO tiles)")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--check", action="store_true", help="print the work model only (no GPU)")
     args = p.parse_args()
@@ -147,6 +161,8 @@ def main() -> int:
         if x is not None:
             x.requires_grad_()
     do = torch.randn_like(q)
+    if args.tma:
+        pin_tma(op, HQ, H, D)
     if args.ncu:
         for _ in range(2):
             torch.autograd.grad(op(q, k, v, gates), (q, k, v, gates), do)
@@ -156,7 +172,8 @@ def main() -> int:
     total = sum(x["ms"] for x in rows)
     floor = sum(x.get("floor_ms", 0.0) for x in rows)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
-          f"{spec.name}, T={T}, HQ={HQ}, H={H}, D={D}, bf16, {args.workload}; dense {r['dense'] / 1e12:.0f} "
+          f"{spec.name}, T={T}, HQ={HQ}, H={H}, D={D}, bf16, {args.workload}{', compression TMA' if args.tma else ''}; "
+          f"dense {r['dense'] / 1e12:.0f} "
           f"TFLOP/s, HBM {r['hbm'] / 1e12:.2f} TB/s, L2 {r['l2'] / 1e12:.2f} TB/s")
     print("| kernel | ms | work | bound | floor ms | ratio |\n|---|---|---|---|---|---|")
     for x in rows:
@@ -168,7 +185,7 @@ def main() -> int:
             print(f"| {x['kernel'][:60]} | {x['ms']:.2f} | | | | |")
     print(f"| all kernels | {total:.2f} | | | {floor:.2f} (modelled ones) | |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rates": r, "rows": rows, "T": T, "HQ": HQ, "H": H,
+        Path(args.json).write_text(json.dumps({"rates": r, "rows": rows, "T": T, "HQ": HQ, "H": H, "tma": args.tma,
                                                "D": D, "gpu": torch.cuda.get_device_name()}, indent=1) + "\n")
     return 0
 

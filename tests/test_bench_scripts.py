@@ -76,3 +76,32 @@ def test_reduce_add_kernels_add_what_they_count():
         fn[(2,)](buf, 4, BM=BM, D=D, REPS=4, **mode)
         want = (1 if name == "store" else 2) * x
         assert torch.equal(buf.view(4, BM, D), want.expand(4, BM, D)), name
+
+
+def test_kernel_floors_pin_tma_runs_the_compression_on_descriptors(tmp_path, monkeypatch):
+    """--tma pins config TMA on the op's compression kernels: the same outputs and gradients."""
+    import torch
+    from nsa_dsl.runtime import kernel_ops
+    from nsa_dsl.tools.bench import make_inputs
+    monkeypatch.setenv("NSA_DSL_CACHE_DIR", str(tmp_path))
+    floors = _script("kernel_floors")
+    op = nsa_dsl.compile(nsa_dsl.load(ROOT / "examples" / "nsa_paper_mean.nsa"))
+    q, k, v, g = make_inputs("random", B=1, T=100, HQ=4, H=1, Dqk=16, Dv=16, gates=3, dtype=torch.float32,
+                             device="cpu", seed=3)
+    leaves = [x.requires_grad_() for x in (q, k, v, g)]
+    do = torch.randn_like(q)
+
+    def step():
+        o = op(q, k, v, g)
+        return [o, *torch.autograd.grad(o, leaves, do)]
+    plain = step()
+    keys = op._kernels(op.binding(heads=4, kv_heads=1, qk_dim=16, v_dim=16))[1]
+    names = floors.pin_tma(op, 4, 1, 16)
+    try:
+        assert names == ["compress_cmp"]
+        mod = kernel_ops.module(keys["compress_cmp"])
+        assert all(mod.resolve_config(q, kind)["TMA"] for kind in ("fwd", "dq", "dkdv"))
+        for a, b in zip(step(), plain):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    finally:                   # the registered module outlives the test
+        kernel_ops.module(keys["compress_cmp"]).CONFIG = None
