@@ -1,7 +1,7 @@
 """Every kernel of one training step against its floor (GPU; `--check` runs the work model on a CPU).
 
     python benchmarks/kernel_floors.py [--spec FILE] [--length 65536] [--workload random] [--json OUT]
-    python benchmarks/kernel_floors.py --tma        # the compression kernels with config TMA pinned
+    python benchmarks/kernel_floors.py --tma        # compression and window kernels with config TMA pinned
     ncu --clock-control none -k regex:select_ --metrics ... python benchmarks/kernel_floors.py --ncu
 
 Measures the card first: the dense bf16 matmul rate (torch.matmul, 8192 cubed), the HBM rate (a
@@ -108,14 +108,24 @@ def profile(op, inputs, do, steps: int = 3) -> dict[str, float]:
     return dict(ms)
 
 
-def pin_tma(op, HQ: int, H: int, D: int) -> list[str]:
-    """Pin config TMA on every compression family of ``op`` at these shapes (the families' CONFIG,
-    as a tuned config would be); returns their kernel names."""
+# the kernel kinds that take config TMA, per family
+TMA_KINDS = {"compress": ("fwd", "dq", "dkdv"), "window": ("fwd", "fwd_combine", "dq")}
+
+
+def pin_tma(op, HQ: int, H: int, D: int, on: bool = True) -> list[str]:
+    """Pin config TMA on the compression and window kernels of ``op`` at these shapes (over each
+    family's heuristic, as a tuned config would be), or with ``on=False`` take the pins off;
+    returns the kernel names."""
     from nsa_dsl.runtime import kernel_ops
     keys = op._kernels(op.binding(heads=HQ, kv_heads=H, qk_dim=D, v_dim=D))[1]
-    names = [n for n in keys if n.startswith("compress_")]
+    names = [n for n in keys if n.split("_")[0] in TMA_KINDS]
     for n in names:
-        kernel_ops.module(keys[n]).CONFIG = {kind: {"TMA": True} for kind in ("fwd", "dq", "dkdv")}
+        mod = kernel_ops.module(keys[n])
+        mod.__dict__.pop("_heuristic", None)
+        if on:
+            kinds, heuristic = TMA_KINDS[n.split("_")[0]], mod._heuristic
+            mod._heuristic = lambda kind, gpu, T, h=heuristic, kinds=kinds: \
+                {**h(kind, gpu, T), **({"TMA": True} if kind in kinds else {})}
     return names
 
 
@@ -142,7 +152,8 @@ def main() -> int:
     p.add_argument("--workload", default="random")
     p.add_argument("--ncu", action="store_true", help="two training steps and nothing else (to run under ncu)")
     p.add_argument("--tma", action="store_true",
-                   help="pin config TMA on the compression kernels (fwd / dq: K/V tiles, dkdv: q / dO tiles)")
+                   help="pin config TMA on the compression kernels (fwd / dq: K/V tiles, dkdv: q / dO tiles) "
+                        "and the window's (fwd / dq: K/V tiles)")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--check", action="store_true", help="print the work model only (no GPU)")
     args = p.parse_args()
@@ -172,7 +183,7 @@ def main() -> int:
     total = sum(x["ms"] for x in rows)
     floor = sum(x.get("floor_ms", 0.0) for x in rows)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
-          f"{spec.name}, T={T}, HQ={HQ}, H={H}, D={D}, bf16, {args.workload}{', compression TMA' if args.tma else ''}; "
+          f"{spec.name}, T={T}, HQ={HQ}, H={H}, D={D}, bf16, {args.workload}{', compression and window TMA' if args.tma else ''}; "
           f"dense {r['dense'] / 1e12:.0f} "
           f"TFLOP/s, HBM {r['hbm'] / 1e12:.2f} TB/s, L2 {r['l2'] / 1e12:.2f} TB/s")
     print("| kernel | ms | work | bound | floor ms | ratio |\n|---|---|---|---|---|---|")

@@ -79,7 +79,8 @@ def test_reduce_add_kernels_add_what_they_count():
 
 
 def test_kernel_floors_pin_tma_runs_the_compression_on_descriptors(tmp_path, monkeypatch):
-    """--tma pins config TMA on the op's compression kernels: the same outputs and gradients."""
+    """--tma pins config TMA on the op's compression and window kernels: the same outputs and
+    gradients."""
     import torch
     from nsa_dsl.runtime import kernel_ops
     from nsa_dsl.tools.bench import make_inputs
@@ -98,10 +99,12 @@ def test_kernel_floors_pin_tma_runs_the_compression_on_descriptors(tmp_path, mon
     keys = op._kernels(op.binding(heads=4, kv_heads=1, qk_dim=16, v_dim=16))[1]
     names = floors.pin_tma(op, 4, 1, 16)
     try:
-        assert names == ["compress_cmp"]
-        mod = kernel_ops.module(keys["compress_cmp"])
-        assert all(mod.resolve_config(q, kind)["TMA"] for kind in ("fwd", "dq", "dkdv"))
+        assert sorted(names) == ["compress_cmp", "window_swa"]
+        for n, kinds in (("compress_cmp", ("fwd", "dq", "dkdv")), ("window_swa", ("fwd", "fwd_combine", "dq"))):
+            mod = kernel_ops.module(keys[n])
+            assert all(mod.resolve_config(q, kind)["TMA"] for kind in kinds), n
         for a, b in zip(step(), plain):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    finally:                   # the registered module outlives the test
-        kernel_ops.module(keys["compress_cmp"]).CONFIG = None
+    finally:                   # the registered modules outlive the test
+        floors.pin_tma(op, 4, 1, 16, on=False)
+    assert not any(kernel_ops.module(keys[n]).resolve_config(q, "fwd")["TMA"] for n in names)

@@ -83,7 +83,8 @@ def assert_gpu_close(got, q, k, v, do, kind, params, scale, causal, q_start=0, w
 
 
 def _p(kind, B, T, H, G, DQK, DV, params, config=None):
-    cid = f"{kind}-B{B}-T{T}-H{H}-G{G}-D{DQK}x{DV}-{'-'.join(map(str, params))}" + ("-small" if config else "")
+    cid = f"{kind}-B{B}-T{T}-H{H}-G{G}-D{DQK}x{DV}-{'-'.join(map(str, params))}" + ("-small" if config else "") \
+        + ("-tma" if config and config.get("TMA") else "")
     return pytest.param(kind, B, T, H, G, DQK, DV, params, config, id=cid)
 
 
@@ -92,6 +93,10 @@ def _p(kind, B, T, H, G, DQK, DV, params, config=None):
 CMP_SMALL = dict(R=16, BN=16, QS=48, num_warps=1, num_stages=1)
 CMP_SMALL_G3 = dict(CMP_SMALL, R=4)
 WIN_SMALL = dict(R=8, BN=16, CHUNK=16)
+# the streamed tiles by TMA descriptor (compress: K/V in fwd / dq, q / dO in dkdv; window: K/V in
+# fwd / dq): rows past the end, of the next packed sequence and of a query split masked as with
+# pointer loads
+CMP_TMA, WIN_TMA = dict(CMP_SMALL_G3, TMA=True), dict(WIN_SMALL, TMA=True)
 
 
 # ----------------------------------------------------------------------------- causal = false
@@ -109,6 +114,8 @@ NOT_CAUSAL = [
     _p("window", 1, 100, 1, 1, 32, 16, (7, 0), dict(R=16, BN=16)),
     _p("window", 1, 100, 1, 2, 16, 16, (20, 40), WIN_SMALL),       # sinks wider than the window: both sides
     _p("window", 1, 60, 1, 3, 16, 16, (200, 3)),                   # W > T: every key
+    _p("compress", 1, 100, 2, 3, 32, 16, (8, 4), CMP_TMA),
+    _p("window", 1, 100, 1, 2, 16, 16, (20, 40), WIN_TMA),
 ]
 
 
@@ -135,6 +142,8 @@ PACKED = [
     pytest.param("compress", 16, 16, 48, (8, 8), None, id="compress-G16"),
     pytest.param("window", 3, 16, 32, (5, 4), WIN_SMALL, id="window-G3-sinks-small"),
     pytest.param("window", 1, 32, 16, (20, 40), dict(WIN_SMALL, R=16), id="window-G1-wide-sinks"),
+    pytest.param("compress", 3, 32, 16, (8, 4), CMP_TMA, id="compress-G3-small-tma"),
+    pytest.param("window", 3, 16, 32, (5, 4), WIN_TMA, id="window-G3-sinks-small-tma"),
 ]
 
 
@@ -170,6 +179,8 @@ OFFSET_CASES = [
     _p("window", 1, 70, 1, 2, 16, 16, (12, 30), WIN_SMALL),     # sink gradients in chunks, both sides
     _p("window", 2, 70, 1, 1, 32, 16, (7, 0)),
     _p("window", 1, 70, 1, 16, 16, 32, (16, 4)),
+    _p("compress", 1, 70, 2, 3, 32, 16, (8, 4), CMP_TMA),
+    _p("window", 1, 70, 1, 2, 16, 16, (12, 30), WIN_TMA),
 ]
 
 

@@ -69,6 +69,8 @@ FP32_CASES = [
     _p(1, 100, 1, 2, 32, 32, 16, 40, dict(BN=16)),                 # sinks over several key tiles
     _p(1, 15, 1, 64, 16, 16, 7, 4),                                # G = 64: BM = 64
     _p(1, 40, 1, 2, 192, 128, 7, 4),                               # wide heads, BDK = 256
+    _p(1, 300, 1, 3, 48, 32, 64, 4, dict(R=8, BN=16, TMA=True)),   # K/V tiles by TMA: padded dims, sinks
+    _p(2, 100, 2, 4, 32, 32, 16, 0, dict(BN=16, TMA=True)),        # TMA: batch and head coordinates
 ]
 
 

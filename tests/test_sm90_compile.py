@@ -128,26 +128,30 @@ for QB, causal in ((64, True), (1, False)):
         run("select" + tag + " " + kind, fn, cfg, consts, {**BF16, **F32, **I32, "dk": "*fp32", "dv": "*fp32",
                                                          "k_desc": desc, "v_desc": desc})
 
-for kind, fn in (("fwd", wm.kernels.window_fwd_kernel), ("dq", wm.kernels.window_bwd_dq_kernel),
-                 ("dkdv", wm.kernels.window_bwd_dkdv_kernel)):
+for kind, fn, tma in (("fwd", wm.kernels.window_fwd_kernel, False), ("dq", wm.kernels.window_bwd_dq_kernel, False),
+                      ("dkdv", wm.kernels.window_bwd_dkdv_kernel, False),
+                      ("fwd", wm.kernels.window_fwd_kernel, True), ("dq", wm.kernels.window_bwd_dq_kernel, True)):
     cfg = wm._heuristic(kind, True, T)
-    consts = dict(G=G, GP=G, R=cfg["R"], BN=cfg["BN"], W=W, DQK=D, DV=D, BDK=D, BDV=D, ACC=True)
-    run("window " + kind, fn, cfg, consts, {**BF16, **F32, "dk": "*bf16", "dv": "*bf16"})
+    consts = dict(G=G, GP=G, R=cfg["R"], BN=cfg["BN"], W=W, DQK=D, DV=D, BDK=D, BDV=D, ACC=True, TMA=tma)
+    desc = "tensordesc<bf16[1,%d,1,%d]>" % (cfg["BN"], D) if tma else "*bf16"   # TMA: K/V tiles by descriptor
+    run("window " + kind, fn, dict(cfg, TMA=tma), consts, {**BF16, **F32, "dk": "*bf16", "dv": "*bf16",
+                                                            "k_desc": desc, "v_desc": desc})
 for name, kind, fn in (("fwd", "fwd", wm_nc.kernels.window_fwd_kernel), ("dq", "dq", wm_nc.kernels.window_bwd_dq_kernel),
                        ("dkdv", "dkdv", wm_nc.kernels.window_bwd_dkdv_kernel),
                        ("sinks fwd", "fwd", wm_ncs.kernels.window_fwd_kernel),
                        ("sinks dq", "dq", wm_ncs.kernels.window_bwd_dq_kernel),
                        ("sink", "dkdv", wm_ncs.kernels.window_bwd_sink_kernel)):
     cfg = wm_nc._heuristic(kind, True, T)
-    consts = dict(G=G, GP=G, R=cfg["R"], BN=cfg["BN"], W=W, SINKS=4, DQK=D, DV=D, BDK=D, BDV=D, ACC=True)
+    consts = dict(G=G, GP=G, R=cfg["R"], BN=cfg["BN"], W=W, SINKS=4, DQK=D, DV=D, BDK=D, BDV=D, ACC=True, TMA=False)
     run("window not causal " + name, fn, cfg, consts, {**BF16, **F32, "dk": "*bf16", "dv": "*bf16",
-                                                       **{n: "*fp32" for n in ("dk_part", "dv_part")}})
+                                                       **{n: "*fp32" for n in ("dk_part", "dv_part")},
+                                                       "k_desc": "*bf16", "v_desc": "*bf16"})
 cfg = wm._heuristic("fwd_combine", True, T)   # the output's combination in the window kernel (inference)
-consts = dict(G=G, GP=G, R=cfg["R"], BN=cfg["BN"], W=W, DQK=D, DV=D, BDK=D, BDV=D, C=3, WPOS=2, GATED=True)
+consts = dict(G=G, GP=G, R=cfg["R"], BN=cfg["BN"], W=W, DQK=D, DV=D, BDK=D, BDV=D, C=3, WPOS=2, GATED=True, TMA=False)
 # capped at 128 registers by its heuristic (two programs per SM, measured faster with ~330 bytes
 # of spills than one program per SM at 182 registers without)
 run("window fwd_combine", wm.kernels.window_fwd_combine_kernel, cfg, consts,
-    {**BF16, **{n: "*bf16" for n in ("out", "o_x0", "o_x1", "o_x2", "gates")}}, spills=512)
+    {**BF16, **{n: "*bf16" for n in ("out", "o_x0", "o_x1", "o_x2", "gates", "k_desc", "v_desc")}}, spills=512)
 xvars = dict(C=3, DV=D, BDV=D, GATED=True)   # the combination's backward, gates folded or not
 xm = launch.launchers("combine", xvars, load_module(render("combine.py.j2", **xvars), "sm90_combine"))
 for fold in (True, False):

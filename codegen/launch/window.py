@@ -7,6 +7,11 @@ too and every sink is seen).
 Query offsets (plain mode): ``q_start = s`` makes q [B, Tq, HQ, D] the positions s .. s + Tq - 1 of
 a sequence whose keys are k, v [B, Tk, H, D] (Tk >= s + Tq): masks use the positions, o / lse / dq
 have q's rows, dk / dv the keys' (from q's rows only). Packed sequences take no offset.
+
+Config ``TMA`` (fwd, fwd_combine, dq): the key / value tiles by TMA descriptor loads (host
+descriptors over k / v [B, Tk, H, D], [1, BN, 1, BD] boxes), as the selection's and the
+compression's; pointer loads where a layout is not 16-byte aligned. Off in the heuristic until the
+device has timed it; the tuner's candidates hold both.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import torch
 from ..ints import cdiv
 from . import family
 from .base import (LOG2E, Config, Family, check_q_start, dq_buffer, is_tile, launch_options, new_output,
-                   row_delta, unit_last)
+                   row_delta, tma_descs, unit_last)
 from .packed import check_packed, packed, tile_table
 
 
@@ -45,18 +50,18 @@ class Window(Family):
         run short). CHUNK: queries per program of the sink kernel."""
         GP, d = self.GP, max(self.BDK, self.BDV)
         if not gpu:
-            return dict(R=max(1, 64 // GP), BN=32, CHUNK=64, num_warps=4, num_stages=1)
+            return dict(R=max(1, 64 // GP), BN=32, CHUNK=64, num_warps=4, num_stages=1, TMA=False)
         if kind == "fwd" and d <= 128:   # H200, T = 64k, G = 16: 8 warps, 3 stages 3.18 ms; 4 warps, 2 stages 3.46
-            return dict(R=max(1, 128 // GP), BN=32, CHUNK=1024, num_warps=8, num_stages=3)
+            return dict(R=max(1, 128 // GP), BN=32, CHUNK=1024, num_warps=8, num_stages=3, TMA=False)
         if kind == "fwd_combine" and d <= 128:
             # the fwd tiles; the combination epilogue lifts them to 182 registers (one program per SM):
             # capped at 128 (some spills, two per SM): H200, 64k: 3.73 ms against 4.61 uncapped and
             # 4.16 for fwd + the combine kernel; 32k: 1.87 / 2.31 / 2.06
-            return dict(R=max(1, 128 // GP), BN=32, CHUNK=1024, num_warps=8, num_stages=3, maxnreg=128)
+            return dict(R=max(1, 128 // GP), BN=32, CHUNK=1024, num_warps=8, num_stages=3, maxnreg=128, TMA=False)
         if kind == "dkdv" and d <= 128:   # 32-row tiles, 3 stages: backward 11.2 ms against 12.3 (64 rows spill)
-            return dict(R=max(1, 32 // GP), BN=64, CHUNK=1024, num_warps=4, num_stages=3)
+            return dict(R=max(1, 32 // GP), BN=64, CHUNK=1024, num_warps=4, num_stages=3, TMA=False)
         return dict(R=max(1, 64 // GP), BN=64 if d <= 128 else 32, CHUNK=1024,
-                    num_warps=4 if d <= 128 else 8, num_stages=2)
+                    num_warps=4 if d <= 128 else 8, num_stages=2, TMA=False)
 
     def _invalid(self, kind: str, cfg: Config) -> Optional[str]:
         R = cfg["R"]
@@ -66,6 +71,8 @@ class Window(Family):
             return "BN must be a power of two of at least 16"
         if not (isinstance(cfg["CHUNK"], int) and cfg["CHUNK"] >= 1):
             return "CHUNK must be a positive int"
+        if not isinstance(cfg.get("TMA", False), bool):
+            return "TMA must be True or False"
         return None
 
     def smem_bytes(self, kind: str, cfg: Config, dtype_bytes: int = 2) -> int:
@@ -87,7 +94,7 @@ class Window(Family):
     def config_space(self, kind: str, T: int, *, smem: Optional[int] = None, dtype_bytes: int = 2) -> list[Config]:
         """fwd: 64 / 128 rows x 32 / 64 keys x 4 / 8 warps x 2 / 3 stages; fwd_combine: the same
         (at the heuristic's register cap) and the heuristic uncapped; dq: the same with 2 stages;
-        dkdv: 32 / 64 / 128 keys x 32 / 64 rows x 4 / 8 warps."""
+        each with pointer and TMA loads; dkdv: 32 / 64 / 128 keys x 32 / 64 rows x 4 / 8 warps."""
         GP = self.GP
         if kind == "dkdv":
             cands = [dict(BN=bn, R=m // GP, num_warps=w) for bn in (32, 64, 128) for m in (32, 64) if m >= GP
@@ -97,6 +104,7 @@ class Window(Family):
                      for bn in (32, 64) for w in (4, 8) for st in ((2, 3) if kind != "dq" else (2,))]
             if kind == "fwd_combine":
                 cands.append(dict(maxnreg=None))
+            cands += [dict(c, TMA=True) for c in cands]
         return self._prune(kind, cands, T, smem, dtype_bytes)
 
     # -- launchers ---------------------------------------------------------------------------------
@@ -126,6 +134,11 @@ class Window(Family):
             return (tiles.shape[0], H), (cu, tiles, lens.numel())
         return (cdiv(Tk if keys else T, size), B * H), (Tk, T, q_start)
 
+    def _kv_descs(self, k, v, cfg: Config) -> tuple:
+        """(k_desc, v_desc, TMA) of fwd / fwd_combine / dq: [1, BN, 1, BD] boxes (``base.tma_descs``:
+        pointer loads unless cfg asks for TMA and the layouts allow it)."""
+        return tma_descs(bool(cfg.get("TMA")), (k, [1, cfg["BN"], 1, self.BDK]), (v, [1, cfg["BN"], 1, self.BDV]))
+
     @staticmethod
     def _strides(q, k, v):
         return (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -149,9 +162,10 @@ class Window(Family):
             return o, lse
         cfg = self.resolve_config(q, "fwd", config)
         grid, seq = self._grid(q, k, H, cfg["R"], cu_seqlens, q_start)
+        k_desc, v_desc, tma = self._kv_descs(k, v, cfg)
         self.kernels.window_fwd_kernel[grid](
-            q, k, v, o, lse, scale * LOG2E, *seq, H, *self._strides(q, k, v),
-            R=cfg["R"], BN=cfg["BN"], **self._consts(),
+            q, k, v, k_desc, v_desc, o, lse, scale * LOG2E, *seq, H, *self._strides(q, k, v),
+            R=cfg["R"], BN=cfg["BN"], **self._consts(), TMA=tma,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return o, lse
 
@@ -180,9 +194,10 @@ class Window(Family):
         cfg = self.resolve_config(q, "fwd_combine", config)
         grid, seq = self._grid(q, k, H, cfg["R"], cu_seqlens, q_start)
         o_x = others + [out] * (3 - len(others))                      # unused pointers: never read
+        k_desc, v_desc, tma = self._kv_descs(k, v, cfg)
         self.kernels.window_fwd_combine_kernel[grid](
-            q, k, v, out, *o_x, out if gates is None else gates, scale * LOG2E, *seq, H,
-            *self._strides(q, k, v), R=cfg["R"], BN=cfg["BN"], **self._consts(),
+            q, k, v, k_desc, v_desc, out, *o_x, out if gates is None else gates, scale * LOG2E, *seq, H,
+            *self._strides(q, k, v), R=cfg["R"], BN=cfg["BN"], **self._consts(), TMA=tma,
             C=C, WPOS=wpos, GATED=gates is not None, **launch_options(cfg))
         return out
 
@@ -205,9 +220,10 @@ class Window(Family):
 
         cfg = self.resolve_config(q, "dq", config)
         grid, seq = self._grid(q, k, H, cfg["R"], cu_seqlens, q_start)
+        k_desc, v_desc, tma = self._kv_descs(k, v, cfg)
         self.kernels.window_bwd_dq_kernel[grid](
-            q, k, v, do, lse, delta, dq, scale * LOG2E, scale, *seq, H, *strides,
-            R=cfg["R"], BN=cfg["BN"], **consts, ACC=dq_acc is not None,
+            q, k, v, k_desc, v_desc, do, lse, delta, dq, scale * LOG2E, scale, *seq, H, *strides,
+            R=cfg["R"], BN=cfg["BN"], **consts, ACC=dq_acc is not None, TMA=tma,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
         cfg = self.resolve_config(q, "dkdv", config)
