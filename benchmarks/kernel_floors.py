@@ -109,7 +109,7 @@ def profile(op, inputs, do, steps: int = 3) -> dict[str, float]:
 
 
 # the kernel kinds that take config TMA, per family
-TMA_KINDS = {"compress": ("fwd", "dq", "dkdv"), "window": ("fwd", "fwd_combine", "dq")}
+TMA_KINDS = {"compress": ("fwd", "dq", "dkdv"), "window": ("fwd", "fwd_combine", "dq", "dkdv")}
 
 
 def pin_tma(op, HQ: int, H: int, D: int, on: bool = True) -> list[str]:
@@ -153,7 +153,7 @@ def main() -> int:
     p.add_argument("--ncu", action="store_true", help="two training steps and nothing else (to run under ncu)")
     p.add_argument("--tma", action="store_true",
                    help="pin config TMA on the compression kernels (fwd / dq: K/V tiles, dkdv: q / dO tiles) "
-                        "and the window's (fwd / dq: K/V tiles)")
+                        "and the window's (fwd / dq: K/V tiles, dkdv: q / dO tiles)")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--check", action="store_true", help="print the work model only (no GPU)")
     args = p.parse_args()

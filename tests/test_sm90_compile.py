@@ -128,14 +128,16 @@ for QB, causal in ((64, True), (1, False)):
         run("select" + tag + " " + kind, fn, cfg, consts, {**BF16, **F32, **I32, "dk": "*fp32", "dv": "*fp32",
                                                          "k_desc": desc, "v_desc": desc})
 
-for kind, fn, tma in (("fwd", wm.kernels.window_fwd_kernel, False), ("dq", wm.kernels.window_bwd_dq_kernel, False),
-                      ("dkdv", wm.kernels.window_bwd_dkdv_kernel, False),
-                      ("fwd", wm.kernels.window_fwd_kernel, True), ("dq", wm.kernels.window_bwd_dq_kernel, True)):
-    cfg = wm._heuristic(kind, True, T)
-    consts = dict(G=G, GP=G, R=cfg["R"], BN=cfg["BN"], W=W, DQK=D, DV=D, BDK=D, BDV=D, ACC=True, TMA=tma)
-    desc = "tensordesc<bf16[1,%d,1,%d]>" % (cfg["BN"], D) if tma else "*bf16"   # TMA: K/V tiles by descriptor
-    run("window " + kind, fn, dict(cfg, TMA=tma), consts, {**BF16, **F32, "dk": "*bf16", "dv": "*bf16",
-                                                            "k_desc": desc, "v_desc": desc})
+for tma in (False, True):
+    for kind, fn in (("fwd", wm.kernels.window_fwd_kernel), ("dq", wm.kernels.window_bwd_dq_kernel),
+                     ("dkdv", wm.kernels.window_bwd_dkdv_kernel)):
+        cfg = wm._heuristic(kind, True, T)
+        consts = dict(G=G, GP=G, R=cfg["R"], BN=cfg["BN"], W=W, DQK=D, DV=D, BDK=D, BDV=D, ACC=True, TMA=tma)
+        # TMA: fwd / dq K/V tiles, dkdv q / dO tiles by descriptor
+        kv = "tensordesc<bf16[1,%d,1,%d]>" % (cfg["BN"], D) if tma else "*bf16"
+        qd = "tensordesc<bf16[1,%d,%d,%d]>" % (cfg["R"], G, D) if tma else "*bf16"
+        run("window " + kind, fn, dict(cfg, TMA=tma), consts, {**BF16, **F32, "dk": "*bf16", "dv": "*bf16",
+                                                                "k_desc": kv, "v_desc": kv, "q_desc": qd, "do_desc": qd})
 for name, kind, fn in (("fwd", "fwd", wm_nc.kernels.window_fwd_kernel), ("dq", "dq", wm_nc.kernels.window_bwd_dq_kernel),
                        ("dkdv", "dkdv", wm_nc.kernels.window_bwd_dkdv_kernel),
                        ("sinks fwd", "fwd", wm_ncs.kernels.window_fwd_kernel),
@@ -145,7 +147,7 @@ for name, kind, fn in (("fwd", "fwd", wm_nc.kernels.window_fwd_kernel), ("dq", "
     consts = dict(G=G, GP=G, R=cfg["R"], BN=cfg["BN"], W=W, SINKS=4, DQK=D, DV=D, BDK=D, BDV=D, ACC=True, TMA=False)
     run("window not causal " + name, fn, cfg, consts, {**BF16, **F32, "dk": "*bf16", "dv": "*bf16",
                                                        **{n: "*fp32" for n in ("dk_part", "dv_part")},
-                                                       "k_desc": "*bf16", "v_desc": "*bf16"})
+                                                       **{n: "*bf16" for n in ("k_desc", "v_desc", "q_desc", "do_desc")}})
 cfg = wm._heuristic("fwd_combine", True, T)   # the output's combination in the window kernel (inference)
 consts = dict(G=G, GP=G, R=cfg["R"], BN=cfg["BN"], W=W, DQK=D, DV=D, BDK=D, BDV=D, C=3, WPOS=2, GATED=True, TMA=False)
 # capped at 128 registers by its heuristic (two programs per SM, measured faster with ~330 bytes

@@ -8,9 +8,10 @@ Query offsets (plain mode): ``q_start = s`` makes q [B, Tq, HQ, D] the positions
 a sequence whose keys are k, v [B, Tk, H, D] (Tk >= s + Tq): masks use the positions, o / lse / dq
 have q's rows, dk / dv the keys' (from q's rows only). Packed sequences take no offset.
 
-Config ``TMA`` (fwd, fwd_combine, dq): the key / value tiles by TMA descriptor loads (host
-descriptors over k / v [B, Tk, H, D], [1, BN, 1, BD] boxes), as the selection's and the
-compression's; pointer loads where a layout is not 16-byte aligned. Off in the heuristic until the
+Config ``TMA``: the streamed tiles by TMA descriptor loads, as the selection's and the
+compression's: fwd / fwd_combine / dq the key / value tiles (host descriptors over k / v
+[B, Tk, H, D], [1, BN, 1, BD] boxes), dkdv the q / dO tiles ([1, R, GP, BD] boxes of [B, Tq, HQ, D];
+the sink kernel keeps pointer loads); pointer loads where a layout is not 16-byte aligned. Off in the heuristic until the
 device has timed it; the tuner's candidates hold both.
 """
 from __future__ import annotations
@@ -94,7 +95,7 @@ class Window(Family):
     def config_space(self, kind: str, T: int, *, smem: Optional[int] = None, dtype_bytes: int = 2) -> list[Config]:
         """fwd: 64 / 128 rows x 32 / 64 keys x 4 / 8 warps x 2 / 3 stages; fwd_combine: the same
         (at the heuristic's register cap) and the heuristic uncapped; dq: the same with 2 stages;
-        each with pointer and TMA loads; dkdv: 32 / 64 / 128 keys x 32 / 64 rows x 4 / 8 warps."""
+        dkdv: 32 / 64 / 128 keys x 32 / 64 rows x 4 / 8 warps; each with pointer and TMA loads."""
         GP = self.GP
         if kind == "dkdv":
             cands = [dict(BN=bn, R=m // GP, num_warps=w) for bn in (32, 64, 128) for m in (32, 64) if m >= GP
@@ -104,7 +105,7 @@ class Window(Family):
                      for bn in (32, 64) for w in (4, 8) for st in ((2, 3) if kind != "dq" else (2,))]
             if kind == "fwd_combine":
                 cands.append(dict(maxnreg=None))
-            cands += [dict(c, TMA=True) for c in cands]
+        cands += [dict(c, TMA=True) for c in cands]
         return self._prune(kind, cands, T, smem, dtype_bytes)
 
     # -- launchers ---------------------------------------------------------------------------------
@@ -230,9 +231,10 @@ class Window(Family):
         R, BN = cfg["R"], cfg["BN"]
         extra = self._sink_grads(q, k, v, do, lse, delta, scale, cfg, cu_seqlens, q_start) if self.SINKS else ()
         grid, seq = self._grid(q, k, H, BN, cu_seqlens, q_start, keys=True)
+        q_desc, do_desc, tma = tma_descs(bool(cfg.get("TMA")), (q, [1, R, self.GP, self.BDK]), (do, [1, R, self.GP, self.BDV]))
         self.kernels.window_bwd_dkdv_kernel[grid](
-            q, k, v, do, lse, delta, dk, dv, *extra, scale * LOG2E, scale, *seq, H, *strides,
-            R=R, BN=BN, **consts, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            q, k, v, do, q_desc, do_desc, lse, delta, dk, dv, *extra, scale * LOG2E, scale, *seq, H, *strides,
+            R=R, BN=BN, **consts, TMA=tma, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return dq, dk, dv
 
     def _sink_grads(self, q, k, v, do, lse, delta, scale, cfg, cu_seqlens, q_start):
