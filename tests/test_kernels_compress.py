@@ -164,13 +164,18 @@ def test_compress_rendering_specializes():
     (1, 4096, 1, 16, 192, 128, 32, 16),
     (1, 2049, 2, 64, 64, 64, 16, 16),
 ]])
-def test_compress_gpu(case, dtype):
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_compress_gpu(case, dtype, tma):
+    """The GPU heuristic's tiles, with pointer loads and with TMA descriptor loads (the tuner's
+    other candidate) of the streamed tiles."""
     B, T, H, G, DQK, DV, L, S = case
     mod = _load(G, DQK, DV, L, S)
     q, k, v, do = _inputs(B, T, H, G, DQK, DV, L, S, dtype, "cuda")
     scale = DQK ** -0.5
-    o, lse = mod.fwd(q, k, v, scale)
-    got = (o, lse, *mod.bwd(q, k, v, o, lse, do, scale))
+    config = {"TMA": tma}
+    assert mod._kv_descs(k, v, mod.resolve_config(q, "fwd", config))[2] is tma
+    o, lse = mod.fwd(q, k, v, scale, config=config)
+    got = (o, lse, *mod.bwd(q, k, v, o, lse, do, scale, config=config))
     ref = _reference(q, k, v, do, L, S, scale)
     low = _reference(q, k, v, do, L, S, scale, dtype)     # the reference's own error in `dtype`
     for name, g, r, lo in zip(("o", "lse", "dq", "dk", "dv"), got, ref, low):

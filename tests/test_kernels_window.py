@@ -149,8 +149,11 @@ def test_window_fwd_combine(B, T, H, G, D, W, SINKS, C, wpos, gated):
     pytest.param(2000, 2, 3, 64, 48, 100, 4, id="T2000-H2-G3-D64x48-W100-S4"),
     pytest.param(4096, 1, 1, 64, 64, 7, 0, id="T4096-H1-G1-D64-W7-S0"),
 ])
-def test_window_gpu(T, H, G, DQK, DV, W, SINKS, dtype):
-    errs, ref, reference = run_case(1, T, H, G, DQK, DV, W, SINKS, dtype, device="cuda")
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_window_gpu(T, H, G, DQK, DV, W, SINKS, dtype, tma):
+    """The GPU heuristic's tiles, with pointer loads and with TMA descriptor loads of the streamed
+    tiles (the tuner's other candidate)."""
+    errs, ref, reference = run_case(1, T, H, G, DQK, DV, W, SINKS, dtype, device="cuda", config={"TMA": tma})
     low = reference(dtype)                       # the reference in the same precision
     ref_errs = [rel_err(x, r) for x, r in zip(low, ref)]
     for n, e, re in zip(NAMES, errs, ref_errs):
