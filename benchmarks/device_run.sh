@@ -96,7 +96,7 @@ lm)
       --log-json "$OUT/code_lm.json" > "$OUT/code_lm.log" 2>&1; tail -20 "$OUT/code_lm.log" ;;
 floors|floors-tma)
   F=${stage/-/_}; [ $stage = floors-tma ] && A=--tma || A=
-  timeout ${FLOORS_S:-90} python3 benchmarks/kernel_floors.py --length ${FLOORS_T:-65536} $A --json "$OUT/$F.json" \
+  timeout ${FLOORS_S:-150} python3 benchmarks/kernel_floors.py --length ${FLOORS_T:-65536} $A --json "$OUT/$F.json" \
       2>&1 | tee "$OUT/$F.log" | head -40 ;;
 reduce)
   timeout 60 python3 benchmarks/reduce_add.py --json "$OUT/reduce.json" 2>&1 | tee "$OUT/reduce.log" | tail -9 ;;
