@@ -44,12 +44,15 @@ def tma_descs(want: bool, *tiles: tuple[torch.Tensor, list[int]]) -> tuple:
     """(descriptors..., TMA): host TMA descriptors of each (tensor, box) in ``tiles`` (rows past a
     tensor's end and padding past its dims load as 0) when ``want``, triton has host descriptors
     and every layout allows it; else (the tensors themselves..., False): pointer loads."""
+    pointers = (*(x for x, _ in tiles), False)
+    if not want:             # every launch asks: the default returns before anything else
+        return pointers
     try:     # imported here: importing triton before nsa_dsl picks the interpreter (CPU) fixes it too early
         from triton.tools.tensor_descriptor import TensorDescriptor
     except ImportError:      # triton without host TMA descriptors: pointer loads only
-        TensorDescriptor = None
-    if not (want and TensorDescriptor is not None and all(tma_ready(x) for x, _ in tiles)):
-        return (*(x for x, _ in tiles), False)
+        return pointers
+    if not all(tma_ready(x) for x, _ in tiles):
+        return pointers
     return (*(TensorDescriptor(x, list(x.shape), list(x.stride()), box) for x, box in tiles), True)
 
 
@@ -121,6 +124,18 @@ class Family:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in sorted(self.variables.items()))
         return f"<{type(self).__name__} {args}>"
+
+    # -- TMA descriptors of the streamed tiles (attention families: they define GP, BDK, BDV) ---
+    def _kv_descs(self, k: torch.Tensor, v: torch.Tensor, cfg: Config) -> tuple:
+        """(k_desc, v_desc, TMA): key / value tiles of BN rows of one kv head, [1, BN, 1, BD] boxes of
+        k, v [B, T, H, D] (``tma_descs``: pointer loads unless cfg asks for TMA and the layouts allow it)."""
+        return tma_descs(bool(cfg.get("TMA")), (k, [1, cfg["BN"], 1, self.BDK]), (v, [1, cfg["BN"], 1, self.BDV]))
+
+    def _qdo_descs(self, q: torch.Tensor, do: torch.Tensor, cfg: Config) -> tuple:
+        """(q_desc, do_desc, TMA): query / output-gradient tiles of R positions x the GP heads of one kv
+        head, [1, R, GP, BD] boxes of q, do [B, T, HQ, D] (as ``_kv_descs``)."""
+        R, GP = cfg["R"], self.GP
+        return tma_descs(bool(cfg.get("TMA")), (q, [1, R, GP, self.BDK]), (do, [1, R, GP, self.BDV]))
 
     # -- configs: the family fills these in --------------------------------------------------
     def _heuristic(self, kind: str, gpu: bool, T: int) -> Config:

@@ -29,8 +29,7 @@ from nsa_dsl.semantics.varlen import compressed_cu_seqlens
 
 from ..ints import cdiv
 from . import family
-from .base import (LOG2E, Config, Family, check_q_start, dq_buffer, is_tile, new_output, row_delta, tma_descs,
-                   unit_last)
+from .base import LOG2E, Config, Family, check_q_start, dq_buffer, is_tile, new_output, row_delta, unit_last
 from .packed import check_packed, packed, tile_table
 from .window import Window
 
@@ -171,11 +170,6 @@ class Compress(Family):
                     BDK=self.BDK, BDV=self.BDV, R=cfg["R"], BM=self.GP * cfg["R"], BN=cfg["BN"],
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
-    def _kv_descs(self, k_cmp, v_cmp, cfg: Config) -> tuple:
-        """(k_desc, v_desc, TMA) of fwd / dq: [1, BN, 1, BD] boxes (``base.tma_descs``: pointer loads
-        unless cfg asks for TMA and the layouts allow it)."""
-        return tma_descs(bool(cfg.get("TMA")), (k_cmp, [1, cfg["BN"], 1, self.BDK]), (v_cmp, [1, cfg["BN"], 1, self.BDV]))
-
     def _query_grid(self, B, T, H, NC, R, cu_seqlens, q_start):
         """Grid (query tiles of R positions x kv heads) and the sequence arguments of fwd / dq."""
         if self.varlen:
@@ -240,8 +234,7 @@ class Compress(Family):
             grid, seq = (tiles.shape[0], NS, H), (cu, cu_cmp, tiles, n_seq, NC)
         else:
             grid = (cdiv(NC, BN), NS, B * H)
-        R, GP = cfg["R"], self.GP
-        q_desc, do_desc, tma = tma_descs(bool(cfg.get("TMA")), (q, [1, R, GP, self.BDK]), (do, [1, R, GP, self.BDV]))
+        q_desc, do_desc, tma = self._qdo_descs(q, do, cfg)
         self.kernels.compress_bwd_dkdv_kernel[grid](
             q, k_cmp, v_cmp, do, q_desc, do_desc, lse, delta, dk, dv,
             *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *do.stride()[:3],

@@ -19,7 +19,7 @@ import torch
 
 from ..ints import cdiv, next_pow2
 from . import family
-from .base import LOG2E, Config, Family, check_piece, dq_buffer, is_tile, new_output, row_delta, tma_descs, unit_last
+from .base import LOG2E, Config, Family, check_piece, dq_buffer, is_tile, new_output, row_delta, unit_last
 from .packed import check_packed, cumsum0, packed, seq_of_rows, tile_table
 
 
@@ -167,12 +167,6 @@ class Select(Family):
             if R != r_min:            # 64-row tiles: 4 warps at least (2 warps: 25.4 ms against 18.7)
                 return dict(cfg, R=R, num_warps=max(4, cfg["num_warps"])), plan(R)
         return cfg, queued
-
-    def _kv_descs(self, k: torch.Tensor, v: torch.Tensor, cfg: Config) -> tuple:
-        """(k_desc, v_desc, TMA) for fwd / dq: TMA descriptors of k and v with [1, BN, 1, BD] boxes
-        when cfg asks for TMA, triton has host descriptors and both layouts allow it, else k and v
-        themselves (pointer loads)."""
-        return tma_descs(bool(cfg.get("TMA")), (k, [1, cfg["BN"], 1, self.BDK]), (v, [1, cfg["BN"], 1, self.BDV]))
 
     # -- block lists: the query side -------------------------------------------------------------
     def block_lists(self, idx: torch.Tensor, R: int, tiles: Optional[torch.Tensor] = None,

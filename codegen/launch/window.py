@@ -23,7 +23,7 @@ import torch
 from ..ints import cdiv
 from . import family
 from .base import (LOG2E, Config, Family, check_q_start, dq_buffer, is_tile, launch_options, new_output,
-                   row_delta, tma_descs, unit_last)
+                   row_delta, unit_last)
 from .packed import check_packed, packed, tile_table
 
 
@@ -135,11 +135,6 @@ class Window(Family):
             return (tiles.shape[0], H), (cu, tiles, lens.numel())
         return (cdiv(Tk if keys else T, size), B * H), (Tk, T, q_start)
 
-    def _kv_descs(self, k, v, cfg: Config) -> tuple:
-        """(k_desc, v_desc, TMA) of fwd / fwd_combine / dq: [1, BN, 1, BD] boxes (``base.tma_descs``:
-        pointer loads unless cfg asks for TMA and the layouts allow it)."""
-        return tma_descs(bool(cfg.get("TMA")), (k, [1, cfg["BN"], 1, self.BDK]), (v, [1, cfg["BN"], 1, self.BDV]))
-
     @staticmethod
     def _strides(q, k, v):
         return (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -231,7 +226,7 @@ class Window(Family):
         R, BN = cfg["R"], cfg["BN"]
         extra = self._sink_grads(q, k, v, do, lse, delta, scale, cfg, cu_seqlens, q_start) if self.SINKS else ()
         grid, seq = self._grid(q, k, H, BN, cu_seqlens, q_start, keys=True)
-        q_desc, do_desc, tma = tma_descs(bool(cfg.get("TMA")), (q, [1, R, self.GP, self.BDK]), (do, [1, R, self.GP, self.BDV]))
+        q_desc, do_desc, tma = self._qdo_descs(q, do, cfg)
         self.kernels.window_bwd_dkdv_kernel[grid](
             q, k, v, do, q_desc, do_desc, lse, delta, dk, dv, *extra, scale * LOG2E, scale, *seq, H, *strides,
             R=R, BN=BN, **consts, TMA=tma, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
